@@ -1,0 +1,172 @@
+"""The interface of every exported graph, declared once.
+
+The exporter (input/output names, dynamic axes), the validation gate, the config.pbtxt generator,
+the serving code and the tests all read these specs; a tensor name is spelled here and nowhere else.
+Dimensions are either an int read from the checkpoint config or a symbolic name (a dynamic axis).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+Dim = Union[int, str]
+
+# Symbolic axis names, shared by all graphs.
+BATCH = "batch_size"
+SEQUENCE = "sequence_length"
+PREFIX = "prefix_length"
+PAST = "past_sequence_length"
+TOTAL = "total_sequence_length"
+
+# Graph names; they are also the ONNX file stems and the Triton model names.
+VISION_ENCODER = "vision_encoder"
+QFORMER = "qformer"
+LLM_DECODER = "llm_decoder"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "float16", "int64", ...
+    dims: tuple[Dim, ...]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
+
+    def resolve(self, **axes: int) -> tuple[int, ...]:
+        """Concrete shape with the symbolic axes given as keyword arguments."""
+        missing = [d for d in self.dims if isinstance(d, str) and d not in axes]
+        if missing:
+            raise KeyError(f"{self.name}: no size given for axes {missing}")
+        return tuple(axes[d] if isinstance(d, str) else d for d in self.dims)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+# ---- vision encoder: pixel values -> image embeddings -------------------------------------------
+PIXEL_VALUES = "pixel_values"
+IMAGE_EMBEDS = "image_embeds"
+
+# ---- Q-Former (+ learned query tokens + language projection) -> LLM-space query embeddings -------
+QUERY_EMBEDS = "query_embeds"
+
+# ---- LLM decoder with KV cache ------------------------------------------------------------------
+INPUT_IDS = "input_ids"
+PREFIX_EMBEDS = "prefix_embeds"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+
+
+def past_key(i: int) -> str:
+    return f"past_key_values.{i}.key"
+
+
+def past_value(i: int) -> str:
+    return f"past_key_values.{i}.value"
+
+
+def present_key(i: int) -> str:
+    return f"present.{i}.key"
+
+
+def present_value(i: int) -> str:
+    return f"present.{i}.value"
+
+
+def vision_encoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
+    """`config` is a Blip2Config. pixel_values [B, C, H, W] -> image_embeds [B, patches+1, D]."""
+    v = config.vision_config
+    patches = (v.image_size // v.patch_size) ** 2 + 1
+    return GraphSpec(
+        VISION_ENCODER,
+        inputs=(TensorSpec(PIXEL_VALUES, float_dtype, (BATCH, v.num_channels, v.image_size, v.image_size)),),
+        outputs=(TensorSpec(IMAGE_EMBEDS, float_dtype, (BATCH, patches, v.hidden_size)),),
+    )
+
+
+def qformer_spec(config, float_dtype: str = "float32") -> GraphSpec:
+    """image_embeds [B, patches+1, Dv] -> query_embeds [B, num_query_tokens, D_lm_embed]."""
+    vision = vision_encoder_spec(config, float_dtype).output(IMAGE_EMBEDS)
+    return GraphSpec(
+        QFORMER,
+        inputs=(vision,),
+        outputs=(TensorSpec(QUERY_EMBEDS, float_dtype, (BATCH, config.num_query_tokens, lm_embed_dim(config))),),
+    )
+
+
+def lm_embed_dim(config) -> int:
+    """Width of the LM's token embeddings (OPT's word_embed_proj_dim, else hidden_size)."""
+    t = config.text_config
+    return getattr(t, "word_embed_proj_dim", None) or t.hidden_size
+
+
+def decoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
+    """One graph for prefill and decode steps of a decoder-only LM (OPT).
+
+    Inputs: input_ids [B, S]; prefix_embeds [B, P, E] (the query embeddings at prefill, P=0 at
+    decode steps; they precede the tokens); attention_mask [B, past+P+S] (1 = attend, left padding);
+    past_key_values.{i}.key/.value [B, heads, past, head_dim].
+    Outputs: logits [B, 1, vocab] for the last position only (all that generation reads),
+    present.{i}.key/.value [B, heads, past+P+S, head_dim].
+    """
+    t = config.text_config
+    heads = t.num_attention_heads
+    head_dim = t.hidden_size // heads
+    inputs = [
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
+        TensorSpec(PREFIX_EMBEDS, float_dtype, (BATCH, PREFIX, lm_embed_dim(config))),
+        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
+    ]
+    outputs = [TensorSpec(LOGITS, "float32", (BATCH, 1, t.vocab_size))]
+    for i in range(t.num_hidden_layers):
+        for name in (past_key(i), past_value(i)):
+            inputs.append(TensorSpec(name, float_dtype, (BATCH, heads, PAST, head_dim)))
+        for name in (present_key(i), present_value(i)):
+            outputs.append(TensorSpec(name, float_dtype, (BATCH, heads, TOTAL, head_dim)))
+    return GraphSpec(LLM_DECODER, tuple(inputs), tuple(outputs))
+
+
+def num_decoder_layers(spec: GraphSpec) -> int:
+    return sum(1 for t in spec.inputs if t.name.startswith("past_key_values.") and t.name.endswith(".key"))
+
+
+def graph_specs(config, float_dtype: str = "float32") -> dict[str, GraphSpec]:
+    """All graphs of one BLIP-2 OPT checkpoint, by name."""
+    return {
+        s.name: s
+        for s in (
+            vision_encoder_spec(config, float_dtype),
+            qformer_spec(config, float_dtype),  # computes in fp32 inside, like transformers
+            decoder_spec(config, float_dtype),
+        )
+    }
