@@ -104,12 +104,12 @@ def present_value(i: int) -> str:
 
 
 def vision_encoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
-    """`config` is a Blip2Config. pixel_values [B, C, H, W] -> image_embeds [B, patches+1, D]."""
+    """`config` is a Blip2Config. pixel_values [B, 3, H, W] (BLIP-2 patch embedding is RGB-only) -> image_embeds [B, patches+1, D]."""
     v = config.vision_config
     patches = (v.image_size // v.patch_size) ** 2 + 1
     return GraphSpec(
         VISION_ENCODER,
-        inputs=(TensorSpec(PIXEL_VALUES, float_dtype, (BATCH, v.num_channels, v.image_size, v.image_size)),),
+        inputs=(TensorSpec(PIXEL_VALUES, float_dtype, (BATCH, 3, v.image_size, v.image_size)),),
         outputs=(TensorSpec(IMAGE_EMBEDS, float_dtype, (BATCH, patches, v.hidden_size)),),
     )
 

@@ -1,0 +1,110 @@
+"""Which graphs a BLIP-2 checkpoint exports to, per language-model family.
+
+A family turns a loaded Blip2ForConditionalGeneration into `GraphExport`s: a spec, the torch module
+that computes it, and a way to draw inputs of any size for tracing and validation. OPT
+(decoder-only) is implemented; Flan-T5 (encoder-decoder) plugs in beside it as another family with
+its own LM graphs, reusing the vision encoder and Q-Former exports unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from blip2_triton import specs
+from blip2_triton.specs import GraphSpec, TensorSpec
+
+from .wrappers import OPTDecoderWithCache, QFormerProjection, VisionEncoder
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's language model has no export family (yet)."""
+
+
+Axes = dict[str, int]
+
+
+@dataclass
+class GraphExport:
+    spec: GraphSpec
+    module: torch.nn.Module
+    # Axes for tracing, then the shape cases the validation gate checks (they differ from the
+    # trace shapes on purpose, so that a dimension frozen by tracing shows up as a mismatch).
+    trace_axes: Axes
+    validation_axes: tuple[Axes, ...]
+    make_input: Callable[[TensorSpec, Axes, torch.Generator], torch.Tensor]
+
+    def __post_init__(self):
+        # torch.onnx.export restores the module's training flag afterwards, recursively: a wrapper
+        # left in its default training mode would switch the checkpoint's dropout on after export.
+        self.module.eval()
+
+    def sample(self, axes: Axes, seed: int = 0) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        return {t.name: self.make_input(t, axes, gen) for t in self.spec.inputs}
+
+
+def _random_float(t: TensorSpec, axes: Axes, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(t.resolve(**axes), generator=gen).to(getattr(torch, t.dtype))
+
+
+def _decoder_input(vocab_size: int):
+    def make(t: TensorSpec, axes: Axes, gen: torch.Generator) -> torch.Tensor:
+        shape = t.resolve(**axes)
+        if t.name == specs.INPUT_IDS:
+            return torch.randint(3, vocab_size, shape, generator=gen)
+        if t.name == specs.ATTENTION_MASK:
+            # Row 0 is left-padded, the way batched prompts and batched decode steps arrive.
+            mask = torch.ones(shape, dtype=torch.int64)
+            if shape[0] > 1 and shape[1] > 2:
+                mask[0, : shape[1] // 3] = 0
+            return mask
+        return _random_float(t, axes, gen)
+
+    return make
+
+
+def _decoder_axes(batch: int, seq: int, prefix: int, past: int) -> Axes:
+    return {
+        specs.BATCH: batch,
+        specs.SEQUENCE: seq,
+        specs.PREFIX: prefix,
+        specs.PAST: past,
+        specs.TOTAL: past + prefix + seq,
+    }
+
+
+def opt_graphs(model, float_dtype: str) -> list[GraphExport]:
+    """Vision encoder, Q-Former and the KV-cached OPT decoder of one BLIP-2 OPT model."""
+    config = model.config
+    q = config.num_query_tokens
+    graph_specs = specs.graph_specs(config, float_dtype)
+    vision_axes = ({specs.BATCH: 1}, {specs.BATCH: 3})
+    return [
+        GraphExport(graph_specs[specs.VISION_ENCODER], VisionEncoder(model), {specs.BATCH: 2}, vision_axes, _random_float),
+        GraphExport(graph_specs[specs.QFORMER], QFormerProjection(model), {specs.BATCH: 2}, vision_axes, _random_float),
+        GraphExport(
+            graph_specs[specs.LLM_DECODER],
+            OPTDecoderWithCache(model.language_model),
+            trace_axes=_decoder_axes(batch=2, seq=3, prefix=q, past=2),
+            validation_axes=(
+                _decoder_axes(batch=1, seq=5, prefix=q, past=0),  # prefill, one prompt
+                _decoder_axes(batch=3, seq=4, prefix=q, past=0),  # prefill, padded batch
+                _decoder_axes(batch=3, seq=1, prefix=0, past=9),  # decode step with a cache
+            ),
+            make_input=_decoder_input(config.text_config.vocab_size),
+        ),
+    ]
+
+
+FAMILIES: dict[str, Callable[[object, str], list[GraphExport]]] = {"opt": opt_graphs}
+
+
+def family_graphs(model, float_dtype: str = "float32") -> list[GraphExport]:
+    model_type = model.config.text_config.model_type
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"BLIP-2 with a {model_type!r} language model is not supported yet; supported: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type](model, float_dtype)

@@ -1,0 +1,85 @@
+"""The export gate: every output of every graph, onnxruntime against PyTorch, each with its tolerance."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .families import GraphExport
+
+# Allowed |onnx - torch| per output dtype: atol + rtol * max|torch|. fp32 graphs differ from eager
+# PyTorch only by kernel summation order; fp16 by rounding of every intermediate.
+TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (2e-2, 1e-2)}
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    graph: str
+    case: str
+    output: str
+    max_abs_diff: float
+    allowed: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.max_abs_diff <= self.allowed)
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "MISMATCH"
+        return f"{self.graph:<15} {self.case:<42} {self.output:<28} max|diff|={self.max_abs_diff:.3e} allowed={self.allowed:.1e} {verdict}"
+
+
+class ValidationError(RuntimeError):
+    """One or more exported outputs differ from PyTorch beyond their tolerance."""
+
+    def __init__(self, checks: list[OutputCheck]):
+        self.checks = checks
+        bad = [c for c in checks if not c.ok]
+        super().__init__(f"{len(bad)} of {len(checks)} outputs differ from PyTorch:\n" + "\n".join(map(str, bad)))
+
+
+def session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def check_graph(export: GraphExport, onnx_path: Path, providers: list[str] | None = None) -> list[OutputCheck]:
+    """Run every validation case through torch and onnxruntime and compare output by output."""
+    sess = session(onnx_path, providers)
+    checks = []
+    for i, axes in enumerate(export.validation_axes):
+        inputs = export.sample(axes, seed=100 + i)
+        with torch.no_grad():
+            expected = export.module(*(inputs[n] for n in export.spec.input_names))
+        if isinstance(expected, torch.Tensor):
+            expected = (expected,)
+        got = sess.run(export.spec.output_names, {k: v.numpy() for k, v in inputs.items()})
+        case = ",".join(f"{k}={v}" for k, v in axes.items() if k in _used_axes(export))
+        for out_spec, exp, actual in zip(export.spec.outputs, expected, got):
+            exp = exp.float().numpy()
+            if exp.shape != actual.shape:
+                diff = float("inf")
+            else:
+                diff = float(np.max(np.abs(exp - actual.astype(np.float32)))) if exp.size else 0.0
+            atol, rtol = TOLERANCES[out_spec.dtype]
+            allowed = atol + rtol * (float(np.max(np.abs(exp))) if exp.size else 0.0)
+            checks.append(OutputCheck(export.spec.name, case, out_spec.name, diff, allowed))
+    return checks
+
+
+def _used_axes(export: GraphExport) -> set[str]:
+    return {d for t in export.spec.inputs for d in t.dims if isinstance(d, str)}
+
+
+def summarize(checks: list[OutputCheck]) -> dict[str, float]:
+    """Max abs difference per graph, over all its outputs and cases."""
+    out: dict[str, float] = {}
+    for c in checks:
+        out[c.graph] = max(out.get(c.graph, 0.0), c.max_abs_diff)
+    return out

@@ -1,0 +1,67 @@
+"""`blip2-triton`: the one command-line entry point, with subcommands."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _export(args) -> int:
+    from blip2_triton.export.exporter import export_checkpoint
+    from blip2_triton.export.validate import ValidationError
+
+    try:
+        report = export_checkpoint(
+            args.model, args.output, dtype=args.dtype, validate=not args.no_validate,
+            providers=args.providers.split(",") if args.providers else None,
+        )
+    except ValidationError as e:
+        print(f"export validation failed: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.model} -> {args.output} in {report.seconds:.1f}s, peak RSS {report.peak_rss_mib:.0f} MiB")
+    for graph, diff in report.max_abs_diff.items():
+        print(f"  {graph:<15} max |onnx - torch| = {diff:.2e}")
+    return 0
+
+
+def _make_tiny(args) -> int:
+    from blip2_triton.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(args.output, args.preset, seed=args.seed)
+    print(f"wrote tiny checkpoint {args.preset!r} to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from blip2_triton.tiny import DEFAULT_PRESET, PRESETS
+
+    parser = argparse.ArgumentParser(prog="blip2-triton", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a BLIP-2 checkpoint into a Triton model repository")
+    p.add_argument("--model", required=True, help="hub id or local checkpoint directory")
+    p.add_argument("--output", required=True, help="model repository directory to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="fp16 is meant for GPU deployments")
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch gate")
+    p.add_argument("--providers", help="onnxruntime providers for validation, comma-separated")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("make-tiny", help="write a random-weight tiny BLIP-2 OPT checkpoint (no download)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[%(name)s] %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

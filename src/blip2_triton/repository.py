@@ -1,0 +1,144 @@
+"""Layout and generation of the Triton model repository that `blip2-triton export` writes.
+
+    <repo>/blip2/config.pbtxt            ensemble: preprocess -> vision_encoder -> qformer -> generator -> postprocess
+    <repo>/blip2/1/                      checkpoint assets: processor, tokenizer, configs, export report
+    <repo>/preprocess/{config.pbtxt,1/model.py}
+    <repo>/vision_encoder/{config.pbtxt,1/model.py,1/model.onnx}
+    <repo>/qformer/{config.pbtxt,1/model.py,1/model.onnx}
+    <repo>/generator/{config.pbtxt,1/model.py,1/llm_decoder.onnx}   decoupled, owns the KV cache
+    <repo>/postprocess/{config.pbtxt,1/model.py}
+
+model.py files are copied from the `model_repository/` sources; every config.pbtxt is generated
+from the graph specs (blip2_triton.specs) and the pipeline interface (blip2_triton.interface).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from . import interface as api
+from . import specs
+from .pbtxt import EnsembleStep, ModelConfig, Tensor, render
+
+# Where each graph's ONNX file lives, relative to the repository: (model directory, file name).
+GRAPH_LOCATIONS = {
+    specs.VISION_ENCODER: (specs.VISION_ENCODER, "model.onnx"),
+    specs.QFORMER: (specs.QFORMER, "model.onnx"),
+    specs.LLM_DECODER: (api.GENERATOR, "llm_decoder.onnx"),
+}
+# Which model.py source (under model_repository/) serves each model.
+MODEL_SOURCES = {
+    api.PREPROCESS: "preprocess",
+    specs.VISION_ENCODER: "onnx_graph",
+    specs.QFORMER: "onnx_graph",
+    api.GENERATOR: "generator",
+    api.POSTPROCESS: "postprocess",
+}
+MAX_BATCH_SIZE = 16
+QUEUE_DELAY_US = 2000
+
+
+def graph_path(repo: Path | str, graph: str) -> Path:
+    model_dir, filename = GRAPH_LOCATIONS[graph]
+    return Path(repo) / model_dir / "1" / filename
+
+
+def assets_dir(repo: Path | str) -> Path:
+    """Processor, tokenizer and configs of the exported checkpoint (the ensemble's version folder)."""
+    return Path(repo) / api.ENSEMBLE / "1"
+
+
+def model_configs(config, float_dtype: str = "float32", stateless_backend: str = "python") -> list[ModelConfig]:
+    """All model configs of the repository for a Blip2Config.
+
+    stateless_backend: "python" serves the vision encoder and Q-Former with onnxruntime inside the
+    Python backend (works everywhere); "onnxruntime" uses Triton's onnxruntime backend (NVIDIA's
+    containers only).
+    """
+    graphs = specs.graph_specs(config, float_dtype)
+    vision, qformer = graphs[specs.VISION_ENCODER], graphs[specs.QFORMER]
+    pixel_values = Tensor.from_spec(vision.input(specs.PIXEL_VALUES))
+    query_embeds = Tensor.from_spec(qformer.output(specs.QUERY_EMBEDS))
+
+    def stateless(spec: specs.GraphSpec) -> ModelConfig:
+        common = dict(
+            name=spec.name,
+            max_batch_size=MAX_BATCH_SIZE,
+            inputs=tuple(Tensor.from_spec(t) for t in spec.inputs),
+            outputs=tuple(Tensor.from_spec(t) for t in spec.outputs),
+            dynamic_batching=True,
+            max_queue_delay_us=QUEUE_DELAY_US,
+        )
+        if stateless_backend == "onnxruntime":
+            return ModelConfig(**common, backend=None, platform="onnxruntime_onnx")
+        if stateless_backend != "python":
+            raise ValueError(f"stateless_backend must be 'python' or 'onnxruntime', got {stateless_backend!r}")
+        return ModelConfig(**common, parameters={"onnx_file": GRAPH_LOCATIONS[spec.name][1]})
+
+    preprocess = ModelConfig(
+        name=api.PREPROCESS,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=(api.IMAGE, api.PROMPT),
+        outputs=(pixel_values, api.PROMPT_IDS),
+        dynamic_batching=True,
+        max_queue_delay_us=QUEUE_DELAY_US,
+    )
+    generator = ModelConfig(
+        name=api.GENERATOR,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=(query_embeds, api.PROMPT_IDS, api.STREAM, *api.CONTROLS),
+        outputs=(api.GENERATED_IDS, api.NEW_TOKENS),
+        decoupled=True,
+        parameters={"onnx_file": GRAPH_LOCATIONS[specs.LLM_DECODER][1]},
+    )
+    postprocess = ModelConfig(
+        name=api.POSTPROCESS,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=(api.GENERATED_IDS, api.NEW_TOKENS),
+        outputs=(api.TEXT, api.TOKEN_IDS),
+    )
+    same = lambda *tensors: {t.name: t.name for t in tensors}  # noqa: E731
+    ensemble = ModelConfig(
+        name=api.ENSEMBLE,
+        backend=None,
+        platform="ensemble",
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=(api.IMAGE, api.PROMPT, api.STREAM, *api.CONTROLS),
+        outputs=(api.TEXT, api.TOKEN_IDS),
+        steps=(
+            EnsembleStep(api.PREPROCESS, same(api.IMAGE, api.PROMPT), same(pixel_values, api.PROMPT_IDS)),
+            EnsembleStep(vision.name, same(pixel_values), same(*vision.outputs)),
+            EnsembleStep(qformer.name, same(*qformer.inputs), same(query_embeds)),
+            EnsembleStep(
+                api.GENERATOR,
+                same(query_embeds, api.PROMPT_IDS, api.STREAM, *api.CONTROLS),
+                same(api.GENERATED_IDS, api.NEW_TOKENS),
+            ),
+            EnsembleStep(api.POSTPROCESS, same(api.GENERATED_IDS, api.NEW_TOKENS), same(api.TEXT, api.TOKEN_IDS)),
+        ),
+    )
+    return [preprocess, stateless(vision), stateless(qformer), generator, postprocess, ensemble]
+
+
+def write_repository(
+    repo: Path | str,
+    config,
+    float_dtype: str = "float32",
+    checkpoint_files: Callable[[Path], None] | None = None,
+    stateless_backend: str = "python",
+) -> Path:
+    """Write every config.pbtxt and model.py into `repo` (the ONNX files are written by the exporter)."""
+    from blip2_triton.model_repository import SOURCE_DIR
+
+    repo = Path(repo)
+    for cfg in model_configs(config, float_dtype, stateless_backend):
+        model_dir = repo / cfg.name
+        (model_dir / "1").mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.pbtxt").write_text(render(cfg))
+        source = MODEL_SOURCES.get(cfg.name)
+        if source and cfg.backend == "python":
+            shutil.copyfile(SOURCE_DIR / source / "model.py", model_dir / "1" / "model.py")
+    if checkpoint_files is not None:
+        checkpoint_files(assets_dir(repo))
+    return repo
