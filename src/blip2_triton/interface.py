@@ -44,3 +44,4 @@ TOKEN_IDS = Tensor("token_ids", "int64", (-1,))  # the token ids of this respons
 PROMPT_IDS = Tensor("prompt_ids", "int64", (-1,))  # BOS + prompt tokens, no image placeholders
 GENERATED_IDS = Tensor("generated_ids", "int64", (-1,))  # every token generated so far
 NEW_TOKENS = Tensor("new_token_count", "int32", (1,))  # how many of them are new in this response
+FINAL = Tensor("final", "bool", (1,))  # the last response of the request (flush incomplete characters)

@@ -88,14 +88,14 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         name=api.GENERATOR,
         max_batch_size=MAX_BATCH_SIZE,
         inputs=(query_embeds, api.PROMPT_IDS, api.STREAM, *api.CONTROLS),
-        outputs=(api.GENERATED_IDS, api.NEW_TOKENS),
+        outputs=(api.GENERATED_IDS, api.NEW_TOKENS, api.FINAL),
         decoupled=True,
         parameters={"onnx_file": GRAPH_LOCATIONS[specs.LLM_DECODER][1]},
     )
     postprocess = ModelConfig(
         name=api.POSTPROCESS,
         max_batch_size=MAX_BATCH_SIZE,
-        inputs=(api.GENERATED_IDS, api.NEW_TOKENS),
+        inputs=(api.GENERATED_IDS, api.NEW_TOKENS, api.FINAL),
         outputs=(api.TEXT, api.TOKEN_IDS),
     )
     same = lambda *tensors: {t.name: t.name for t in tensors}  # noqa: E731
@@ -113,9 +113,11 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
             EnsembleStep(
                 api.GENERATOR,
                 same(query_embeds, api.PROMPT_IDS, api.STREAM, *api.CONTROLS),
-                same(api.GENERATED_IDS, api.NEW_TOKENS),
+                same(api.GENERATED_IDS, api.NEW_TOKENS, api.FINAL),
             ),
-            EnsembleStep(api.POSTPROCESS, same(api.GENERATED_IDS, api.NEW_TOKENS), same(api.TEXT, api.TOKEN_IDS)),
+            EnsembleStep(
+                api.POSTPROCESS, same(api.GENERATED_IDS, api.NEW_TOKENS, api.FINAL), same(api.TEXT, api.TOKEN_IDS)
+            ),
         ),
     )
     return [preprocess, stateless(vision), stateless(qformer), generator, postprocess, ensemble]

@@ -1,0 +1,255 @@
+"""Continuous-batching generation over the KV-cached decoder graph.
+
+Each request is prefilled once (query embeddings + prompt) and then joins the running batch: every
+step makes ONE decoder call for the rows of all active sequences (one row per sequence, or
+num_beams rows for beam search). Sequences join and leave between steps, so a new request waits
+at most one step, not a whole generation. The KV cache never leaves this process.
+
+Rows of different lengths share a call by left-padding their caches to the longest one; padded
+slots are masked out (attention_mask 0), and the decoder derives positions from the mask, so every
+sequence sees exactly the computation it would see alone.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .decoder import DecoderGraph
+from .errors import Cancelled
+
+log = logging.getLogger("blip2_triton.engine")
+
+
+class Search(Protocol):
+    """One request's decoding strategy (greedy, sampling, beam search) over its rows."""
+
+    streamable: bool
+
+    def step(self, logits: np.ndarray): ...  # -> object with tokens, parent_rows, finished
+
+    def output_tokens(self) -> list[int]: ...
+
+
+@dataclass
+class GenerationRequest:
+    query_embeds: np.ndarray  # [Q, E]
+    prompt_ids: np.ndarray  # [S]: BOS + prompt
+    search: Search
+    stream: bool = False
+    # on_tokens(all generated ids, how many are new, final) is called from the engine thread.
+    on_tokens: Callable[[list[int], int, bool], None] = lambda ids, new, final: None
+    on_error: Callable[[BaseException], None] = lambda e: None
+    is_cancelled: Callable[[], bool] = lambda: False
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Active:
+    request: GenerationRequest
+    past: list[np.ndarray]  # per layer key/value [rows, heads, T, head_dim]
+    mask: np.ndarray  # [rows, T]
+    pending: np.ndarray  # [rows] tokens to feed at the next step
+    emitted: int = 0  # tokens already sent to the client
+    steps: int = 0
+    finished: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+class EngineStats:
+    """What the engine reports as it runs; the Triton model subclasses it to export metrics."""
+
+    def __init__(self):
+        self.tokens = self.steps = self.prefills = self.active = 0
+        self.first_token_seconds: list[float] = []
+
+    def on_prefill(self) -> None:
+        self.prefills += 1
+
+    def on_step(self, sequences: int) -> None:
+        self.steps += 1
+
+    def on_tokens(self, count: int) -> None:
+        self.tokens += count
+
+    def on_first_token(self, seconds: float) -> None:
+        self.first_token_seconds.append(seconds)
+
+    def on_active(self, sequences: int) -> None:
+        self.active = sequences
+
+
+class GenerationEngine:
+    def __init__(self, decoder: DecoderGraph, max_rows: int = 64, stats: EngineStats | None = None):
+        self.decoder = decoder
+        self.max_rows = max_rows
+        self.stats = stats or EngineStats()
+        self._queue: queue.Queue[GenerationRequest] = queue.Queue()
+        self._active: list[_Active] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> "GenerationEngine":
+        self._thread = threading.Thread(target=self._loop, name="blip2-generation", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for seq in self._active:
+            seq.request.on_error(Cancelled("server shutting down"))
+        self._active.clear()
+
+    def submit(self, request: GenerationRequest) -> None:
+        self._queue.put(request)
+
+    def generate(self, request: GenerationRequest) -> list[int]:
+        """Run one request to completion on the calling thread (tests, benchmarks, no server)."""
+        self._admit(request)
+        while self._active:
+            self._step()
+        return request.search.output_tokens()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._admit_waiting(block=not self._active)
+            if self._active:
+                self._step()
+
+    def _admit_waiting(self, block: bool) -> None:
+        rows = sum(s.rows for s in self._active)
+        while rows < self.max_rows:
+            try:
+                request = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            self._admit(request)
+            rows = sum(s.rows for s in self._active)
+
+    def _admit(self, request: GenerationRequest) -> None:
+        """Prefill one request and take its first token."""
+        try:
+            if request.is_cancelled():
+                raise Cancelled("cancelled before start")
+            ids = request.prompt_ids[None, :]
+            prefix = request.query_embeds[None, :, :]
+            mask = np.ones((1, prefix.shape[1] + ids.shape[1]), np.int64)
+            logits, present = self.decoder(ids, prefix, mask, self.decoder.empty_past(1))
+            seq = _Active(request, present, mask, pending=np.zeros(0, np.int64))
+            self.stats.on_prefill()
+            self._advance(seq, logits)
+            if not seq.finished:
+                self._active.append(seq)
+        except BaseException as e:  # reported to this request only; the engine keeps serving
+            self._fail(request, e)
+        finally:
+            self.stats.on_active(len(self._active))
+
+    def _step(self) -> None:
+        """One batched decoder call for every active sequence's rows."""
+        live = []
+        for seq in self._active:
+            if seq.request.is_cancelled():
+                self._fail(seq.request, Cancelled("cancelled by the client"))
+            else:
+                live.append(seq)
+        self._active = live
+        if not live:
+            return
+        try:
+            logits, present, total = self._batched_call(live)
+        except BaseException as e:
+            log.exception("decoder step failed")
+            for seq in live:
+                self._fail(seq.request, e)
+            self._active = []
+            return
+        start = 0
+        still = []
+        for seq in live:
+            rows = slice(start, start + seq.rows)
+            start += seq.rows
+            # Drop this sequence's left padding: keep its own length + the new token.
+            keep = seq.length + 1
+            seq.past = [p[rows, :, total - keep :, :] for p in present]
+            seq.mask = np.concatenate([seq.mask, np.ones((seq.rows, 1), np.int64)], axis=1)
+            try:
+                self._advance(seq, logits[rows])
+            except BaseException as e:
+                self._fail(seq.request, e)
+                continue
+            if not seq.finished:
+                still.append(seq)
+        self._active = still
+        self.stats.on_step(len(live))
+        self.stats.on_active(len(still))
+
+    def _batched_call(self, live: list[_Active]):
+        total = max(s.length for s in live) + 1
+        rows = sum(s.rows for s in live)
+        mask = np.zeros((rows, total), np.int64)
+        ids = np.concatenate([s.pending for s in live])[:, None]
+        past = []
+        for layer_tensor in range(len(live[0].past)):
+            parts = [s.past[layer_tensor] for s in live]
+            if all(p.shape[2] == total - 1 for p in parts):
+                past.append(np.concatenate(parts) if len(parts) > 1 else parts[0])
+                continue
+            h, d = parts[0].shape[1], parts[0].shape[3]
+            buf = np.zeros((rows, h, total - 1, d), parts[0].dtype)
+            r = 0
+            for p in parts:
+                buf[r : r + p.shape[0], :, total - 1 - p.shape[2] :, :] = p
+                r += p.shape[0]
+            past.append(buf)
+        r = 0
+        for s in live:
+            mask[r : r + s.rows, total - 1 - s.length : total - 1] = s.mask
+            mask[r : r + s.rows, total - 1] = 1
+            r += s.rows
+        logits, present = self.decoder(ids, None, mask, past)
+        return logits, present, total
+
+    def _advance(self, seq: _Active, logits: np.ndarray) -> None:
+        """Feed one step's logits to the request's search; reorder rows for beams; emit tokens."""
+        request = seq.request
+        result = request.search.step(logits)
+        parents = np.asarray(result.parent_rows, dtype=np.int64)
+        if parents.shape[0] != seq.rows or np.any(parents != np.arange(seq.rows)):
+            seq.past = [p[parents] for p in seq.past]
+            seq.mask = seq.mask[parents]
+        seq.pending = np.asarray(result.tokens, dtype=np.int64)
+        seq.finished = bool(result.finished)
+        seq.steps += 1
+        self.stats.on_tokens(1)
+        if seq.steps == 1:
+            self.stats.on_first_token(time.perf_counter() - request.submitted)
+        if seq.finished or (request.stream and request.search.streamable):
+            tokens = request.search.output_tokens()
+            if seq.finished or len(tokens) > seq.emitted:
+                request.on_tokens(list(tokens), len(tokens) - seq.emitted, seq.finished)
+                seq.emitted = len(tokens)
+
+    @staticmethod
+    def _fail(request: GenerationRequest, error: BaseException) -> None:
+        try:
+            request.on_error(error)
+        except Exception:
+            log.exception("could not report an error to a request")

@@ -1,0 +1,75 @@
+"""The generator service: validated requests -> the continuous-batching engine -> token callbacks.
+
+Owns the LLM-decoder graph and its KV caches. Used by the `generator` Triton model and, without a
+server, by `LocalPipeline` (tests, benchmarks).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from blip2_triton import generation
+from blip2_triton.interface import CONTROL_NAMES
+
+from .decoder import DecoderGraph
+from .engine import EngineStats, GenerationEngine, GenerationRequest
+from .errors import InvalidInput
+
+
+class GeneratorService:
+    def __init__(self, assets: str | Path, decoder_path: str | Path, float_dtype: str = "float32",
+                 threads: int | None = None, max_rows: int = 64, stats: EngineStats | None = None):
+        from transformers import AutoConfig, GenerationConfig
+
+        self.config = AutoConfig.from_pretrained(assets)
+        self.generation_config = GenerationConfig.from_pretrained(assets)
+        self.decoder = DecoderGraph(decoder_path, self.config, float_dtype, threads=threads)
+        self.engine = GenerationEngine(self.decoder, max_rows=max_rows, stats=stats)
+        self.num_query_tokens = self.config.num_query_tokens
+        self.max_positions = self.config.text_config.max_position_embeddings
+        self.image_token_id = self.config.image_token_index
+
+    def params(self, controls: dict[str, Any]) -> "generation.GenerationParams":
+        """Controls (absent ones = checkpoint defaults) -> validated params, or InvalidInput."""
+        unknown = set(controls) - set(CONTROL_NAMES)
+        if unknown:
+            raise InvalidInput(f"unknown generation controls {sorted(unknown)}; known: {list(CONTROL_NAMES)}")
+        try:
+            return generation.GenerationParams.from_generation_config(
+                self.generation_config, **{k: v for k, v in controls.items() if v is not None}
+            )
+        except generation.InvalidGenerationParams as e:
+            raise InvalidInput(str(e)) from None
+
+    def request(
+        self,
+        query_embeds: np.ndarray,
+        prompt_ids: np.ndarray,
+        controls: dict[str, Any],
+        stream: bool = False,
+        on_tokens: Callable[[list[int], int, bool], None] = lambda ids, new, final: None,
+        on_error: Callable[[BaseException], None] = lambda e: None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> GenerationRequest:
+        """Build a validated engine request; raises InvalidInput before any work is done."""
+        expected = (self.num_query_tokens, self.decoder.embed_dim)
+        if query_embeds.shape != expected:
+            raise InvalidInput(f"query_embeds: expected shape {list(expected)}, got {list(query_embeds.shape)}")
+        if prompt_ids.ndim != 1 or prompt_ids.size == 0:
+            raise InvalidInput(f"prompt_ids: expected a non-empty 1-D array, got shape {list(prompt_ids.shape)}")
+        params = self.params(controls)
+        prompt_length = self.num_query_tokens + len(prompt_ids)
+        try:
+            generation.validate_context(params, prompt_length, self.max_positions)
+        except generation.InvalidGenerationParams as e:
+            raise InvalidInput(str(e)) from None
+        # transformers' OPT generate sees the image placeholders and the prompt as its input_ids:
+        # repetition penalty and n-gram blocking count them too.
+        history = np.concatenate([np.full(self.num_query_tokens, self.image_token_id, np.int64), prompt_ids])
+        search = generation.new_search(params, history)
+        return GenerationRequest(
+            query_embeds=query_embeds, prompt_ids=prompt_ids, search=search, stream=stream,
+            on_tokens=on_tokens, on_error=on_error, is_cancelled=is_cancelled,
+        )

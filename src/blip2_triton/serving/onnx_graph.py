@@ -1,0 +1,30 @@
+"""A stateless ONNX graph (vision encoder, Q-Former) run by onnxruntime with named inputs/outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def make_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+class OnnxGraph:
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+        self.session = make_session(path, threads, providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        missing = set(self.input_names) - set(inputs)
+        if missing:
+            raise KeyError(f"missing graph inputs {sorted(missing)}")
+        outputs = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))

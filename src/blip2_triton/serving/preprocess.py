@@ -1,0 +1,108 @@
+"""Request preprocessing: encoded image bytes + prompt -> pixel values + prompt token ids.
+
+Uses the checkpoint's own image processor and tokenizer (saved next to the graphs), so the server
+sees exactly what `Blip2Processor` would produce in transformers.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidInput
+
+MAX_IMAGE_BYTES = 32 * 2**20
+MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: larger images are rejected before they are decoded
+MAX_PROMPT_BYTES = 64 * 2**10
+
+
+class Preprocessor:
+    def __init__(self, assets: str | Path):
+        from transformers import AutoConfig, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(assets)
+        self.image_processor = processor.image_processor
+        self.tokenizer = processor.tokenizer
+        config = AutoConfig.from_pretrained(assets)
+        self.num_query_tokens = config.num_query_tokens
+        self.max_positions = config.text_config.max_position_embeddings
+
+    def decode_image(self, data: bytes):
+        """Encoded image file -> RGB PIL image; InvalidInput for anything Pillow cannot read safely."""
+        from PIL import Image
+
+        if not data:
+            raise InvalidInput("image: empty; send the bytes of an encoded image file (JPEG, PNG, WebP, ...)")
+        if len(data) > MAX_IMAGE_BYTES:
+            raise InvalidInput(f"image: {len(data)} bytes, more than the {MAX_IMAGE_BYTES} allowed")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise InvalidInput(
+                        f"image: {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} allowed; downscale it first"
+                    )
+                image.load()
+        except InvalidInput:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise InvalidInput(f"image: too large to decode safely ({e})") from None
+        except Exception as e:  # Pillow raises many types for corrupt or unknown files
+            raise InvalidInput(f"image: cannot decode ({type(e).__name__}: {e})") from None
+        if width < 1 or height < 1:
+            raise InvalidInput(f"image: degenerate size {width}x{height}")
+        return image.convert("RGB")
+
+    def pixel_values(self, images) -> np.ndarray:
+        """RGB images -> float32 [N, 3, H, W] exactly as the checkpoint's processor makes them."""
+        return np.asarray(self.image_processor(images, return_tensors="np")["pixel_values"], dtype=np.float32)
+
+    def prompt_ids(self, prompt: str) -> np.ndarray:
+        """Prompt -> BOS + prompt token ids (int64 [S]); the image placeholders are not included."""
+        ids = np.asarray(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], dtype=np.int64)
+        room = self.max_positions - self.num_query_tokens - 1  # at least one position to generate into
+        if len(ids) > room:
+            raise InvalidInput(
+                f"prompt: {len(ids)} tokens; with {self.num_query_tokens} image query tokens the language model's "
+                f"context of {self.max_positions} positions leaves room for at most {room}"
+            )
+        return ids
+
+    @staticmethod
+    def decode_prompt(data: bytes | None) -> str:
+        if data is None:
+            return ""
+        if len(data) > MAX_PROMPT_BYTES:
+            raise InvalidInput(f"prompt: {len(data)} bytes, more than the {MAX_PROMPT_BYTES} allowed")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"prompt: not valid UTF-8 ({e})") from None
+
+    def __call__(self, image: bytes, prompt: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One request -> (pixel_values [3, H, W], prompt_ids [S])."""
+        result = self.batch([(image, prompt)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def batch(self, items: list[tuple[bytes, bytes | None]]) -> list[tuple[np.ndarray, np.ndarray] | InvalidInput]:
+        """Many requests at once: each gets its (pixel_values, prompt_ids) or its own InvalidInput.
+
+        Images that decode are resized and normalised in one processor call.
+        """
+        results: list = []
+        images = []
+        for image, prompt in items:
+            try:
+                ids = self.prompt_ids(self.decode_prompt(prompt))
+                images.append(self.decode_image(image))
+                results.append(ids)
+            except InvalidInput as e:
+                results.append(e)
+        pixels = iter(self.pixel_values(images) if images else [])
+        return [r if isinstance(r, InvalidInput) else (next(pixels), r) for r in results]

@@ -1,0 +1,192 @@
+"""The one module that touches `triton_python_backend_utils`: tensors in and out, errors, metrics.
+
+model.py files stay thin by calling these; everything else in `blip2_triton.serving` is plain
+Python that tests import without a server. pb_utils only exists inside the backend stub, so it is
+imported on first use.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .engine import EngineStats
+from .errors import Cancelled, InvalidInput
+
+log = logging.getLogger("blip2_triton.serving")
+
+
+def pb():
+    import triton_python_backend_utils as pb_utils
+
+    return pb_utils
+
+
+# ---- model config -----------------------------------------------------------------------------
+class ModelArgs:
+    """What `initialize(args)` receives, parsed: the model config, its folder, the repository root."""
+
+    def __init__(self, args: dict):
+        self.config = json.loads(args["model_config"])
+        self.name = args["model_name"]
+        self.model_dir = Path(args["model_repository"])
+        self.version_dir = self.model_dir / args["model_version"]
+        self.repository = self.model_dir.parent
+        self.instance = args.get("model_instance_name", self.name)
+
+    def parameter(self, key: str, default: str | None = None) -> str:
+        params = self.config.get("parameters", {})
+        if key in params:
+            return params[key]["string_value"]
+        if default is None:
+            raise ValueError(f"model {self.name!r}: config.pbtxt lacks parameter {key!r}")
+        return default
+
+    def output_dtype(self, name: str) -> np.dtype:
+        """An output's numpy dtype, read back from the config rather than repeated in code."""
+        cfg = pb().get_output_config_by_name(self.config, name)
+        if cfg is None:
+            raise ValueError(f"model {self.name!r}: config.pbtxt has no output {name!r}")
+        return pb().triton_string_to_numpy(cfg["data_type"])
+
+    def require_io(self, inputs: Iterable[str], outputs: Iterable[str]) -> None:
+        """Fail at load time when the config contradicts the code (a renamed or missing tensor)."""
+        have_in = {t["name"] for t in self.config.get("input", [])}
+        have_out = {t["name"] for t in self.config.get("output", [])}
+        missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
+        if missing:
+            raise ValueError(f"model {self.name!r}: config.pbtxt lacks tensors {missing}")
+
+
+# ---- reading requests ---------------------------------------------------------------------------
+def tensor(request, name: str) -> np.ndarray | None:
+    t = pb().get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+def single(request, name: str, required: bool = False):
+    """The one value of a per-request [1, 1] input, as a Python scalar/bytes; None if absent."""
+    value = tensor(request, name)
+    if value is None:
+        if required:
+            raise InvalidInput(f"{name}: required input is missing")
+        return None
+    if value.size != 1:
+        raise InvalidInput(f"{name}: expected one value per request (shape [1, 1]), got shape {list(value.shape)}")
+    item = value.reshape(-1)[0]
+    return item if isinstance(item, bytes) else item.item()
+
+
+def row(request, name: str) -> np.ndarray:
+    """A per-request [1, ...] input without its batch dimension."""
+    value = tensor(request, name)
+    if value is None:
+        raise InvalidInput(f"{name}: required input is missing")
+    if value.shape[0] != 1:
+        raise InvalidInput(f"{name}: send one item per request (batch dimension 1), got {value.shape[0]}")
+    return value[0]
+
+
+# ---- responses ------------------------------------------------------------------------------------
+def response(outputs: dict[str, np.ndarray], has_batch_dim: bool = False):
+    """A response; a batch dimension of 1 is added to every output unless it has one."""
+    p = pb()
+    tensors = [p.Tensor(n, np.ascontiguousarray(v if has_batch_dim else np.asarray(v)[None, ...])) for n, v in outputs.items()]
+    return p.InferenceResponse(output_tensors=tensors)
+
+
+def error_response(error: BaseException):
+    """INVALID_ARGUMENT for the client's mistakes, CANCELLED for cancellation, INTERNAL otherwise.
+
+    Internal errors are logged with their traceback here and reach the client as one line.
+    """
+    p = pb()
+    if isinstance(error, InvalidInput):
+        code, message = p.TritonError.INVALID_ARG, str(error)
+    elif isinstance(error, Cancelled):
+        code, message = p.TritonError.CANCELLED, str(error)
+    else:
+        log.error("internal error", exc_info=error)
+        code, message = p.TritonError.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    return p.InferenceResponse(error=p.TritonError(message, code))
+
+
+def final_flag() -> int:
+    return pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def is_cancelled(request) -> bool:
+    try:
+        return bool(request.is_cancelled())
+    except Exception:  # older backends have no cancellation API
+        return False
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def counter(name: str, description: str, labels: dict[str, str]):
+    p = pb()
+    return p.MetricFamily(name=name, description=description, kind=p.MetricFamily.COUNTER).Metric(labels=labels)
+
+
+def gauge(name: str, description: str, labels: dict[str, str]):
+    p = pb()
+    return p.MetricFamily(name=name, description=description, kind=p.MetricFamily.GAUGE).Metric(labels=labels)
+
+
+class GeneratorMetrics(EngineStats):
+    """Engine events as Prometheus metrics on Triton's metrics endpoint (next to its own)."""
+
+    def __init__(self, model: str):
+        super().__init__()
+        labels = {"model": model}
+        self._tokens = counter("blip2_generated_tokens_total", "Tokens generated", labels)
+        self._requests = counter("blip2_prefills_total", "Sequences prefilled", labels)
+        self._steps = counter("blip2_decode_steps_total", "Batched decoder calls", labels)
+        self._ttft_sum = counter("blip2_time_to_first_token_seconds_sum", "Sum of times to first token", labels)
+        self._ttft_count = counter("blip2_time_to_first_token_seconds_count", "Sequences timed to first token", labels)
+        self._active = gauge("blip2_active_sequences", "Sequences being generated", labels)
+
+    def on_prefill(self) -> None:
+        super().on_prefill()
+        self._requests.increment(1)
+
+    def on_step(self, sequences: int) -> None:
+        super().on_step(sequences)
+        self._steps.increment(1)
+
+    def on_tokens(self, count: int) -> None:
+        super().on_tokens(count)
+        self._tokens.increment(count)
+
+    def on_first_token(self, seconds: float) -> None:
+        self._ttft_sum.increment(seconds)
+        self._ttft_count.increment(1)
+
+    def on_active(self, sequences: int) -> None:
+        super().on_active(sequences)
+        self._active.set(sequences)
+
+
+def token_sender(sender):
+    """Engine on_tokens callback -> one decoupled response per call, the last one flagged final."""
+    from blip2_triton import interface as api
+
+    def send(ids: list[int], new: int, final: bool) -> None:
+        resp = response({
+            api.GENERATED_IDS.name: np.asarray(ids, np.int64),
+            api.NEW_TOKENS.name: np.asarray([new], np.int32),
+            api.FINAL.name: np.asarray([final]),
+        })
+        sender.send(resp, flags=final_flag() if final else 0)
+
+    return send
+
+
+def error_sender(sender):
+    def send(error: BaseException) -> None:
+        sender.send(error_response(error), flags=final_flag())
+
+    return send
