@@ -17,7 +17,7 @@ class TritonPythonModel:
         self.args = io.ModelArgs(args)
         self.args.require_io(
             [specs.QUERY_EMBEDS, api.PROMPT_IDS.name, api.STREAM.name, *api.CONTROL_NAMES],
-            [api.GENERATED_IDS.name, api.NEW_TOKENS.name, api.FINAL.name],
+            [api.GENERATED_IDS.name, api.NEW_TOKENS.name, api.LAST.name],
         )
         float_dtype = np.dtype(io.pb().triton_string_to_numpy(
             io.pb().get_input_config_by_name(self.args.config, specs.QUERY_EMBEDS)["data_type"])).name

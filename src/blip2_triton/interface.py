@@ -39,9 +39,10 @@ CONTROL_NAMES = tuple(t.name for t in CONTROLS)
 # ---- public outputs --------------------------------------------------------------------------
 TEXT = Tensor("text", "bytes", (1,))  # the new text of this response (all of it when not streaming)
 TOKEN_IDS = Tensor("token_ids", "int64", (-1,))  # the token ids of this response
+FINAL = Tensor("final", "bool", (1,))  # true on the last response of a request
 
 # ---- between steps ---------------------------------------------------------------------------
 PROMPT_IDS = Tensor("prompt_ids", "int64", (-1,))  # BOS + prompt tokens, no image placeholders
 GENERATED_IDS = Tensor("generated_ids", "int64", (-1,))  # every token generated so far
 NEW_TOKENS = Tensor("new_token_count", "int32", (1,))  # how many of them are new in this response
-FINAL = Tensor("final", "bool", (1,))  # the last response of the request (flush incomplete characters)
+LAST = Tensor("last_response", "bool", (1,))  # the generator's last response for the request

@@ -88,15 +88,15 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         name=api.GENERATOR,
         max_batch_size=MAX_BATCH_SIZE,
         inputs=(query_embeds, api.PROMPT_IDS, api.STREAM, *api.CONTROLS),
-        outputs=(api.GENERATED_IDS, api.NEW_TOKENS, api.FINAL),
+        outputs=(api.GENERATED_IDS, api.NEW_TOKENS, api.LAST),
         decoupled=True,
         parameters={"onnx_file": GRAPH_LOCATIONS[specs.LLM_DECODER][1]},
     )
     postprocess = ModelConfig(
         name=api.POSTPROCESS,
         max_batch_size=MAX_BATCH_SIZE,
-        inputs=(api.GENERATED_IDS, api.NEW_TOKENS, api.FINAL),
-        outputs=(api.TEXT, api.TOKEN_IDS),
+        inputs=(api.GENERATED_IDS, api.NEW_TOKENS, api.LAST),
+        outputs=(api.TEXT, api.TOKEN_IDS, api.FINAL),
     )
     same = lambda *tensors: {t.name: t.name for t in tensors}  # noqa: E731
     ensemble = ModelConfig(
@@ -105,7 +105,7 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         platform="ensemble",
         max_batch_size=MAX_BATCH_SIZE,
         inputs=(api.IMAGE, api.PROMPT, api.STREAM, *api.CONTROLS),
-        outputs=(api.TEXT, api.TOKEN_IDS),
+        outputs=(api.TEXT, api.TOKEN_IDS, api.FINAL),
         steps=(
             EnsembleStep(api.PREPROCESS, same(api.IMAGE, api.PROMPT), same(pixel_values, api.PROMPT_IDS)),
             EnsembleStep(vision.name, same(pixel_values), same(*vision.outputs)),
@@ -113,10 +113,10 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
             EnsembleStep(
                 api.GENERATOR,
                 same(query_embeds, api.PROMPT_IDS, api.STREAM, *api.CONTROLS),
-                same(api.GENERATED_IDS, api.NEW_TOKENS, api.FINAL),
+                same(api.GENERATED_IDS, api.NEW_TOKENS, api.LAST),
             ),
             EnsembleStep(
-                api.POSTPROCESS, same(api.GENERATED_IDS, api.NEW_TOKENS, api.FINAL), same(api.TEXT, api.TOKEN_IDS)
+                api.POSTPROCESS, same(api.GENERATED_IDS, api.NEW_TOKENS, api.LAST), same(api.TEXT, api.TOKEN_IDS, api.FINAL)
             ),
         ),
     )

@@ -36,6 +36,10 @@ def scene_corpus() -> list[str]:
     for pos, shape in itertools.product(POSITIONS, SHAPES):
         lines.append(f"Question: where is the {shape}? Answer: {pos}")
         lines.append(f"the {shape} is on the {pos} of the image, and a dog and a cat")
+    # The trained default model's captions and questions (blip2_triton.scenes).
+    from blip2_triton.scenes import scene_sentences
+
+    lines.extend(scene_sentences())
     return lines
 
 
@@ -84,6 +88,9 @@ class TinyPreset:
     word_embed_proj_dim: int | None = None
     do_layer_norm_before: bool = True
     max_position_embeddings: int = 128
+    # Wider than transformers' 0.02: random tiny models then give varied, image-dependent tokens,
+    # so parity tests compare real sequences rather than one token repeated.
+    init_std: float = 0.3
     extra: dict = field(default_factory=dict)
 
 
@@ -123,6 +130,7 @@ def blip2_config(preset: TinyPreset, vocab_size: int, image_token_index: int):
         pad_token_id=1,
         dropout=0.0,
         attention_dropout=0.0,
+        init_std=p.init_std,
     )
     vision = dict(
         image_size=p.image_size,
@@ -146,6 +154,7 @@ def blip2_config(preset: TinyPreset, vocab_size: int, image_token_index: int):
         text_config=text,
         num_query_tokens=p.num_query_tokens,
         image_token_index=image_token_index,
+        initializer_range=p.init_std,
         **p.extra,
     )
 

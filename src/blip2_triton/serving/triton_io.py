@@ -178,7 +178,7 @@ def token_sender(sender):
         resp = response({
             api.GENERATED_IDS.name: np.asarray(ids, np.int64),
             api.NEW_TOKENS.name: np.asarray([new], np.int32),
-            api.FINAL.name: np.asarray([final]),
+            api.LAST.name: np.asarray([final]),
         })
         sender.send(resp, flags=final_flag() if final else 0)
 

@@ -1,0 +1,41 @@
+"""Generation controls as the client sends them: names as in transformers, types checked early.
+
+Ranges and combinations are checked by the server (which knows the checkpoint's defaults and
+context length); the client only refuses what cannot even be encoded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blip2_triton.interface import CONTROLS
+
+from .errors import InvalidArgumentError
+
+_KINDS = {"int32": int, "int64": int, "float32": float, "bool": bool}
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    values: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "GenerationOptions":
+        known = {t.name: t for t in CONTROLS}
+        values = []
+        for name, value in kwargs.items():
+            if value is None:
+                continue
+            if name not in known:
+                raise InvalidArgumentError(f"unknown generation control {name!r}; known: {sorted(known)}")
+            kind = _KINDS[known[name].dtype]
+            if kind is bool and not isinstance(value, bool):
+                raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
+            values.append((name, kind(value)))
+        return cls(tuple(values))
+
+    def items(self):
+        return iter(self.values)
