@@ -139,6 +139,7 @@ def blip2_config(preset: TinyPreset, vocab_size: int, image_token_index: int):
         intermediate_size=4 * p.vision_hidden,
         num_hidden_layers=p.vision_layers,
         num_attention_heads=p.vision_heads,
+        initializer_range=p.init_std,  # transformers' default here is 1e-10: images would not matter
     )
     qformer = dict(
         hidden_size=p.qformer_hidden,
@@ -147,6 +148,7 @@ def blip2_config(preset: TinyPreset, vocab_size: int, image_token_index: int):
         intermediate_size=4 * p.qformer_hidden,
         encoder_hidden_size=p.vision_hidden,
         vocab_size=vocab_size,
+        initializer_range=p.init_std,
     )
     return Blip2Config(
         vision_config=vision,
