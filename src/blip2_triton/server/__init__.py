@@ -1,0 +1,40 @@
+"""Run the real Triton Inference Server shipped in the nvidia-pytriton wheel.
+
+- discovery: find tritonserver, the Python backend and the stub; backend directory; environment.
+- launcher:  TritonServer (start/stop/context manager, readiness, process-group cleanup), free ports.
+- serve:     the `blip2-triton serve` subcommand (add_serve_arguments, serve_command).
+"""
+from blip2_triton.server.discovery import (
+    TritonInstallation,
+    TritonNotFoundError,
+    find_installation,
+    prepare_backend_directory,
+    server_environment,
+)
+from blip2_triton.server.launcher import (
+    TritonServer,
+    TritonStartupError,
+    free_port,
+    free_ports,
+    log_errors,
+    port_in_use,
+    process_group_members,
+)
+from blip2_triton.server.serve import add_serve_arguments, serve_command
+
+__all__ = [
+    "TritonInstallation",
+    "TritonNotFoundError",
+    "TritonServer",
+    "TritonStartupError",
+    "add_serve_arguments",
+    "find_installation",
+    "free_port",
+    "free_ports",
+    "log_errors",
+    "port_in_use",
+    "prepare_backend_directory",
+    "process_group_members",
+    "serve_command",
+    "server_environment",
+]

@@ -1,0 +1,172 @@
+"""Integration tests: the real tritonserver from the nvidia-pytriton wheel, no mocks."""
+from __future__ import annotations
+
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blip2_triton.server import TritonServer, TritonStartupError, process_group_members
+
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]
+
+PLUS_ONE_CONFIG = """\
+name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "X" data_type: TYPE_INT32 dims: [ -1 ] }} ]
+output [ {{ name: "Y" data_type: TYPE_INT32 dims: [ -1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+
+# Importing numpy and blip2_triton proves the stub runs on the venv's site-packages
+# (blip2_triton is an editable install, found through a .pth finder).
+PLUS_ONE_MODEL = '''\
+import numpy as np
+import blip2_triton
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", (x + 1).astype(np.int32))]))
+        return responses
+'''
+
+BROKEN_REASON = "deliberately broken model for the launcher test"
+BROKEN_MODEL = f'''\
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("{BROKEN_REASON}")
+
+    def execute(self, requests):
+        return []
+'''
+
+
+def _write_model(repo: Path, name: str, model_py: str) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(PLUS_ONE_CONFIG.format(name=name))
+    (repo / name / "1" / "model.py").write_text(model_py)
+
+
+def test_serves_python_model_over_grpc_and_metrics(tmp_path):
+    repo = tmp_path / "repo"
+    _write_model(repo, "plus_one", PLUS_ONE_MODEL)
+    server = TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=tmp_path / "server.log")
+    with server:
+        assert server.is_running()
+        assert server.grpc_url.startswith("127.0.0.1:")
+        pgid = server.pgid
+        assert process_group_members(pgid), "tritonserver's process group should be alive"
+
+        client = tritonclient_grpc.InferenceServerClient(server.grpc_url)
+        assert client.is_model_ready("plus_one")
+        x = np.array([1, 2, 41], dtype=np.int32)
+        inp = tritonclient_grpc.InferInput("X", list(x.shape), "INT32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("plus_one", [inp], outputs=[tritonclient_grpc.InferRequestedOutput("Y")])
+        np.testing.assert_array_equal(result.as_numpy("Y"), x + 1)
+        client.close()
+
+        with urllib.request.urlopen(server.metrics_url, timeout=5) as resp:
+            metrics = resp.read().decode()
+        assert "# TYPE nv_inference_request_success counter" in metrics
+        assert 'nv_inference_request_success{model="plus_one",version="1"} 1' in metrics
+
+    assert not server.is_running()
+    assert server.poll() == 0
+    assert process_group_members(pgid) == [], "stub processes leaked"
+    log = (tmp_path / "server.log").read_text()
+    assert "successfully unloaded 'plus_one'" in log
+
+
+def test_broken_model_fails_start_with_the_server_log_reason(tmp_path):
+    repo = tmp_path / "repo"
+    _write_model(repo, "plus_one", PLUS_ONE_MODEL)
+    _write_model(repo, "broken", BROKEN_MODEL)
+    server = TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, startup_timeout=60)
+    with pytest.raises(TritonStartupError) as excinfo:
+        server.start()
+    message = str(excinfo.value)
+    errors = message.split("--- errors in the server log ---")[1].split("--- last")[0]
+    assert "failed to load 'broken'" in errors and BROKEN_REASON in errors
+    assert "CudaDriverHelper" not in errors  # harmless on CPU, filtered out of the summary
+    assert not server.is_running()
+    assert process_group_members(server.pgid) == []
+
+
+def test_missing_repository_is_a_clear_error(tmp_path):
+    with pytest.raises(TritonStartupError, match="not a directory"):
+        TritonServer(tmp_path / "nope", grpc_port=None, http_port=None, metrics_port=None).start()
+
+
+def test_serve_command_stops_cleanly_on_sigterm(tmp_path):
+    """`serve_command` in its own process: server log echoed and written, ready banner, then
+    SIGTERM -> exit 0 with the server stopped and no process of its group left."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from blip2_triton.server import free_ports
+
+    repo = tmp_path / "repo"
+    _write_model(repo, "plus_one", PLUS_ONE_MODEL)
+    grpc, http, metrics = free_ports(3)
+    script = textwrap.dedent(
+        f"""
+        import argparse, sys
+        from blip2_triton.server import add_serve_arguments, serve_command
+        parser = add_serve_arguments(argparse.ArgumentParser())
+        sys.exit(serve_command(parser.parse_args(sys.argv[1:])))
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "--model-repository", str(repo), "--log-file", str(tmp_path / "serve.log"),
+         "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        echoed = []
+        for line in proc.stdout:  # the server log (echoed) comes first, then the banner
+            if line.startswith("blip2-triton serve:"):
+                break
+            echoed.append(line)
+        assert "ready" in line, "".join(echoed) + proc.stderr.read()
+        assert any("Started GRPCInferenceService" in e for e in echoed)
+        server_pid = int(re.search(r"pid (\d+)", line).group(1))
+        assert f"127.0.0.1:{grpc}" in proc.stdout.readline()
+        assert process_group_members(server_pid)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "SIGTERM, stopping tritonserver" in err
+        assert process_group_members(server_pid) == []
+        assert "successfully unloaded 'plus_one'" in (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_busy_port_is_refused_before_launch(tmp_path):
+    import socket
+
+    repo = tmp_path / "repo"
+    _write_model(repo, "plus_one", PLUS_ONE_MODEL)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        busy = listener.getsockname()[1]
+        server = TritonServer(repo, grpc_port=None, http_port=busy, metrics_port=None)
+        with pytest.raises(TritonStartupError, match=f"http port {busy} already in use"):
+            server.start()
+        assert server.pid is None
