@@ -45,10 +45,10 @@ class ServerError(Blip2Error):
 _BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, UnavailableError, DeadlineExceededError, CancelledError)}
 # Streamed responses carry only a message, no status: Triton's own validation messages and our
 # models' messages are recognised by these phrases.
+# The server's own models start messages with "invalid argument: "; the rest are Triton's.
 _INVALID_PHRASES = (
-    "invalid argument", "unexpected datatype", "unexpected shape", "expected", "must be", "must not",
-    "is not valid", "missing", "unexpected inference input", "not allowed", "cannot decode", "more than",
-    "at most", "at least", "unknown generation control",
+    "invalid argument: ", "unexpected datatype", "unexpected shape", "unexpected inference input",
+    "expected", "expects", "is not valid", "missing",
 )
 
 
@@ -67,7 +67,9 @@ def from_status(status, message: str) -> Blip2Error:
         return _BY_STATUS[name](message)
     if name == "UNKNOWN":
         lowered = message.lower()
-        if "cancel" in lowered:
+        if "internal error: " in lowered:
+            return ServerError(message)
+        if "cancelled: " in lowered:
             return CancelledError(message)
         if any(p in lowered for p in _INVALID_PHRASES):
             return InvalidArgumentError(message)

@@ -32,6 +32,12 @@ def _make_tiny(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from blip2_triton.demo import run_demo
+
+    return run_demo(args.workdir, args.model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.tiny import DEFAULT_PRESET, PRESETS
 
@@ -53,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
+    p = sub.add_parser("demo", help="export the embedded model, serve it with tritonserver, ask it, stop")
+    p.add_argument("--workdir", default="artifacts/demo", help="where the exported repository goes")
+    p.add_argument("--model", help="checkpoint to use instead of the embedded one")
+    p.set_defaults(func=_demo)
+
+    from blip2_triton.server.serve import add_serve_arguments, serve_command
+
+    p = sub.add_parser("serve", help="run the real tritonserver on an exported model repository")
+    add_serve_arguments(p)
+    p.set_defaults(func=serve_command)
     return parser
 
 

@@ -29,11 +29,9 @@ log = logging.getLogger("blip2_triton.engine")
 class Search(Protocol):
     """One request's decoding strategy (greedy, sampling, beam search) over its rows."""
 
-    streamable: bool
-
     def step(self, logits: np.ndarray): ...  # -> object with tokens, parent_rows, finished
 
-    def output_tokens(self) -> list[int]: ...
+    def output_tokens(self) -> np.ndarray: ...
 
 
 @dataclass
@@ -241,7 +239,7 @@ class GenerationEngine:
         self.stats.on_tokens(1)
         if seq.steps == 1:
             self.stats.on_first_token(time.perf_counter() - request.submitted)
-        if seq.finished or (request.stream and request.search.streamable):
+        if seq.finished or request.stream:
             tokens = request.search.output_tokens()
             if seq.finished or len(tokens) > seq.emitted:
                 request.on_tokens(list(tokens), len(tokens) - seq.emitted, seq.finished)

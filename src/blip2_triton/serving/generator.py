@@ -31,14 +31,18 @@ class GeneratorService:
         self.max_positions = self.config.text_config.max_position_embeddings
         self.image_token_id = self.config.image_token_index
 
-    def params(self, controls: dict[str, Any]) -> "generation.GenerationParams":
-        """Controls (absent ones = checkpoint defaults) -> validated params, or InvalidInput."""
+    def params(self, controls: dict[str, Any], prompt_length: int) -> "generation.GenerationParams":
+        """Controls (absent ones = checkpoint defaults) -> validated params, or InvalidInput.
+
+        prompt_length counts every prefilled position (query tokens, BOS, prompt), as transformers'
+        max_length does.
+        """
         unknown = set(controls) - set(CONTROL_NAMES)
         if unknown:
             raise InvalidInput(f"unknown generation controls {sorted(unknown)}; known: {list(CONTROL_NAMES)}")
         try:
             return generation.GenerationParams.from_generation_config(
-                self.generation_config, **{k: v for k, v in controls.items() if v is not None}
+                self.generation_config, prompt_length=prompt_length, **controls
             )
         except generation.InvalidGenerationParams as e:
             raise InvalidInput(str(e)) from None
@@ -59,17 +63,18 @@ class GeneratorService:
             raise InvalidInput(f"query_embeds: expected shape {list(expected)}, got {list(query_embeds.shape)}")
         if prompt_ids.ndim != 1 or prompt_ids.size == 0:
             raise InvalidInput(f"prompt_ids: expected a non-empty 1-D array, got shape {list(prompt_ids.shape)}")
-        params = self.params(controls)
         prompt_length = self.num_query_tokens + len(prompt_ids)
+        params = self.params(controls, prompt_length)
         try:
-            generation.validate_context(params, prompt_length, self.max_positions)
+            params.validate_context(prompt_length, self.max_positions)
         except generation.InvalidGenerationParams as e:
             raise InvalidInput(str(e)) from None
         # transformers' OPT generate sees the image placeholders and the prompt as its input_ids:
         # repetition penalty and n-gram blocking count them too.
         history = np.concatenate([np.full(self.num_query_tokens, self.image_token_id, np.int64), prompt_ids])
-        search = generation.new_search(params, history)
+        search = generation.make_decoder(params, history)
         return GenerationRequest(
-            query_embeds=query_embeds, prompt_ids=prompt_ids, search=search, stream=stream,
+            # Beam search cannot stream (the best beam is known only at the end): one response.
+            query_embeds=query_embeds, prompt_ids=prompt_ids, search=search, stream=stream and not params.is_beam_search,
             on_tokens=on_tokens, on_error=on_error, is_cancelled=is_cancelled,
         )

@@ -45,5 +45,5 @@ class LocalPipeline:
         pixels, prompt_ids = self.preprocessor(image, prompt.encode("utf-8"))
         query = self.query_embeds(pixels[None])[0]
         request = self.generator.request(query, prompt_ids, controls)
-        tokens = self.generator.engine.generate(request)
+        tokens = [int(t) for t in self.generator.engine.generate(request)]
         return Generation(self.detokenizer.piece(tokens, len(tokens), final=True), tokens)

@@ -5,7 +5,10 @@ sees exactly what `Blip2Processor` would produce in transformers.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -16,6 +19,20 @@ from .errors import InvalidInput
 MAX_IMAGE_BYTES = 32 * 2**20
 MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: larger images are rejected before they are decoded
 MAX_PROMPT_BYTES = 64 * 2**10
+
+
+_BASE64 = re.compile(rb"^(?:data:[\w/+.-]+;base64,)?([A-Za-z0-9+/=\s]+)$")
+
+
+def _base64_payload(data: bytes) -> bytes | None:
+    """The decoded bytes when `data` is base64 text (optionally a data: URL), else None."""
+    match = _BASE64.match(data)
+    if not match:
+        return None
+    try:
+        return base64.b64decode(match.group(1), validate=False)
+    except (binascii.Error, ValueError):
+        return None
 
 
 class Preprocessor:
@@ -30,13 +47,27 @@ class Preprocessor:
         self.max_positions = config.text_config.max_position_embeddings
 
     def decode_image(self, data: bytes):
-        """Encoded image file -> RGB PIL image; InvalidInput for anything Pillow cannot read safely."""
+        """Encoded image file -> RGB PIL image; InvalidInput for anything Pillow cannot read safely.
+
+        Base64 text is accepted too: Triton's HTTP generate endpoint passes JSON strings through
+        as they are. The raw bytes are tried first, so a text image format is never mistaken.
+        """
+        try:
+            return self._open_image(data)
+        except InvalidInput:
+            payload = _base64_payload(data) if data else None
+            if not payload:
+                raise
+            return self._open_image(payload)
+
+    def _open_image(self, data: bytes):
         from PIL import Image
 
         if not data:
             raise InvalidInput("image: empty; send the bytes of an encoded image file (JPEG, PNG, WebP, ...)")
         if len(data) > MAX_IMAGE_BYTES:
             raise InvalidInput(f"image: {len(data)} bytes, more than the {MAX_IMAGE_BYTES} allowed")
+        width = height = 0
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -49,8 +80,16 @@ class Preprocessor:
                 image.load()
         except InvalidInput:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InvalidInput(f"image: too large to decode safely ({e})") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            # Pillow's own guard fires in Image.open, before our size check sees the image.
+            raise InvalidInput(
+                f"image: {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} allowed; downscale it first"
+                if width else f"image: too many pixels, more than the {MAX_IMAGE_PIXELS} allowed; downscale it first"
+            ) from None
+        except Image.UnidentifiedImageError:
+            raise InvalidInput(
+                f"image: cannot decode: {len(data)} bytes in no format Pillow reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
+            ) from None
         except Exception as e:  # Pillow raises many types for corrupt or unknown files
             raise InvalidInput(f"image: cannot decode ({type(e).__name__}: {e})") from None
         if width < 1 or height < 1:

@@ -101,13 +101,15 @@ def response(outputs: dict[str, np.ndarray], has_batch_dim: bool = False):
 def error_response(error: BaseException):
     """INVALID_ARGUMENT for the client's mistakes, CANCELLED for cancellation, INTERNAL otherwise.
 
-    Internal errors are logged with their traceback here and reach the client as one line.
+    The message starts with the status in words too: gRPC stream responses carry only a message,
+    so that prefix is how a streaming client tells the kinds apart. Internal errors are logged
+    with their traceback here and reach the client as one line.
     """
     p = pb()
     if isinstance(error, InvalidInput):
-        code, message = p.TritonError.INVALID_ARG, str(error)
+        code, message = p.TritonError.INVALID_ARG, f"invalid argument: {error}"
     elif isinstance(error, Cancelled):
-        code, message = p.TritonError.CANCELLED, str(error)
+        code, message = p.TritonError.CANCELLED, f"cancelled: {error}"
     else:
         log.error("internal error", exc_info=error)
         code, message = p.TritonError.INTERNAL, f"internal error: {type(error).__name__}: {error}"
@@ -126,14 +128,23 @@ def is_cancelled(request) -> bool:
 
 
 # ---- metrics ------------------------------------------------------------------------------------
-def counter(name: str, description: str, labels: dict[str, str]):
+# A Metric dies with its MetricFamily, so families live as long as the process.
+_FAMILIES: dict[str, object] = {}
+
+
+def _metric(name: str, description: str, kind: str, labels: dict[str, str]):
     p = pb()
-    return p.MetricFamily(name=name, description=description, kind=p.MetricFamily.COUNTER).Metric(labels=labels)
+    if name not in _FAMILIES:
+        _FAMILIES[name] = p.MetricFamily(name=name, description=description, kind=getattr(p.MetricFamily, kind))
+    return _FAMILIES[name].Metric(labels=labels)
+
+
+def counter(name: str, description: str, labels: dict[str, str]):
+    return _metric(name, description, "COUNTER", labels)
 
 
 def gauge(name: str, description: str, labels: dict[str, str]):
-    p = pb()
-    return p.MetricFamily(name=name, description=description, kind=p.MetricFamily.GAUGE).Metric(labels=labels)
+    return _metric(name, description, "GAUGE", labels)
 
 
 class GeneratorMetrics(EngineStats):
