@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main command: sets up .venv on first use, exports the embedded model, starts the real
+# tritonserver, captions the bundled sample images and answers a question about each over gRPC,
+# then stops the server.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$(bash "$root/scripts/venv.sh")"
+cd "$root"
+exec "$venv/bin/blip2-triton" demo "$@"
