@@ -1,0 +1,174 @@
+"""Serving logic without a server: config generation, preprocessing, detokenization, the engine."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from blip2_triton import interface as api
+from blip2_triton import repository, specs
+from blip2_triton.pbtxt import ConfigError, ModelConfig, Tensor, render
+from blip2_triton.serving.errors import InvalidInput
+
+from .conftest import random_image
+
+
+# ---- config.pbtxt generation ----------------------------------------------------------------------
+def test_configs_follow_the_specs(exported):
+    from transformers import AutoConfig
+
+    _, repo, _ = exported("tiny-opt")
+    config = AutoConfig.from_pretrained(repository.assets_dir(repo))
+    text = (repo / specs.QFORMER / "config.pbtxt").read_text()
+    q, e = config.num_query_tokens, config.text_config.hidden_size
+    assert f'name: "{specs.QUERY_EMBEDS}"' in text and f"dims: [ {q}, {e} ]" in text
+    ensemble = (repo / api.ENSEMBLE / "config.pbtxt").read_text()
+    for control in api.CONTROL_NAMES:
+        assert f'name: "{control}"' in ensemble
+    assert "${" not in "".join(p.read_text() for p in repo.glob("*/config.pbtxt"))
+
+
+def test_missing_values_fail_at_generation_time():
+    tensor = Tensor("x", "float32", (3,))
+    with pytest.raises(ConfigError, match="backend / platform"):
+        render(ModelConfig("m", 1, (tensor,), (tensor,), backend=None))
+    with pytest.raises(ConfigError, match="dims"):
+        render(ModelConfig("m", 1, (Tensor("x", "float32", ()),), (tensor,)))
+    with pytest.raises(ConfigError, match="no value"):
+        render(ModelConfig("m", 1, (tensor,), (tensor,), parameters={"onnx_file": None}))
+    with pytest.raises(ConfigError, match="no Triton type"):
+        render(ModelConfig("m", 1, (Tensor("x", "complex64", (1,)),), (tensor,)))
+
+
+def test_onnxruntime_backend_variant(exported):
+    from transformers import AutoConfig
+
+    _, repo, _ = exported("tiny-opt")
+    config = AutoConfig.from_pretrained(repository.assets_dir(repo))
+    configs = {c.name: c for c in repository.model_configs(config, stateless_backend="onnxruntime")}
+    assert configs[specs.VISION_ENCODER].platform == "onnxruntime_onnx"
+    assert configs[api.GENERATOR].backend == "python"
+
+
+# ---- preprocessing ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def preprocessor(exported):
+    from blip2_triton.serving.preprocess import Preprocessor
+
+    _, repo, _ = exported("tiny-opt")
+    return Preprocessor(repository.assets_dir(repo))
+
+
+def test_preprocess_equals_the_transformers_processor(preprocessor, exported):
+    import io
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    ckpt, _, _ = exported("tiny-opt")
+    processor = AutoProcessor.from_pretrained(ckpt)
+    data = random_image(3)
+    pixels, ids = preprocessor(data, b"a photo of")
+    ref = processor(images=Image.open(io.BytesIO(data)), text="a photo of", return_tensors="np")
+    np.testing.assert_array_equal(pixels, ref["pixel_values"][0])
+    q = preprocessor.num_query_tokens
+    assert ids.tolist() == ref["input_ids"][0, q:].tolist()
+
+
+def test_preprocess_batch_isolates_bad_items(preprocessor):
+    results = preprocessor.batch([(random_image(1), b""), (b"junk", b""), (random_image(2), "é".encode())])
+    assert isinstance(results[1], InvalidInput) and "image" in str(results[1])
+    assert results[0][0].shape == results[2][0].shape
+    assert not np.array_equal(results[0][0], results[2][0])
+
+
+def test_preprocess_rejects_bad_prompts(preprocessor):
+    with pytest.raises(InvalidInput, match="UTF-8"):
+        preprocessor(random_image(1), b"\xff\xfe")
+    with pytest.raises(InvalidInput, match="context"):
+        preprocessor(random_image(1), b"circle " * 1000)
+
+
+# ---- detokenization ---------------------------------------------------------------------------------
+def test_pieces_concatenate_even_across_split_characters(preprocessor):
+    from blip2_triton.serving.detokenize import Detokenizer
+
+    tok = preprocessor.tokenizer
+    detok = Detokenizer(tok)
+    ids = tok("a red circle é ü and 日本", add_special_tokens=False)["input_ids"]
+    pieces = [detok.piece(ids[: i + 1], 1, final=i == len(ids) - 1) for i in range(len(ids))]
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+# ---- the engine: continuous batching ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipeline(exported):
+    from blip2_triton.serving.pipeline import LocalPipeline
+
+    _, repo, _ = exported("tiny-opt")
+    return LocalPipeline(repo)
+
+
+def test_concurrent_sequences_share_decoder_calls_and_keep_their_tokens(pipeline):
+    """8 sequences submitted together finish in far fewer decoder calls than 8 alone, token-identical."""
+    from blip2_triton.serving.engine import GenerationEngine
+
+    prompts = ["", "a photo of", "Question: what color is the square? Answer:", "this is"]
+    jobs = [(random_image(seed), prompts[seed % 4]) for seed in range(8)]
+    alone = [pipeline(image, prompt, max_new_tokens=12, min_new_tokens=12).token_ids for image, prompt in jobs]
+
+    engine = GenerationEngine(pipeline.generator.decoder)
+    results, done = {}, threading.Event()
+
+    def on_tokens(index):
+        def callback(ids, new, final):
+            if final:
+                results[index] = [int(t) for t in ids]
+                if len(results) == len(jobs):
+                    done.set()
+        return callback
+
+    requests = []
+    for i, (image, prompt) in enumerate(jobs):
+        pixels, prompt_ids = pipeline.preprocessor(image, prompt.encode())
+        query = pipeline.query_embeds(pixels[None])[0]
+        requests.append(pipeline.generator.request(query, prompt_ids, {"max_new_tokens": 12, "min_new_tokens": 12},
+                                                   on_tokens=on_tokens(i)))
+    for r in requests:
+        engine.submit(r)
+    engine.start()
+    try:
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert [results[i] for i in range(len(jobs))] == alone
+    # 8 x 12 tokens; batched, about 12 steps (+ a few while sequences were still joining).
+    assert engine.stats.steps < 8 * 11 // 2
+    assert engine.stats.tokens == 8 * 12
+
+
+def test_invalid_controls_fail_before_any_work(pipeline):
+    pixels, ids = pipeline.preprocessor(random_image(1), b"")
+    query = pipeline.query_embeds(pixels[None])[0]
+    for controls, message in [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 2.0, "do_sample": True}, "top_p"),
+                              ({"bogus": 1}, "bogus"), ({"max_new_tokens": 10**6}, "max_new_tokens")]:
+        with pytest.raises(InvalidInput, match=message):
+            pipeline.generator.request(query, ids, controls)
+    with pytest.raises(InvalidInput, match="query_embeds"):
+        pipeline.generator.request(query[:1], ids, {})
+
+
+def test_a_failing_request_does_not_stop_the_engine(pipeline):
+    from blip2_triton.serving.engine import GenerationEngine, GenerationRequest
+
+    engine = GenerationEngine(pipeline.generator.decoder)
+    errors = []
+    pixels, ids = pipeline.preprocessor(random_image(1), b"")
+    query = pipeline.query_embeds(pixels[None])[0]
+    bad = GenerationRequest(query_embeds=query[:, :3], prompt_ids=ids, search=None, on_error=errors.append)
+    engine._admit(bad)
+    assert errors and not engine._active
+    good = pipeline.generator.request(query, ids, {"max_new_tokens": 5})
+    assert [int(t) for t in engine.generate(good)] == pipeline(random_image(1), "", max_new_tokens=5).token_ids
