@@ -13,6 +13,7 @@ from blip2_triton import repository
 
 from .families import family_graphs
 from .onnx_io import export_module, graph_bytes
+from .quantize import QUANTIZATIONS, quantize_graph
 from .validate import OutputCheck, ValidationError, check_graph, summarize
 
 log = logging.getLogger("blip2_triton.export")
@@ -54,19 +55,27 @@ def export_checkpoint(
     validate: bool = True,
     providers: list[str] | None = None,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> ExportReport:
     """Export all graphs of `model` (hub id or directory) into the Triton repository `output`.
 
+    quantize="int8": each graph is exported and validated in full precision first, then its
+    MatMul weights are quantized and the int8 graph is validated (coarsely) too.
     Raises ValidationError (after writing everything) when any output differs from PyTorch.
     """
+    import tempfile
+
     from tqdm import tqdm
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize is not None and (quantize not in QUANTIZATIONS or dtype != "fp32"):
+        raise ValueError(f"--quantize must be one of {QUANTIZATIONS} and needs --dtype fp32, got {quantize!r}")
     float_dtype = DTYPES[dtype]
     output = Path(output)
     start = time.perf_counter()
-    report = ExportReport(model=str(model), dtype=dtype)
+    report = ExportReport(model=str(model), dtype=dtype if quantize is None else f"{dtype}+{quantize}")
+    scratch = tempfile.TemporaryDirectory(prefix="blip2-export-")
 
     log.info("loading %s (%s)", model, dtype)
     blip2, processor = load_checkpoint(model, float_dtype)
@@ -76,17 +85,27 @@ def export_checkpoint(
     for graph in steps:
         steps.set_postfix_str(graph.spec.name)
         t0 = time.perf_counter()
-        path = export_module(graph.module, graph.spec, graph.sample(graph.trace_axes), repository.graph_path(output, graph.spec.name))
+        final = repository.graph_path(output, graph.spec.name)
+        full = final if quantize is None else Path(scratch.name) / graph.spec.name / final.name
+        path = export_module(graph.module, graph.spec, graph.sample(graph.trace_axes), full)
+        graph_checks = []
+        if validate:
+            steps.set_postfix_str(f"{graph.spec.name} (validating)")
+            graph_checks += check_graph(graph, path, providers)
+        if quantize is not None:
+            steps.set_postfix_str(f"{graph.spec.name} ({quantize})")
+            path = quantize_graph(full, final)
+            shutil.rmtree(full.parent)
+            if validate:
+                graph_checks += check_graph(graph, path, providers, precision=quantize)
         report.graphs[graph.spec.name] = {"bytes": graph_bytes(path), "export_seconds": round(time.perf_counter() - t0, 2)}
         log.info("%s: %.1f MiB in %.1fs, peak RSS %.0f MiB", graph.spec.name, graph_bytes(path) / 2**20,
                  time.perf_counter() - t0, peak_rss_mib())
-        if validate:
-            steps.set_postfix_str(f"{graph.spec.name} (validating)")
-            graph_checks = check_graph(graph, path, providers)
-            checks += graph_checks
-            for c in graph_checks:
-                log.info("%s", c)
+        for c in graph_checks:
+            log.info("%s", c)
+        checks += graph_checks
 
+    scratch.cleanup()
     repository.write_repository(output, blip2.config, float_dtype, checkpoint_files=_save_assets(blip2, processor))
     report.checks = [asdict(c) | {"ok": c.ok} for c in checks]
     report.max_abs_diff = summarize(checks)

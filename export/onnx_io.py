@@ -56,8 +56,10 @@ def consolidate_external_data(path: Path) -> None:
     data_name = path.name + ".data"
     data_path = path.parent / data_name
     sources = {path.parent / _external_info(t)["location"] for t in external}
+    if sources == {data_path}:
+        return  # already one file
     if data_path in sources:
-        raise RuntimeError(f"{path}: already consolidated into {data_name}")
+        raise RuntimeError(f"{path}: {data_name} is mixed with per-tensor files")
     offset = 0
     with open(data_path, "wb") as out:
         for tensor in external:

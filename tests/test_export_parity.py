@@ -220,3 +220,26 @@ def test_unsupported_language_model_is_a_clear_error():
         model = Blip2ForConditionalGeneration(config)
     with pytest.raises(UnsupportedModelError, match="'t5'"):
         family_graphs(model)
+
+
+def test_int8_export_is_validated_and_serves(exported, tmp_path):
+    """--quantize int8: the fp32 gate, then a coarse int8 gate that other weights still fail."""
+    from blip2_triton.export.exporter import export_checkpoint, load_checkpoint
+    from blip2_triton.export.families import family_graphs
+    from blip2_triton.export.validate import check_graph
+    from blip2_triton.serving.pipeline import LocalPipeline
+    from blip2_triton.tiny import build_tiny_checkpoint
+
+    ckpt, _, _ = exported("tiny-opt")
+    report = export_checkpoint(ckpt, tmp_path / "int8", quantize="int8", progress=False)
+    graphs = {c["graph"] for c in report.checks}
+    assert {"llm_decoder", "llm_decoder[int8]", "vision_encoder[int8]", "qformer[int8]"} <= graphs
+    assert all(c["ok"] for c in report.checks)
+    decoder = onnx.load(str(repository.graph_path(tmp_path / "int8", specs.LLM_DECODER)))
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in decoder.graph.initializer)
+    assert LocalPipeline(tmp_path / "int8")(random_image(3), "a photo of", max_new_tokens=5).token_ids
+
+    other, _ = load_checkpoint(build_tiny_checkpoint(tmp_path / "other", "tiny-opt", seed=1))
+    for graph in family_graphs(other):
+        path = repository.graph_path(tmp_path / "int8", graph.spec.name)
+        assert any(not c.ok for c in check_graph(graph, path, precision="int8")), graph.spec.name
