@@ -13,7 +13,7 @@ def _export(args) -> int:
     try:
         report = export_checkpoint(
             args.model, args.output, dtype=args.dtype, validate=not args.no_validate,
-            providers=args.providers.split(",") if args.providers else None,
+            providers=args.providers.split(",") if args.providers else None, quantize=args.quantize,
         )
     except ValidationError as e:
         print(f"export validation failed: {e}", file=sys.stderr)
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id or local checkpoint directory")
     p.add_argument("--output", required=True, help="model repository directory to write")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="fp16 is meant for GPU deployments")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the MatMuls (validated after fp32)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch gate")
     p.add_argument("--providers", help="onnxruntime providers for validation, comma-separated")
     p.set_defaults(func=_export)
