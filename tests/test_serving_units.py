@@ -172,3 +172,28 @@ def test_a_failing_request_does_not_stop_the_engine(pipeline):
     assert errors and not engine._active
     good = pipeline.generator.request(query, ids, {"max_new_tokens": 5})
     assert [int(t) for t in engine.generate(good)] == pipeline(random_image(1), "", max_new_tokens=5).token_ids
+
+
+def test_too_many_beams_is_refused(pipeline):
+    from blip2_triton.serving.generator import MAX_BEAMS
+
+    pixels, ids = pipeline.preprocessor(random_image(1), b"")
+    query = pipeline.query_embeds(pixels[None])[0]
+    with pytest.raises(InvalidInput, match="num_beams must be <="):
+        pipeline.generator.request(query, ids, {"num_beams": MAX_BEAMS + 1})
+
+
+def test_stop_answers_waiting_and_active_requests(pipeline):
+    from blip2_triton.serving.engine import GenerationEngine
+    from blip2_triton.serving.errors import Cancelled
+
+    engine = GenerationEngine(pipeline.generator.decoder)
+    pixels, ids = pipeline.preprocessor(random_image(1), b"")
+    query = pipeline.query_embeds(pixels[None])[0]
+    errors = []
+    active = pipeline.generator.request(query, ids, {"max_new_tokens": 50, "min_new_tokens": 50}, on_error=errors.append)
+    waiting = pipeline.generator.request(query, ids, {"max_new_tokens": 5}, on_error=errors.append)
+    engine._admit(active)
+    engine.submit(waiting)
+    engine.stop()
+    assert len(errors) == 2 and all(isinstance(e, Cancelled) for e in errors)

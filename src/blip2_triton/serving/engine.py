@@ -106,12 +106,18 @@ class GenerationEngine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; every request still active or waiting gets a final CANCELLED answer."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
         for seq in self._active:
-            seq.request.on_error(Cancelled("server shutting down"))
+            self._fail(seq.request, Cancelled("server shutting down"))
         self._active.clear()
+        while True:
+            try:
+                self._fail(self._queue.get_nowait(), Cancelled("server shutting down"))
+            except queue.Empty:
+                break
 
     def submit(self, request: GenerationRequest) -> None:
         self._queue.put(request)
@@ -126,9 +132,15 @@ class GenerationEngine:
     # ---- the loop -------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._admit_waiting(block=not self._active)
-            if self._active:
-                self._step()
+            try:
+                self._admit_waiting(block=not self._active)
+                if self._active:
+                    self._step()
+            except BaseException as e:  # a bug must cost the active requests, never the model
+                log.exception("generation loop error")
+                for seq in self._active:
+                    self._fail(seq.request, e)
+                self._active = []
 
     def _admit_waiting(self, block: bool) -> None:
         rows = sum(s.rows for s in self._active)

@@ -18,6 +18,11 @@ from .engine import EngineStats, GenerationEngine, GenerationRequest
 from .errors import InvalidInput
 
 
+# Each beam is a row of every decoder call and a copy of the KV cache: a server-side bound keeps one
+# request from taking the memory and the batch of all others.
+MAX_BEAMS = 16
+
+
 class GeneratorService:
     def __init__(self, assets: str | Path, decoder_path: str | Path, float_dtype: str = "float32",
                  threads: int | None = None, max_rows: int = 64, stats: EngineStats | None = None):
@@ -65,6 +70,8 @@ class GeneratorService:
             raise InvalidInput(f"prompt_ids: expected a non-empty 1-D array, got shape {list(prompt_ids.shape)}")
         prompt_length = self.num_query_tokens + len(prompt_ids)
         params = self.params(controls, prompt_length)
+        if params.num_beams > MAX_BEAMS:
+            raise InvalidInput(f"num_beams must be <= {MAX_BEAMS} on this server, got {params.num_beams}")
         try:
             params.validate_context(prompt_length, self.max_positions)
         except generation.InvalidGenerationParams as e:
