@@ -38,6 +38,12 @@ def _demo(args) -> int:
     return run_demo(args.workdir, args.model)
 
 
+def _bench(args) -> int:
+    from blip2_triton.benchmarks.run import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.tiny import DEFAULT_PRESET, PRESETS
 
@@ -70,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the real tritonserver on an exported model repository")
     add_serve_arguments(p)
     p.set_defaults(func=serve_command)
+
+    from blip2_triton.benchmarks.run import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="latency, throughput and memory benchmarks, side by side with transformers")
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench)
     return parser
 
 

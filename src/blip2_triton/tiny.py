@@ -91,6 +91,10 @@ class TinyPreset:
     # Wider than transformers' 0.02: random tiny models then give varied, image-dependent tokens,
     # so parity tests compare real sequences rather than one token repeated.
     init_std: float = 0.3
+    # Rows of the LM's embedding / LM head. None: the tokenizer's size. Larger: rows past the
+    # tokenizer are padding (as OPT pads 50265 tokens to 50272 rows), so a small offline tokenizer
+    # can drive a decoder whose LM head costs what a real one costs. The <image> id is unchanged.
+    vocab_size: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -109,6 +113,20 @@ PRESETS: dict[str, TinyPreset] = {
     ),
 }
 DEFAULT_PRESET = "tiny-opt"
+
+# Benchmark presets, kept out of PRESETS: the parity tests run every entry of PRESETS, and
+# exporting these takes minutes. build_tiny_checkpoint accepts both.
+BENCH_PRESETS: dict[str, TinyPreset] = {
+    # The benchmark model (blip2_triton.benchmarks): BLIP-2-class compute with random weights.
+    # ViT-B/14 at 224 px (257 image tokens), the full-size Q-Former (12 layers, 32 queries) and an
+    # OPT-125m-class decoder (12 x 768, ffn 3072) with OPT's 50272-row LM head.
+    "base-opt": TinyPreset(
+        image_size=224, patch_size=14, vision_hidden=768, vision_layers=12, vision_heads=12,
+        qformer_hidden=768, qformer_layers=12, qformer_heads=12, num_query_tokens=32,
+        text_hidden=768, text_layers=12, text_heads=12, max_position_embeddings=2048,
+        init_std=0.02, vocab_size=50272,
+    ),
+}
 
 
 def blip2_config(preset: TinyPreset, vocab_size: int, image_token_index: int):
@@ -174,14 +192,15 @@ def build_tiny_checkpoint(output: str | Path, preset: str = DEFAULT_PRESET, seed
     import torch
     from transformers import Blip2ForConditionalGeneration, GenerationConfig
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown tiny preset {preset!r}; choose from {sorted(PRESETS)}")
-    p = PRESETS[preset]
+    presets = {**PRESETS, **BENCH_PRESETS}
+    if preset not in presets:
+        raise ValueError(f"unknown tiny preset {preset!r}; choose from {sorted(presets)}")
+    p = presets[preset]
     output = Path(output)
     processor = build_processor(build_tokenizer(), p.image_size, p.num_query_tokens)
     tokenizer = processor.tokenizer
     image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = blip2_config(p, vocab_size=len(tokenizer), image_token_index=image_token_index)
+    config = blip2_config(p, vocab_size=max(len(tokenizer), p.vocab_size or 0), image_token_index=image_token_index)
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=2, pad_token_id=1, max_new_tokens=20)

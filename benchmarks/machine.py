@@ -1,0 +1,183 @@
+"""Machine facts, measured capabilities and the lower bound they put on one decode step.
+
+A batch-1 decode step of a decoder-only LM reads every weight it multiplies once, so it cannot be
+faster than (bytes of those weights) / (memory read bandwidth), nor than (2 FLOPs per weight) /
+(peak matmul rate). The benchmark reports how far the measured step is from the larger of the two.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+PACKAGES = ("torch", "transformers", "onnxruntime", "numpy", "tritonclient", "nvidia-pytriton", "tokenizers",
+            "Pillow", "matplotlib", "psutil", "grpcio", "protobuf")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state(root: Path) -> dict:
+    """Commit of the tree being measured, and whether it had uncommitted changes."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty_files": len(git("status", "--porcelain").splitlines())}
+
+
+def facts(threads: int, root: Path) -> dict:
+    """Everything about the run that is not a measurement: machine, threads, versions, commit, date."""
+    import psutil
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_state(root),
+        "hostname": platform.node(),
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "packages": package_versions(),
+        "threads": {
+            "torch.set_num_threads": threads,
+            "onnxruntime intra_op (in-process)": threads,
+            "onnxruntime intra_op (server models)": "onnxruntime default (one per physical core)",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        },
+    }
+
+
+@dataclass
+class Capabilities:
+    read_gbps_numpy_1thread: float  # numpy sum over a large float32 array (numpy sums on one thread)
+    read_gbps_torch: float  # torch sum over the same array, with the benchmark's thread count
+    matmul_gflops_torch: float  # fp32 n x n matmul, the benchmark's thread count
+    matmul_gflops_numpy: float  # fp32 n x n matmul through numpy's BLAS (its own thread count)
+    array_mib: int
+    matmul_n: int
+
+    @property
+    def read_gbps(self) -> float:
+        """The best read bandwidth seen: the floor must be a true lower bound."""
+        return max(self.read_gbps_numpy_1thread, self.read_gbps_torch)
+
+    @property
+    def matmul_gflops(self) -> float:
+        return max(self.matmul_gflops_torch, self.matmul_gflops_numpy)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"read_gbps": round(self.read_gbps, 2), "matmul_gflops": round(self.matmul_gflops, 1)}
+
+    def best(self, other: "Capabilities") -> "Capabilities":
+        """Field by field maximum: on a shared machine the least disturbed measurement is the truest."""
+        return Capabilities(*(max(a, b) for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: page faults, thread-pool start
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _read_bandwidth(array_mib: int, repeats: int) -> tuple[float, float]:
+    """GB/s summing a float32 array of `array_mib` MiB: numpy (one thread), torch (its threads)."""
+    import torch
+
+    data = np.ones(array_mib * 2**20 // 4, np.float32)
+    tensor = torch.from_numpy(data)
+    numpy_read = data.nbytes / _best_seconds(lambda: float(data.sum()), repeats) / 1e9
+    torch_read = data.nbytes / _best_seconds(lambda: float(tensor.sum()), repeats) / 1e9
+    return numpy_read, torch_read
+
+
+def measure(threads: int, array_mib: int = 512, matmul_n: int = 2048, repeats: int = 8) -> Capabilities:
+    """Memory read bandwidth and fp32 matmul rate (best of `repeats`: the least disturbed run)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    numpy_read, torch_read = _read_bandwidth(array_mib, repeats)
+    flops = 2 * matmul_n**3
+    a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
+    torch_gflops = flops / _best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+    an, bn = a.numpy(), b.numpy()
+    numpy_gflops = flops / _best_seconds(lambda: an @ bn, repeats) / 1e9
+    return Capabilities(round(numpy_read, 2), round(torch_read, 2), round(torch_gflops, 1), round(numpy_gflops, 1),
+                        array_mib, matmul_n)
+
+
+def decoder_weights(onnx_path: Path) -> dict:
+    """Bytes and parameters of the decoder graph's weights, and the part one decode step reads.
+
+    A step reads every initializer in full except lookup tables (token and position embeddings,
+    only consumed by Gather), of which it reads one row. The tied LM head is a separate transposed
+    copy in the exported graph, consumed by a MatMul, so it counts. Rank-2 weights feeding
+    MatMul/Gemm do 2 FLOPs per parameter per row.
+    """
+    import collections
+
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    consumers: dict[str, set[str]] = collections.defaultdict(set)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].add(node.op_type)
+    total = read = matmul_params = 0
+    for init in model.graph.initializer:
+        count = int(np.prod(init.dims)) if init.dims else 1
+        size = count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        total += size
+        ops = consumers.get(init.name, set())
+        if ops and ops <= {"Gather"}:
+            continue
+        read += size
+        if len(init.dims) == 2 and ops & {"MatMul", "Gemm"}:
+            matmul_params += count
+    return {"weight_bytes": total, "bytes_read_per_step": read, "matmul_params": matmul_params}
+
+
+def decode_floor(weights: dict, caps: Capabilities) -> dict:
+    """Lower bounds (ms) of one batch-1 decode step from bandwidth and from compute."""
+    bandwidth_ms = weights["bytes_read_per_step"] / (caps.read_gbps * 1e9) * 1e3
+    compute_ms = 2 * weights["matmul_params"] / (caps.matmul_gflops * 1e9) * 1e3
+    return {
+        "bandwidth_floor_ms": round(bandwidth_ms, 3),
+        "compute_floor_ms": round(compute_ms, 3),
+        "floor_ms": round(max(bandwidth_ms, compute_ms), 3),
+        "bound_by": "memory bandwidth" if bandwidth_ms >= compute_ms else "compute",
+    }

@@ -1,0 +1,383 @@
+"""Benchmark results -> results.json (raw numbers), results.md (tables) and PNG plots.
+
+Everything here reads the JSON-able results dict only, so tables and plots can be remade from a
+saved results.json:  python -m blip2_triton.benchmarks.report benchmarks/results/results.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+STAGES = ("preprocess", "vision_encoder", "qformer", "prefill", "decode", "engine_overhead", "postprocess")
+STAGE_COLORS = {
+    "preprocess": "#8dd3c7", "vision_encoder": "#80b1d3", "qformer": "#bebada", "prefill": "#fdb462",
+    "decode": "#fb8072", "engine_overhead": "#d9d9d9", "postprocess": "#b3de69",
+    "batcher queue": "#ffed6f", "decode, postprocess, gRPC, ensemble": "#f4a6a0",
+    "transformers to first token": "#a6cee3", "transformers decode": "#1f78b4",
+}
+SYSTEM_COLORS = {"server": "#d95f02", "in_process": "#fdae6b", "transformers": "#1f78b4"}
+EXTRA_BASELINE_COLOR = "#a6cee3"
+
+
+def label(system: str, threads: int | None = None) -> str:
+    """'server' -> 'ours: Triton + gRPC'; 'transformers_1_thread' -> 'transformers, 1 thread'."""
+    if system == "server":
+        return "ours: Triton + gRPC"
+    if system == "in_process":
+        return "ours: in-process"
+    if system == "transformers":
+        return f"transformers, {threads} threads" if threads else "transformers"
+    return "transformers, " + system.split("_", 1)[1].replace("_", " ")
+
+
+def color(system: str) -> str:
+    return SYSTEM_COLORS.get(system, EXTRA_BASELINE_COLOR)
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md"]
+    paths[0].write_text(json.dumps(results, indent=1) + "\n")
+    paths[1].write_text(markdown(results))
+    for name, model in results["models"].items():
+        paths += plots(name, model, out)
+    return paths
+
+
+# ---- markdown -------------------------------------------------------------------------------------
+
+def _f(value, digits: int | None = None) -> str:
+    """Numbers as people read them: 3 significant digits below 100, whole numbers above."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if digits is None:
+            size = abs(value)
+            digits = 0 if size >= 100 else 1 if size >= 10 else 2 if size >= 1 else 3
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def markdown(results: dict) -> str:
+    facts, caps = results["facts"], results["capabilities"]
+    s = results["settings"]
+    versions = ", ".join(f"{k} {v}" for k, v in facts["packages"].items() if v)
+    text = [
+        "# blip2-triton bench\n",
+        f"`{results.get('command')}` — {facts['date']}, commit `{(facts['git']['commit'] or '?')[:12]}`"
+        f"{' (+%d uncommitted files)' % facts['git']['dirty_files'] if facts['git']['dirty_files'] else ''}, "
+        f"run time {_f(results.get('run_seconds'), 0)} s.\n",
+        f"Machine: {facts['cpu']}, {facts['usable_cores']} usable cores, {facts['memory_gib']} GiB; load average "
+        f"{facts['load_average_at_start']} at start, {facts.get('load_average_at_end')} at end (the machine is shared: "
+        "systems are measured in turns, never one after the other in blocks). "
+        f"Threads: {s['threads']} (torch.set_num_threads, in-process onnxruntime); the server's onnxruntime sessions "
+        "use onnxruntime's default (one per physical core).\n",
+        f"Measured: memory read {caps['read_gbps']} GB/s (numpy 1 thread {caps['read_gbps_numpy_1thread']}, "
+        f"torch {caps['read_gbps_torch']}), fp32 matmul {caps['matmul_gflops']} GFLOP/s "
+        f"(torch {caps['matmul_gflops_torch']}, numpy {caps['matmul_gflops_numpy']}).\n",
+        f"Versions: {versions}, Python {facts['python']}.\n",
+        f"Workloads: greedy, min_new_tokens = max_new_tokens (every request generates the same number of tokens); "
+        f"{s['reps']} interleaved requests per workload and system after {s['warmup']} warm-up rounds; "
+        f"{s['images']} JPEG images 640x480.\n",
+    ]
+    for name, m in results["models"].items():
+        text.append(model_markdown(name, m))
+    return "\n".join(text)
+
+
+def model_markdown(name: str, m: dict) -> str:
+    e2e, floor = m["end_to_end"], m["floor"]
+    caption = next(iter(e2e))
+    out = [f"## {name}\n", f"{m['model']['source']}; {m['baseline_info']['parameters'] / 1e6:.0f}M parameters; "
+           f"transformers attention: {m['baseline_info']['attn_implementation']}.\n"]
+
+    systems = m["systems"]
+    threads = m["baseline_info"]["torch_threads"]
+    out.append("### End to end, one request at a time (ms)\n")
+    rows = []
+    for wname, w in e2e.items():
+        n_tokens = next(x["max_new_tokens"] for x in m["workloads"] if x["name"] == wname)
+        for system in systems:
+            lat = w[system]["latency_ms"]
+            ttft = w["server_stream"]["ttft_ms"] if system == "server" else w[system]["ttft_ms"]
+            rows.append([f"{wname} ({n_tokens} tokens)", label(system, threads), lat["p50"], lat["p90"], lat["p99"],
+                         ttft.get("p50"), w[system]["tokens_per_s"]])
+    out.append(_table(["workload", "system", "p50", "p90", "p99", "TTFT p50", "tokens/s"], rows))
+    out.append("TTFT of the server: streaming requests (time to the first streamed response); of the others: time "
+               "to the first token of the same calls. tokens/s = tokens per request / p50 latency.\n")
+    out.append("### Ours / transformers (p50; below 1 = ours faster)\n")
+    baselines = [s for s in systems if s.startswith("transformers")]
+    rows = []
+    for wname, w in e2e.items():
+        r = w["ratios_ours_over_transformers"]
+        for b in baselines:
+            suffix = "" if b == "transformers" else f"_vs_{b}"
+            rows.append([wname, label(b, threads), r[f"server_latency_p50{suffix}"], r[f"in_process_latency_p50{suffix}"],
+                         r[f"server_stream_ttft_p50{suffix}"], r[f"in_process_ttft_p50{suffix}"]])
+    out.append(_table(["workload", "versus", "server latency", "in-process latency", "server TTFT", "in-process TTFT"],
+                      rows))
+
+    ident = m["tokens_identical"]
+    out.append(f"**Tokens identical to transformers:** {'yes' if ident['all'] else 'NO'} "
+               f"({ident['compared']} requests compared, {len(ident['mismatches'])} mismatches; "
+               f"{ident['distinct_tokens_in_reference']} distinct token ids in the reference outputs).\n")
+
+    st = m["stages"]
+    w = m["decoder_weights"]
+    out.append("### Decode step vs the floor (batch 1)\n")
+    out.append(f"The decoder reads {w['bytes_read_per_step'] / 2**20:.0f} MiB of weights per step "
+               f"({w['matmul_params'] / 1e6:.0f}M matmul parameters): floor {floor['bandwidth_floor_ms']} ms from "
+               f"bandwidth, {floor['compute_floor_ms']} ms from compute, so {floor['floor_ms']} ms "
+               f"({floor['bound_by']}).\n")
+    steps = [("ours in-process: decoder call, median", st["in_process"][caption].get("decode_step_median_ms")),
+             ("ours server: gap between streamed tokens, p50", e2e[caption]["server_stream"]["inter_token_ms"].get("p50"))]
+    steps += [(f"{label(b, threads)}: gap between tokens, p50", e2e[caption][b].get("inter_token_ms", {}).get("p50"))
+              for b in systems if b.startswith("transformers")]
+    out.append(_table(["system", "ms per step", "× floor"],
+                      [[k, v, (v / floor["floor_ms"]) if v else None] for k, v in steps]))
+    out.append("Below 1 × floor would mean the bandwidth probe was slowed by other load (it is the best of a "
+               "measurement at the start and one at the end of the run).\n")
+
+    out.append("### Where the time goes, in process (median ms per request)\n")
+    keys = [*STAGES, "total"]
+    out.append(_table(["workload", *keys],
+                      [[w, *[v.get(f"{k}_ms") for k in keys]] for w, v in st["in_process"].items()]))
+    out.append(f"Decode is {st['in_process'][caption]['decode_steps']} steps after the prefill's first token. "
+               "engine_overhead = generation engine time outside decoder calls (search, cache bookkeeping).\n")
+
+    out.append("### Server side (Triton statistics over the latency phase, ms per request)\n")
+    out.append(_table(["model", "requests", "mean batch", "queue", "compute input", "compute infer", "compute output"],
+                      [[k, v["requests"], v["mean_batch"], v["queue_ms"], v["compute_input_ms"], v["compute_infer_ms"],
+                        v["compute_output_ms"]] for k, v in st["server"]["models"].items()]))
+    g = st["server"]["generator_metrics"]
+    out.append(f"The generator is decoupled: its compute time is only the enqueue. Its engine reports "
+               f"{_f(g['engine_ttft_ms'])} ms from submission to first token (prefill + engine queue), "
+               f"{_f(g['decode_steps'], 0)} decode steps for {_f(g['generated_tokens'], 0)} tokens.\n")
+
+    out.append("### Decode step vs batch rows (in-process, ms)\n")
+    out.append(_table(["rows", "step", "per token"], [[d["rows"], d["step_ms"], d["ms_per_token"]]
+                                                      for d in st["decode_step_vs_rows"]]))
+
+    out.append(f"### Throughput vs concurrency ({caption}, through the server)\n")
+    out.append(_table(["streams", "requests", "requests/s", "tokens/s", "latency p50", "latency p90"],
+                      [[t["streams"], t["requests"], t["requests_per_s"], t["tokens_per_s"], t["latency_ms"]["p50"],
+                        t["latency_ms"]["p90"]] for t in m["throughput"]]))
+    if m.get("baseline_batches"):
+        out.append("transformers, static batches (one generate() over N images):\n")
+        out.append(_table(["batch", "seconds", "requests/s", "tokens/s"],
+                          [[b["batch"], b["seconds"], b["requests_per_s"], b["tokens_per_s"]]
+                           for b in m["baseline_batches"]]))
+
+    out.append("### Overhead of Triton + gRPC + ensemble over the in-process pipeline (ms)\n")
+    out.append(_table(["workload", "p50 server − p50 in-process", "median paired difference", "relative"],
+                      [[w, v["server_overhead_ms"]["p50_difference"], v["server_overhead_ms"]["paired_median"],
+                        v["server_overhead_ms"]["relative_to_in_process"]] for w, v in e2e.items()]))
+
+    mem = m["memory"]
+    out.append("### Memory (MiB)\n")
+    worker_rss = [(k[: -len("_peak_rss_mib")], v) for k, v in mem.items()
+                  if k.endswith("_peak_rss_mib") and not k.startswith("server")]
+    out.append(_table(["server peak RSS (sum over process group)", "server PSS at end",
+                       *[f"{label(k, threads)} peak RSS" for k, _ in worker_rss]],
+                      [[mem["server_peak_rss_mib"], mem["server_pss_at_end_mib"], *[v for _, v in worker_rss]]]))
+    out.append("Server peak RSS by process: " + ", ".join(f"{k} {v}" for k, v in mem["server_peak_rss_by_process_mib"].items())
+               + ".\n")
+
+    pa = m.get("perf_analyzer", {})
+    out.append("### perf_analyzer cross-check\n")
+    if pa.get("ok"):
+        out.append(_table(["concurrency", "requests/s", "tokens/s", "p50", "p90", "p99"],
+                          [[r["concurrency"], r["requests_per_s"], r["tokens_per_s"], r["p50_ms"], r["p90_ms"],
+                            r["p99_ms"]] for r in pa["rows"]]))
+        out.append(f"`{' '.join(pa['command'])}`\n")
+    else:
+        out.append(f"Not available: {pa.get('skipped') or pa.get('error')}\n")
+    return "\n".join(out)
+
+
+# ---- plots ----------------------------------------------------------------------------------------
+
+def plots(name: str, m: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return [stage_plot(name, m, out), throughput_plot(name, m, out), comparison_plot(name, m, out)]
+
+
+def _stacked(ax, y: float, parts: list[tuple[str, float]], seen: set) -> None:
+    left = 0.0
+    for part, value in parts:
+        if value is None or value <= 0:
+            continue
+        ax.barh(y, value, left=left, color=STAGE_COLORS[part], edgecolor="white", linewidth=0.5,
+                label=part if part not in seen else None)
+        seen.add(part)
+        left += value
+    ax.text(left, y, f" {left:,.0f} ms", va="center", fontsize=8)
+
+
+def stage_plot(name: str, m: dict, out: Path) -> Path:
+    """Per workload, one bar per system: in-process stages (timed in the same calls as its
+    latency), the server's parts from Triton's statistics and the generator's metrics (the
+    remainder of its p50 is decode, postprocess, gRPC and the ensemble), transformers' time to
+    first token and decode."""
+    import matplotlib.pyplot as plt
+
+    e2e, st = m["end_to_end"], m["stages"]
+    workloads = list(e2e)
+    threads = m["baseline_info"]["torch_threads"]
+    baselines = [s for s in m["systems"] if s.startswith("transformers")]
+    rows = 2 + len(baselines)
+    fig, axes = plt.subplots(len(workloads), 1, figsize=(10, 1.6 + (0.5 + 0.42 * rows) * len(workloads)), squeeze=False)
+    seen: set = set()
+    models = st["server"]["models"]
+    compute = lambda k: (models[k]["compute_input_ms"] + models[k]["compute_infer_ms"] + models[k]["compute_output_ms"]  # noqa: E731
+                         if k in models else None)
+    queue = sum(models[k]["queue_ms"] for k in ("preprocess", "vision_encoder", "qformer", "postprocess") if k in models)
+    engine_ttft = st["server"]["generator_metrics"].get("engine_ttft_ms")
+    for ax, w in zip(axes[:, 0], workloads):
+        stages = st["in_process"][w]
+        inproc = [(k, stages.get(f"{k}_ms")) for k in STAGES]
+        server_parts = [("preprocess", compute("preprocess")), ("vision_encoder", compute("vision_encoder")),
+                        ("qformer", compute("qformer")), ("batcher queue", queue), ("prefill", engine_ttft)]
+        known = sum(v for _, v in server_parts if v)
+        server_parts.append(("decode, postprocess, gRPC, ensemble", e2e[w]["server"]["latency_ms"]["p50"] - known))
+        y = rows - 1
+        _stacked(ax, y, server_parts, seen)
+        _stacked(ax, y - 1, inproc, seen)
+        ticks = [(y, "ours: Triton + gRPC (p50)"), (y - 1, "ours: in-process (medians)")]
+        for i, b in enumerate(baselines):
+            theirs = e2e[w][b]
+            ttft = theirs["ttft_ms"]["p50"]
+            _stacked(ax, y - 2 - i, [("transformers to first token", ttft),
+                                     ("transformers decode", theirs["latency_ms"]["p50"] - ttft)], seen)
+            ticks.append((y - 2 - i, f"{label(b, threads)} (p50)"))
+        ax.set_yticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=8)
+        tokens = next(x["max_new_tokens"] for x in m["workloads"] if x["name"] == w)
+        ax.set_title(f"{w}: {tokens} new tokens", fontsize=10, loc="left")
+        ax.set_xlabel("ms")
+        ax.margins(x=0.12)
+    handles, labels = [], []
+    for ax in axes[:, 0]:
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"{name}: where the time of one request goes (server parts: Triton statistics, mean over both "
+                 "workloads)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.13, 1, 0.97))
+    path = out / f"{name}_stages.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def throughput_plot(name: str, m: dict, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    t = m["throughput"]
+    streams = [x["streams"] for x in t]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(streams, [x["tokens_per_s"] for x in t], "o-", color=color("server"),
+             label="ours (Triton, continuous batching): concurrent streams")
+    b = m.get("baseline_batches") or []
+    if b:
+        ax1.plot([x["batch"] for x in b], [x["tokens_per_s"] for x in b], "s--", color=color("transformers"),
+                 label="transformers generate(): static batch of N")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xticks(sorted(set(streams) | {x["batch"] for x in b}))
+    ax1.get_xaxis().set_major_formatter(plt.ScalarFormatter())
+    ax1.set_xlabel("concurrent streams / batch size")
+    ax1.set_ylabel("generated tokens per second")
+    ax1.set_ylim(bottom=0)
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax1.set_title("throughput", fontsize=10)
+    ax2.plot(streams, [x["latency_ms"]["p50"] / 1e3 for x in t], "o-", color=color("server"), label="p50")
+    ax2.plot(streams, [x["latency_ms"]["p90"] / 1e3 for x in t], "o:", color=color("server"), alpha=0.6,
+             label="p90")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xticks(streams)
+    ax2.get_xaxis().set_major_formatter(plt.ScalarFormatter())
+    ax2.set_xlabel("concurrent streams")
+    ax2.set_ylabel("request latency (s)")
+    ax2.set_ylim(bottom=0)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    ax2.set_title("latency under load (ours)", fontsize=10)
+    tokens = next(x["max_new_tokens"] for x in m["workloads"])
+    fig.suptitle(f"{name}: captions of {tokens} tokens", fontsize=11)
+    fig.tight_layout()
+    path = out / f"{name}_throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def comparison_plot(name: str, m: dict, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    e2e = m["end_to_end"]
+    workloads = list(e2e)
+    systems = m["systems"]
+    threads = m["baseline_info"]["torch_threads"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [3, 2]})
+    groups = [(f"{w}\nlatency", w, "latency") for w in workloads] + [(f"{w}\nfirst token", w, "ttft") for w in workloads]
+    x = np.arange(len(groups))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        values = []
+        for _, w, kind in groups:
+            if kind == "latency":
+                values.append(e2e[w][system]["latency_ms"]["p50"])
+            else:
+                source = e2e[w]["server_stream"] if system == "server" else e2e[w][system]
+                values.append(source["ttft_ms"].get("p50"))
+        bars = ax1.bar(x + (i - (len(systems) - 1) / 2) * width, [v or 0 for v in values], width, color=color(system),
+                       label=label(system, threads))
+        ax1.bar_label(bars, labels=[f"{v:,.0f}" if v else "" for v in values], fontsize=6.5, padding=1)
+    ax1.set_xticks(x, [g[0] for g in groups], fontsize=8)
+    ax1.set_ylabel("ms (p50)")
+    ax1.legend(fontsize=8)
+    ax1.set_title("one request at a time (lower is better)", fontsize=10)
+    ax1.grid(axis="y", alpha=0.3)
+
+    caption = workloads[0]
+    names = ["ours\nin-process", "ours server\n(stream gaps)"]
+    values = [m["stages"]["in_process"][caption].get("decode_step_median_ms"),
+              e2e[caption]["server_stream"]["inter_token_ms"].get("p50")]
+    colors = [color("in_process"), color("server")]
+    for b in (s for s in systems if s.startswith("transformers")):
+        names.append(label(b, threads).replace(", ", "\n") + "\n(token gaps)")
+        values.append(e2e[caption][b].get("inter_token_ms", {}).get("p50"))
+        colors.append(color(b))
+    bars = ax2.bar(names, [v or 0 for v in values], color=colors)
+    ax2.bar_label(bars, labels=[f"{v:.1f}" if v else "" for v in values], fontsize=8)
+    floor = m["floor"]
+    ax2.axhline(floor["floor_ms"], color="black", linestyle="--", linewidth=1,
+                label=f"floor {floor['floor_ms']:.2f} ms ({floor['bound_by']})")
+    ax2.legend(fontsize=8, loc="upper left")
+    ax2.set_ylabel("ms per decode step (batch 1, p50)")
+    ax2.set_title(f"decode step vs the floor ({caption})", fontsize=10)
+    ax2.tick_params(axis="x", labelsize=7.5)
+    ax2.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{name}: ours vs transformers generate() (same weights; {threads} threads unless named)", fontsize=11)
+    fig.tight_layout()
+    path = out / f"{name}_vs_transformers.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1])
+    for p in write(json.loads(source.read_text()), source.parent):
+        print(p)

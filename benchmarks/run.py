@@ -1,0 +1,479 @@
+"""`blip2-triton bench`: latency, throughput and memory of the served pipeline, side by side with
+transformers' generate(), in one run.
+
+    blip2-triton bench                                # base-opt (+ the trained tiny model if present)
+    blip2-triton bench --model tiny-opt --quick       # what CI's smoke test runs
+
+Per model it: measures the machine (bandwidth, matmul rate) and the decode-step floor they imply;
+starts the real tritonserver and two worker processes (transformers, and the in-process
+LocalPipeline); sends each workload's requests to all three in turn (so machine load hits them
+alike); times every stage in process and reads the server's own statistics; sweeps concurrent
+client streams; samples the server's memory; optionally runs perf_analyzer. Results go to
+`--output` as JSON (raw numbers), a markdown table and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("blip2_triton.bench")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = ROOT / "benchmarks" / "results"
+DEFAULT_WORKDIR = ROOT / "artifacts" / "bench"
+SYSTEMS = ("server", "in_process", "transformers")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much of everything to run; --quick shrinks it for the smoke test."""
+
+    threads: int = 2
+    caption_tokens: int = 30
+    vqa_tokens: int = 10
+    images: int = 4
+    warmup: int = 2
+    reps: int = 12  # interleaved requests per workload and system
+    stream_reps: int = 6
+    # transformers at other thread counts too (interleaved with the rest): shows how much of its
+    # time is lost to OpenMP threads waiting for cores that other processes hold
+    extra_baseline_threads: tuple[int, ...] = (1,)
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    requests_per_stream: int = 3
+    baseline_batches: tuple[int, ...] = (1, 4, 16)
+    decode_rows: tuple[int, ...] = (1, 2, 4, 8, 16)
+    bandwidth_mib: int = 512
+    matmul_n: int = 2048
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides) -> "Settings":
+        base = dict(warmup=1, reps=2, stream_reps=1, extra_baseline_threads=(), concurrency=(1, 2), requests_per_stream=1,
+                    baseline_batches=(2,), decode_rows=(1, 2), bandwidth_mib=128, matmul_n=1024, caption_tokens=8, vqa_tokens=4,
+                    images=2)
+        return cls(**(base | overrides))
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+
+def summary_ms(seconds: list[float]) -> dict:
+    """n, mean and percentiles (linear interpolation) in milliseconds."""
+    values = np.asarray([s for s in seconds if s is not None], dtype=np.float64) * 1e3
+    if values.size == 0:
+        return {"n": 0}
+    pct = lambda q: round(float(np.percentile(values, q)), 3)  # noqa: E731
+    return {"n": int(values.size), "mean": round(float(values.mean()), 3), "p50": pct(50), "p90": pct(90),
+            "p99": pct(99), "min": round(float(values.min()), 3), "max": round(float(values.max()), 3)}
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    return round(ours / theirs, 4) if ours and theirs else None
+
+
+class Progress:
+    """Progress on stderr: a tqdm bar per phase on a terminal, plain log lines otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.start = time.perf_counter()
+
+    def phase(self, name: str, total: int):
+        if sys.stderr.isatty() and not self.quiet:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=f"  {name}", unit="req", file=sys.stderr, leave=True, dynamic_ncols=True)
+        return _LogPhase(name, total, self.quiet)
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+class _LogPhase:
+    """tqdm's update()/close() as log lines: at the start, every quarter and at the end."""
+
+    def __init__(self, name: str, total: int, quiet: bool):
+        self.name, self.total, self.quiet, self.done = name, max(total, 1), quiet, 0
+        self.start = time.perf_counter()
+        self._say(f"  {name}: {total} to do")
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        before = self.done * 4 // self.total
+        self.done += n
+        if self.done * 4 // self.total > before and self.done < self.total:
+            self._say(f"  {self.name}: {self.done}/{self.total} ({time.perf_counter() - self.start:.0f}s)")
+
+    def close(self) -> None:
+        self._say(f"  {self.name}: done in {time.perf_counter() - self.start:.1f}s")
+
+
+# ---- one model --------------------------------------------------------------------------------
+
+def baseline_name(threads: int) -> str:
+    return f"transformers_{threads}_thread{'s' if threads != 1 else ''}"
+
+
+def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict:
+    import contextlib
+
+    from blip2_triton import repository, specs
+    from blip2_triton.server.launcher import TritonServer
+
+    from . import end_to_end, machine, perf_analyzer
+    from .worker import Worker
+    from .workloads import images as make_images
+    from .workloads import prepare_model, workloads
+
+    t_model = time.perf_counter()
+    workdir = Path(args.workdir)
+    progress.say(f"[{spec}] preparing checkpoint and model repository under {workdir}")
+    model = prepare_model(spec, workdir, rebuild=args.rebuild, seed=settings.seed)
+    logs = workdir / model.name / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    loads = workloads(settings.caption_tokens, settings.vqa_tokens)
+    pictures = make_images(settings.images)
+    result: dict = {"model": model.as_dict(), "workloads": [asdict(w) for w in loads],
+                    "decoder_weights": machine.decoder_weights(repository.graph_path(model.repository, specs.LLM_DECODER))}
+
+    progress.say(f"[{spec}] starting workers (transformers, in-process) and tritonserver")
+    t_start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        # Workers load while tritonserver starts.
+        workers = {
+            "in_process": Worker("local", model.repository, settings.threads, logs / "in_process.log"),
+            "transformers": Worker("transformers", model.checkpoint, settings.threads, logs / "transformers.log"),
+        }
+        for n in settings.extra_baseline_threads:
+            workers[baseline_name(n)] = Worker("transformers", model.checkpoint, n, logs / f"{baseline_name(n)}.log")
+        for worker in workers.values():
+            stack.enter_context(worker)
+        server = stack.enter_context(TritonServer(
+            model.repository, grpc_port=None, http_port=None, metrics_port=None,
+            log_file=logs / "tritonserver.log", startup_timeout=600))
+        sampler = end_to_end.GroupMemorySampler(server.pgid).start()
+        try:
+            result["startup_seconds"] = {"tritonserver": server.startup_seconds} | {
+                f"{name}_load": w.info["load_seconds"] for name, w in workers.items()}
+            result["baseline_info"] = workers["transformers"].info
+            progress.say(f"[{spec}] all up in {time.perf_counter() - t_start:.1f}s")
+            for worker in workers.values():
+                worker.send_images(pictures)
+            loop = asyncio.new_event_loop()
+            try:
+                result |= _measure(loop, server, workers, loads, pictures, settings, progress)
+                if args.perf_analyzer:
+                    progress.say(f"[{spec}] perf_analyzer cross-check")
+                    result["perf_analyzer"] = perf_analyzer.run(server.grpc_url, pictures[0], loads[0], logs,
+                                                                args.perf_analyzer_concurrency)
+                else:
+                    result["perf_analyzer"] = {"skipped": "run with --perf-analyzer"}
+            finally:
+                loop.close()
+            pss = sampler.pss()
+        finally:
+            sampler.stop()
+        progress.say(f"[{spec}] stopping")
+        result["memory"] = {
+            "server_peak_rss_mib": round(sampler.peak_total / 2**20, 1),
+            "server_peak_rss_by_process_mib": {k: round(v / 2**20, 1) for k, v in sorted(sampler.peak_by_process.items())},
+            "server_pss_at_end_mib": round(sum(pss.values()) / 2**20, 1) if pss else None,
+            "server_pss_by_process_mib": {k: round(v / 2**20, 1) for k, v in sorted(pss.items())},
+            "server_samples": sampler.samples,
+            **{f"{name}_peak_rss_mib": round(w.call("memory")["peak_rss_mib"], 1) for name, w in workers.items()},
+            "note": "server: sum over tritonserver and its stubs, sampled every 0.25 s (shared pages are "
+                    "counted once per process; PSS splits them); workers: their own peak (VmHWM)",
+        }
+    result["seconds"] = round(time.perf_counter() - t_model, 1)
+    return result
+
+
+def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, progress: Progress) -> dict:
+    from blip2_triton.client import AsyncBlip2Client
+
+    from . import end_to_end, stages
+
+    run = loop.run_until_complete
+
+    async def connect():  # a grpc.aio channel belongs to the loop it is created on
+        return AsyncBlip2Client(server.grpc_url, timeout=600)
+
+    client = run(connect())
+    systems = ["server", *workers]
+
+    def call(system: str, workload, image: int) -> dict:
+        if system == "server":
+            r = run(end_to_end.request(client, pictures[image], workload))
+        else:
+            r = workers[system].call("generate", image=image, prompt=workload.prompt, controls=workload.controls)
+        r["image"] = image
+        return r
+
+    try:
+        # Warm-up: first calls pay for lazy initialisation (thread pools, allocator growth).
+        bar = progress.phase("warm-up", settings.warmup * len(loads) * len(systems))
+        for k in range(settings.warmup):
+            for w in loads:
+                for system in systems:
+                    call(system, w, k % len(pictures))
+                    bar.update()
+        bar.close()
+
+        # Interleaved single requests: the systems take turns (rotating order), so load from other
+        # users of the machine falls on all of them alike.
+        before, metrics_before = stages.triton_statistics(server.grpc_url), stages.blip2_metrics(server.metrics_url)
+        samples = {w.name: {s: [] for s in systems} for w in loads}
+        bar = progress.phase(f"latency ({', '.join(systems)} in turns)", settings.reps * len(loads) * len(systems))
+        for rep in range(settings.reps):
+            order = systems[rep % len(systems):] + systems[:rep % len(systems)]
+            for w in loads:
+                for system in order:
+                    samples[w.name][system].append(call(system, w, rep % len(pictures)))
+                    bar.update()
+        bar.close()
+        after, metrics_after = stages.triton_statistics(server.grpc_url), stages.blip2_metrics(server.metrics_url)
+        server_stages = stages.server_stages(before, after, metrics_before, metrics_after)
+
+        streams = {w.name: [] for w in loads}
+        bar = progress.phase("streaming through the server (time to first token)", settings.stream_reps * len(loads))
+        for rep in range(settings.stream_reps):
+            for w in loads:
+                r = run(end_to_end.stream(server.grpc_url, pictures[rep % len(pictures)], w))
+                r["image"] = rep % len(pictures)
+                streams[w.name].append(r)
+                bar.update()
+        bar.close()
+
+        past = settings.caption_tokens // 2 + 40
+        progress.say(f"  decode step vs rows {list(settings.decode_rows)} (in-process)")
+        decode_rows = workers["in_process"].call("decode_vs_rows", rows=list(settings.decode_rows), past_length=past,
+                                                 repeats=5)
+
+        caption = loads[0]
+        throughput = []
+        total = sum(c * settings.requests_per_stream for c in settings.concurrency)
+        bar = progress.phase(f"throughput vs concurrent streams {list(settings.concurrency)}", total)
+        for streams_n in settings.concurrency:
+            r = run(end_to_end.closed_loop(server.grpc_url, streams_n, settings.requests_per_stream, pictures, caption))
+            r["latency_ms"] = summary_ms(r.pop("latencies"))
+            throughput.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+            bar.update(streams_n * settings.requests_per_stream)
+        bar.close()
+
+        baseline_batches = []
+        bar = progress.phase(f"transformers static batches {list(settings.baseline_batches)}", len(settings.baseline_batches))
+        for n in settings.baseline_batches:
+            r = workers["transformers"].call("batch", images=[i % len(pictures) for i in range(n)],
+                                             prompt=caption.prompt, controls=caption.controls)
+            baseline_batches.append({"batch": n, "seconds": round(r["seconds"], 4), "tokens": r["tokens"],
+                                     "requests_per_s": round(n / r["seconds"], 4),
+                                     "tokens_per_s": round(r["tokens"] / r["seconds"], 4)})
+            bar.update()
+        bar.close()
+    finally:
+        run(client.close())
+
+    return {
+        "systems": systems,
+        "end_to_end": _end_to_end(loads, samples, streams, systems),
+        "tokens_identical": _identical(loads, samples, streams, systems),
+        "stages": {"in_process": _stage_medians(loads, samples), "server": server_stages,
+                   "decode_step_vs_rows": [{"rows": d["rows"], "step_ms": round(d["step_seconds"] * 1e3, 3),
+                                            "ms_per_token": round(d["step_seconds"] * 1e3 / d["rows"], 3)}
+                                           for d in decode_rows],
+                   "decode_step_past_length": past},
+        "throughput": throughput,
+        "baseline_batches": baseline_batches,
+    }
+
+
+def _end_to_end(loads, samples, streams, systems) -> dict:
+    out = {}
+    for w in loads:
+        per = samples[w.name]
+        entry = {}
+        for system in systems:
+            runs = per[system]
+            entry[system] = {
+                "latency_ms": summary_ms([r["seconds"] for r in runs]),
+                "ttft_ms": summary_ms([r.get("ttft") for r in runs]) if system != "server" else None,
+                "tokens_per_request": statistics.mean(len(r["tokens"]) for r in runs),
+            }
+            entry[system]["tokens_per_s"] = round(
+                entry[system]["tokens_per_request"] / (entry[system]["latency_ms"]["p50"] / 1e3), 3)
+            gaps = [g for r in runs for g in r.get("inter_token", [])]
+            if gaps:
+                entry[system]["inter_token_ms"] = summary_ms(gaps)
+        st = streams[w.name]
+        entry["server_stream"] = {
+            "latency_ms": summary_ms([r["seconds"] for r in st]),
+            "ttft_ms": summary_ms([r["ttft"] for r in st]),
+            "inter_token_ms": summary_ms([g for r in st for g in r["inter_token"]]),
+            "responses_per_request": statistics.mean(r["responses"] for r in st) if st else None,
+        }
+        p50 = {s: entry[s]["latency_ms"]["p50"] for s in systems}
+        ttft = {s: entry[s]["ttft_ms"]["p50"] for s in systems if s != "server"}
+        ttft["server"] = entry["server_stream"]["ttft_ms"].get("p50")
+        ratios = {}
+        for baseline in (s for s in systems if s.startswith("transformers")):
+            suffix = "" if baseline == "transformers" else f"_vs_{baseline}"
+            ratios[f"server_latency_p50{suffix}"] = _ratio(p50["server"], p50[baseline])
+            ratios[f"in_process_latency_p50{suffix}"] = _ratio(p50["in_process"], p50[baseline])
+            ratios[f"server_stream_ttft_p50{suffix}"] = _ratio(ttft["server"], ttft[baseline])
+            ratios[f"in_process_ttft_p50{suffix}"] = _ratio(ttft["in_process"], ttft[baseline])
+        ratios["server_tokens_per_s"] = _ratio(entry["server"]["tokens_per_s"], entry["transformers"]["tokens_per_s"])
+        entry["ratios_ours_over_transformers"] = ratios
+        paired = [(a["seconds"] - b["seconds"]) for a, b in zip(per["server"], per["in_process"])]
+        entry["server_overhead_ms"] = {
+            "p50_difference": round(p50["server"] - p50["in_process"], 3),
+            "paired_median": round(statistics.median(paired) * 1e3, 3) if paired else None,
+            "relative_to_in_process": _ratio(p50["server"] - p50["in_process"], p50["in_process"]),
+        }
+        out[w.name] = entry
+    return out
+
+
+def _identical(loads, samples, streams, systems) -> dict:
+    """Do the server (one-shot and streamed), the in-process pipeline (and transformers at other
+    thread counts) produce exactly the token ids transformers generates for the same request?"""
+    out = {"all": True, "compared": 0, "mismatches": []}
+    for w in loads:
+        reference = {r["image"]: r["tokens"] for r in samples[w.name]["transformers"]}
+        candidates = [(s, r["image"], r["tokens"]) for s in systems if s != "transformers" for r in samples[w.name][s]]
+        candidates += [("server_stream", r["image"], r["tokens"]) for r in streams[w.name]]
+        for system, image, tokens in candidates:
+            if image not in reference:
+                continue
+            out["compared"] += 1
+            if tokens != reference[image]:
+                out["all"] = False
+                out["mismatches"].append({"workload": w.name, "system": system, "image": image,
+                                          "ours": tokens, "transformers": reference[image]})
+    out["distinct_tokens_in_reference"] = len({t for w in loads for r in samples[w.name]["transformers"] for t in r["tokens"]})
+    return out
+
+
+def _stage_medians(loads, samples) -> dict:
+    """Median per stage (ms) over the interleaved in-process requests."""
+    out = {}
+    for w in loads:
+        runs = samples[w.name]["in_process"]
+        keys = [k for k, v in runs[0]["stages"].items() if v is not None]
+        out[w.name] = {f"{k}_ms": round(statistics.median(r["stages"][k] for r in runs) * 1e3, 3) for k in keys}
+        out[w.name]["tokens"] = len(runs[0]["tokens"])
+        out[w.name]["decode_steps"] = runs[0]["decode_steps"]
+    return out
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+def default_models() -> list[str]:
+    from blip2_triton.embedded import TRAINED_MODEL
+
+    models = ["base-opt"]
+    if (TRAINED_MODEL / "model.safetensors").exists():
+        models.append(str(TRAINED_MODEL))
+    return models
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", dest="models", metavar="PRESET_OR_DIR",
+                   help="a preset (base-opt, tiny-opt, ...) or a checkpoint directory; repeatable "
+                        "(default: base-opt, and the trained tiny model when present)")
+    p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where results.json, results.md and the PNGs go")
+    p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="scratch: checkpoints, exported repositories, logs")
+    p.add_argument("--quick", action="store_true", help="minimal repetitions (smoke test), small token counts")
+    p.add_argument("--threads", type=int, help="torch and in-process onnxruntime threads (default: usable cores)")
+    p.add_argument("--reps", type=int, help="interleaved requests per workload and system")
+    p.add_argument("--concurrency", help="comma-separated client stream counts, e.g. 1,2,4,8,16")
+    p.add_argument("--requests-per-stream", type=int)
+    p.add_argument("--baseline-batches", help="comma-separated transformers static batch sizes")
+    p.add_argument("--caption-tokens", type=int)
+    p.add_argument("--perf-analyzer", action="store_true",
+                   help="also run perf_analyzer (from .venv-perf, created on first use) against the server")
+    p.add_argument("--perf-analyzer-concurrency", default="1:8:7", help="perf_analyzer --concurrency-range")
+    p.add_argument("--rebuild", action="store_true", help="rebuild checkpoints and re-export even if cached")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def settings_from(args) -> Settings:
+    overrides = {}
+    threads = args.threads or len(os.sched_getaffinity(0))
+    overrides["threads"] = threads
+    if args.reps:
+        overrides["reps"] = args.reps
+    if args.concurrency:
+        overrides["concurrency"] = tuple(int(x) for x in args.concurrency.split(","))
+    if args.requests_per_stream:
+        overrides["requests_per_stream"] = args.requests_per_stream
+    if args.baseline_batches:
+        overrides["baseline_batches"] = tuple(int(x) for x in args.baseline_batches.split(","))
+    if args.caption_tokens:
+        overrides["caption_tokens"] = args.caption_tokens
+    return Settings.quick(**overrides) if args.quick else Settings(**overrides)
+
+
+def run_from_args(args) -> int:
+    from . import machine, report
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    settings = settings_from(args)
+    progress = Progress(args.quiet)
+    start = time.perf_counter()
+    models = args.models or default_models()
+    progress.say(f"blip2-triton bench: models {models}, {settings.threads} threads, output {args.output}")
+    facts = machine.facts(settings.threads, ROOT)
+    progress.say("measuring memory bandwidth and matmul rate")
+    first = machine.measure(settings.threads, array_mib=settings.bandwidth_mib, matmul_n=settings.matmul_n)
+    results = {
+        "about": "blip2-triton bench: one run, all systems side by side; times in ms unless named otherwise",
+        "command": getattr(args, "command_line", None) or " ".join(["blip2-triton", *sys.argv[1:]]),
+        "facts": facts,
+        "settings": asdict(settings),
+        "models": {},
+    }
+    for spec in models:
+        result = bench_model(spec, settings, args, progress)
+        results["models"][result["model"]["name"]] = result
+    # Measured again at the end: the best of both is the least disturbed by other load, and the
+    # floor must be a lower bound.
+    progress.say("measuring memory bandwidth and matmul rate again")
+    last = machine.measure(settings.threads, array_mib=settings.bandwidth_mib, matmul_n=settings.matmul_n)
+    caps = first.best(last)
+    results["capabilities"] = caps.as_dict() | {"at_start": first.as_dict(), "at_end": last.as_dict()}
+    for result in results["models"].values():
+        result["floor"] = machine.decode_floor(result["decoder_weights"], caps)
+    results["facts"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["run_seconds"] = round(time.perf_counter() - start, 1)
+    progress.say("writing results")
+    paths = report.write(results, Path(args.output))
+    if not args.quiet:
+        print(report.markdown(results), file=sys.stderr)
+    progress.say("wrote " + ", ".join(str(p) for p in paths) + f" in {results['run_seconds']:.0f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="blip2-triton bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command_line = " ".join(["blip2-triton bench", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+    return run_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Where the time of one request goes, stage by stage.
+
+In process: LocalPipeline's parts (the served code without Triton), timed one by one, with the
+generation engine driving a decoder wrapper that times every graph call (the first is the
+prefill, the rest are decode steps). On the server: Triton's per-model statistics (queue and
+compute times) and the generator's own metrics, as differences between two snapshots.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import urllib.request
+
+import numpy as np
+
+from blip2_triton import specs
+
+
+class _TimedDecoder:
+    """Stands in for a DecoderGraph and records how long each call takes."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = self.inner(*args, **kwargs)
+        self.calls.append(time.perf_counter() - start)
+        return result
+
+
+class LocalRunner:
+    """The in-process pipeline (no Triton, no gRPC), as a benchmark worker hosts it."""
+
+    kind = "local"
+
+    def __init__(self, repository: str, threads: int):
+        from blip2_triton.serving.pipeline import LocalPipeline
+
+        self.pipe = LocalPipeline(repository, threads=threads)
+        self.info = {"onnxruntime_intra_op_threads": threads}
+
+    def generate(self, image: bytes, prompt: str, controls: dict) -> dict:
+        """One request through LocalPipeline's parts (what LocalPipeline.__call__ does), timed stage
+        by stage: seconds, time to first token, token ids, text and seconds per stage.
+
+        The generation engine drives a decoder wrapper that times each graph call: the first is
+        the prefill, the others are decode steps; engine_overhead is the rest of the engine's time
+        (search, KV-cache bookkeeping).
+        """
+        pipe = self.pipe
+        engine = pipe.generator.engine
+        clock = time.perf_counter
+        first: list[float] = []
+
+        def on_tokens(ids, new, final):
+            if not first:
+                first.append(clock())
+
+        t0 = clock()
+        pixels, prompt_ids = pipe.preprocessor(image, prompt.encode("utf-8"))
+        t1 = clock()
+        image_embeds = pipe.vision(**{specs.PIXEL_VALUES: pixels[None]})[specs.IMAGE_EMBEDS]
+        t2 = clock()
+        query = pipe.qformer(**{specs.IMAGE_EMBEDS: image_embeds})[specs.QUERY_EMBEDS][0]
+        t3 = clock()
+        timed = _TimedDecoder(engine.decoder)
+        engine.decoder = timed
+        try:
+            request = pipe.generator.request(query, prompt_ids, controls, stream=True, on_tokens=on_tokens)
+            tokens = [int(t) for t in engine.generate(request)]
+        finally:
+            engine.decoder = timed.inner
+        t4 = clock()
+        text = pipe.detokenizer.piece(tokens, len(tokens), final=True)
+        t5 = clock()
+        # What the postprocess model does for a streaming request: one piece per token (not timed
+        # as part of this request, which is not streamed).
+        for k in range(1, len(tokens) + 1):
+            pipe.detokenizer.piece(tokens[:k], 1, final=k == len(tokens))
+        t6 = clock()
+        steps = timed.calls[1:]
+        return {
+            "seconds": t5 - t0,
+            "ttft": first[0] - t0,
+            "tokens": tokens,
+            "text": text,
+            "stages": {
+                "preprocess": t1 - t0,
+                "vision_encoder": t2 - t1,
+                "qformer": t3 - t2,
+                "prefill": timed.calls[0],
+                "decode": sum(steps),
+                "engine_overhead": (t4 - t3) - sum(timed.calls),
+                "postprocess": t5 - t4,
+                "total": t5 - t0,
+                "decode_step_median": statistics.median(steps) if steps else None,
+                "postprocess_streamed": t6 - t5,
+            },
+            "decode_steps": len(steps),
+        }
+
+    def decode_vs_rows(self, rows: list[int], past_length: int, repeats: int) -> list[dict]:
+        """Median seconds of one decode step for `rows` sequences with `past_length` cached positions."""
+        decoder = self.pipe.generator.decoder
+        rng = np.random.default_rng(0)
+        out = []
+        for n in rows:
+            past = [rng.standard_normal((n, decoder.heads, past_length, decoder.head_dim)).astype(decoder.float_dtype)
+                    for _ in range(2 * decoder.layers)]
+            ids = np.full((n, 1), 4, np.int64)
+            mask = np.ones((n, past_length + 1), np.int64)
+            decoder(ids, None, mask, past)  # warm-up for this shape
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                decoder(ids, None, mask, past)
+                times.append(time.perf_counter() - start)
+            out.append({"rows": n, "step_seconds": statistics.median(times)})
+        return out
+
+
+# ---- server side ---------------------------------------------------------------------------------
+
+def triton_statistics(grpc_url: str) -> dict[str, dict]:
+    """Cumulative per-model statistics (model name -> counts and nanosecond totals)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        stats = client.get_inference_statistics(as_json=True)
+    finally:
+        client.close()
+    out = {}
+    for model in stats.get("model_stats", []):
+        inference = model.get("inference_stats", {})
+        entry = {
+            "inference_count": int(model.get("inference_count", 0)),
+            "execution_count": int(model.get("execution_count", 0)),
+        }
+        for part in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+            entry[f"{part}_count"] = int(inference.get(part, {}).get("count", 0))
+            entry[f"{part}_ns"] = int(inference.get(part, {}).get("ns", 0))
+        out[model["name"]] = entry
+    return out
+
+
+def blip2_metrics(metrics_url: str) -> dict[str, float]:
+    """The generator's own Prometheus metrics (blip2_*), summed over labels."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        body = response.read().decode()
+    values: dict[str, float] = {}
+    for line in body.splitlines():
+        if line.startswith("blip2_"):
+            name, _, value = line.rpartition(" ")
+            values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value)
+    return values
+
+
+def server_stages(before: dict, after: dict, metrics_before: dict, metrics_after: dict) -> dict:
+    """Per-request milliseconds per served model between two snapshots.
+
+    For batched models, queue and compute are per request (a batch's compute time is counted
+    for each of its requests). The generator is decoupled: its execute() only enqueues, so its
+    compute time says nothing; its engine reports time to first token (engine queue + prefill)
+    and decode steps through the blip2_* metrics instead.
+    """
+    models = {}
+    for name, end in after.items():
+        start = before.get(name, {})
+        diff = {k: v - start.get(k, 0) for k, v in end.items()}
+        requests = diff["success_count"]
+        if not requests:
+            continue
+
+        def per(part: str, diff=diff) -> float:
+            return diff[f"{part}_ns"] / max(diff[f"{part}_count"], 1) / 1e6
+
+        models[name] = {
+            "requests": requests,
+            "executions": diff["execution_count"],
+            "mean_batch": round(diff["inference_count"] / diff["execution_count"], 2) if diff["execution_count"] else None,
+            "queue_ms": per("queue"),
+            "compute_input_ms": per("compute_input"),
+            "compute_infer_ms": per("compute_infer"),
+            "compute_output_ms": per("compute_output"),
+            "request_ms": per("success"),
+        }
+    delta = {k: metrics_after.get(k, 0.0) - metrics_before.get(k, 0.0) for k in metrics_after}
+    ttft_count = delta.get("blip2_time_to_first_token_seconds_count", 0.0)
+    generator = {
+        "generated_tokens": delta.get("blip2_generated_tokens_total"),
+        "decode_steps": delta.get("blip2_decode_steps_total"),
+        "prefills": delta.get("blip2_prefills_total"),
+        "engine_ttft_ms": (delta.get("blip2_time_to_first_token_seconds_sum", 0.0) / ttft_count * 1e3) if ttft_count else None,
+    }
+    return {"models": models, "generator_metrics": generator}

@@ -1,0 +1,130 @@
+"""What the benchmark runs: models (built and exported once, cached), request workloads, images.
+
+Every request of a workload generates exactly `max_new_tokens` tokens (min_new_tokens equals it),
+so latencies of different systems and of different images compare like for like.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("blip2_triton.bench")
+
+IMAGE_SIZE = (640, 480)  # a typical photo: preprocessing pays for decoding and resizing it
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    prompt: str
+    max_new_tokens: int
+
+    @property
+    def controls(self) -> dict[str, int]:
+        """Generation controls, named as in transformers' generate(); greedy, fixed length."""
+        return {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.max_new_tokens}
+
+
+def workloads(caption_tokens: int = 30, vqa_tokens: int = 10) -> list[Workload]:
+    return [
+        Workload("caption", "", caption_tokens),
+        Workload("vqa", "Question: what color is the square? Answer:", vqa_tokens),
+    ]
+
+
+def images(count: int, size: tuple[int, int] = IMAGE_SIZE) -> list[bytes]:
+    """`count` JPEG files made from the bundled sample scenes (deterministic), cycled if needed."""
+    from PIL import Image
+
+    from blip2_triton.embedded import samples
+
+    scenes = [s.path for s in samples()]
+    out = []
+    for i in range(count):
+        with Image.open(scenes[i % len(scenes)]) as scene:
+            picture = scene.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        if i >= len(scenes):  # a different picture per index, not just the same file again
+            picture = picture.rotate(90 * (i // len(scenes)), expand=False)
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+@dataclass
+class PreparedModel:
+    """A checkpoint and its exported, validated Triton model repository."""
+
+    name: str
+    checkpoint: Path
+    repository: Path
+    source: str  # "preset base-opt (random weights, seed 0)" or the trained checkpoint's path
+    export_seconds: float | None
+    export_max_abs_diff: dict
+
+    def as_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def _code_fingerprint() -> str:
+    """Hash of what shapes an exported repository: the exporter, specs and model.py sources."""
+    import blip2_triton
+    from blip2_triton import export as export_pkg
+    from blip2_triton.model_repository import SOURCE_DIR
+
+    files = sorted(Path(export_pkg.__file__).parent.glob("*.py")) + sorted(SOURCE_DIR.rglob("*.py"))
+    files += [Path(blip2_triton.__file__).parent / name for name in ("specs.py", "repository.py", "pbtxt.py", "interface.py")]
+    digest = hashlib.sha256()
+    for f in files:
+        if f.exists():
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def prepare_model(spec: str, workdir: Path, rebuild: bool = False, seed: int = 0) -> PreparedModel:
+    """`spec` is a preset name (tiny.PRESETS / tiny.BENCH_PRESETS) or a checkpoint directory.
+
+    Builds (presets only) and exports into `workdir/<name>/`, reusing both while the preset, the
+    checkpoint file and the export code are unchanged.
+    """
+    from blip2_triton import repository
+    from blip2_triton.export.exporter import export_checkpoint
+    from blip2_triton.tiny import BENCH_PRESETS, PRESETS, build_tiny_checkpoint
+
+    presets = {**PRESETS, **BENCH_PRESETS}
+    if spec in presets:
+        name = spec
+        home = workdir / name
+        checkpoint = home / "checkpoint"
+        source = f"preset {spec} (random weights, seed {seed})"
+        key = {"preset": repr(presets[spec]), "seed": seed}
+    else:
+        checkpoint = Path(spec).resolve()
+        if not (checkpoint / "config.json").exists():
+            raise SystemExit(f"--model {spec}: neither a preset ({', '.join(sorted(presets))}) nor a checkpoint directory")
+        name = checkpoint.name
+        home = workdir / name
+        source = str(checkpoint)
+        weights = checkpoint / "model.safetensors"
+        key = {"checkpoint": str(checkpoint), "size": weights.stat().st_size, "mtime": weights.stat().st_mtime}
+    key["code"] = _code_fingerprint()
+    repo = home / "repository"
+    stamp = home / "stamp.json"
+    fresh = not rebuild and stamp.exists() and json.loads(stamp.read_text()) == key
+    if not fresh:
+        if home.exists():
+            shutil.rmtree(home)
+        home.mkdir(parents=True)
+        if spec in presets:
+            log.info("building checkpoint %s", spec)
+            build_tiny_checkpoint(checkpoint, spec, seed=seed)
+        log.info("exporting %s -> %s", checkpoint, repo)
+        export_checkpoint(checkpoint, repo, progress=False)
+        stamp.write_text(json.dumps(key))
+    report = json.loads((repository.assets_dir(repo) / "export_report.json").read_text())
+    return PreparedModel(name, checkpoint, repo, source, report.get("seconds"), report.get("max_abs_diff", {}))

@@ -1,0 +1,80 @@
+"""Smoke test of `blip2-triton bench`: the whole benchmark, end to end, on a tiny model with minimal
+repetitions. It checks that every section is there with sane values; it asserts nothing about
+speed (benchmarks are not tests)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from blip2_triton.benchmarks.run import main
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-results")
+    work = tmp_path_factory.mktemp("bench-work")
+    assert main(["--model", "tiny-opt", "--quick", "--output", str(out), "--workdir", str(work), "--quiet"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def positive(summary: dict) -> bool:
+    return summary["n"] > 0 and 0 < summary["p50"] <= summary["p90"] <= summary["p99"]
+
+
+def test_run_records_where_and_how_it_ran(results):
+    _, r = results
+    facts = r["facts"]
+    assert facts["git"]["commit"] and facts["date"] and facts["usable_cores"] >= 1
+    assert facts["packages"]["torch"] and facts["packages"]["onnxruntime"]
+    assert r["settings"]["threads"] >= 1
+    caps = r["capabilities"]
+    assert caps["read_gbps"] > 0 and caps["matmul_gflops"] > 0
+
+
+def test_every_section_is_present_with_sane_numbers(results):
+    _, r = results
+    m = r["models"]["tiny-opt"]
+    assert m["floor"]["floor_ms"] > 0 and m["decoder_weights"]["bytes_read_per_step"] > 0
+    for name, w in m["end_to_end"].items():
+        for system in ("server", "in_process", "transformers"):
+            assert positive(w[system]["latency_ms"]), (name, system)
+            assert w[system]["tokens_per_s"] > 0
+        assert positive(w["server_stream"]["ttft_ms"])
+        assert positive(w["in_process"]["ttft_ms"]) and positive(w["transformers"]["ttft_ms"])
+        ratios = w["ratios_ours_over_transformers"]
+        assert ratios["server_latency_p50"] > 0 and ratios["in_process_latency_p50"] > 0
+        assert ratios["server_stream_ttft_p50"] > 0
+        assert w["server_overhead_ms"]["p50_difference"] is not None
+    stages = m["stages"]
+    for name, s in stages["in_process"].items():
+        for key in ("preprocess_ms", "vision_encoder_ms", "qformer_ms", "prefill_ms", "decode_ms", "postprocess_ms"):
+            assert s[key] > 0, (name, key)
+    assert {"preprocess", "vision_encoder", "qformer", "generator", "postprocess"} <= set(stages["server"]["models"])
+    assert stages["server"]["generator_metrics"]["generated_tokens"] > 0
+    assert all(d["step_ms"] > 0 for d in stages["decode_step_vs_rows"])
+    assert [t["streams"] for t in m["throughput"]] == list(r["settings"]["concurrency"])
+    assert all(t["requests_per_s"] > 0 and t["tokens_per_s"] > 0 for t in m["throughput"])
+    assert all(b["tokens_per_s"] > 0 for b in m["baseline_batches"])
+    mem = m["memory"]
+    assert mem["server_peak_rss_mib"] > 0 and mem["transformers_peak_rss_mib"] > 0 and mem["in_process_peak_rss_mib"] > 0
+    assert any(k.startswith("stub:generator") for k in mem["server_peak_rss_by_process_mib"])
+    assert "skipped" in m["perf_analyzer"]
+
+
+def test_generated_tokens_are_identical_to_transformers(results):
+    _, r = results
+    ident = r["models"]["tiny-opt"]["tokens_identical"]
+    assert ident["compared"] > 0
+    assert ident["all"], ident["mismatches"]
+    assert ident["distinct_tokens_in_reference"] > 1
+
+
+def test_table_and_plots_are_written(results):
+    out, _ = results
+    assert "| workload | system |" in (out / "results.md").read_text()
+    for kind in ("stages", "throughput", "vs_transformers"):
+        png = out / f"tiny-opt_{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
