@@ -1,7 +1,7 @@
-"""Benchmark results -> results.json (raw numbers), results.md (tables) and PNG plots.
+"""Benchmark results -> bench.json (raw numbers), bench.md (tables) and PNG plots.
 
 Everything here reads the JSON-able results dict only, so tables and plots can be remade from a
-saved results.json:  python -m blip2_triton.benchmarks.report benchmarks/results/results.json
+saved bench.json:  python -m blip2_triton.benchmarks.report benchmarks/results/bench.json
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def color(system: str) -> str:
 
 def write(results: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "results.json", out / "results.md"]
+    paths = [out / "bench.json", out / "bench.md"]
     paths[0].write_text(json.dumps(results, indent=1) + "\n")
     paths[1].write_text(markdown(results))
     for name, model in results["models"].items():
@@ -154,8 +154,9 @@ def model_markdown(name: str, m: dict) -> str:
 
     out.append("### Server side (Triton statistics over the latency phase, ms per request)\n")
     out.append(_table(["model", "requests", "mean batch", "queue", "compute input", "compute infer", "compute output"],
-                      [[k, v["requests"], v["mean_batch"], v["queue_ms"], v["compute_input_ms"], v["compute_infer_ms"],
-                        v["compute_output_ms"]] for k, v in st["server"]["models"].items()]))
+                      [[k + (" (the ensemble: whole requests)" if k == "blip2" else ""), v["requests"], v["mean_batch"],
+                        v["queue_ms"], v["compute_input_ms"], v["compute_infer_ms"], v["compute_output_ms"]]
+                       for k, v in st["server"]["models"].items()]))
     g = st["server"]["generator_metrics"]
     out.append(f"The generator is decoupled: its compute time is only the enqueue. Its engine reports "
                f"{_f(g['engine_ttft_ms'])} ms from submission to first token (prefill + engine queue), "

@@ -392,7 +392,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", dest="models", metavar="PRESET_OR_DIR",
                    help="a preset (base-opt, tiny-opt, ...) or a checkpoint directory; repeatable "
                         "(default: base-opt, and the trained tiny model when present)")
-    p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where results.json, results.md and the PNGs go")
+    p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where bench.json, bench.md and the PNGs go")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="scratch: checkpoints, exported repositories, logs")
     p.add_argument("--quick", action="store_true", help="minimal repetitions (smoke test), small token counts")
     p.add_argument("--threads", type=int, help="torch and in-process onnxruntime threads (default: usable cores)")

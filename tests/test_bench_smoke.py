@@ -17,7 +17,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-results")
     work = tmp_path_factory.mktemp("bench-work")
     assert main(["--model", "tiny-opt", "--quick", "--output", str(out), "--workdir", str(work), "--quiet"]) == 0
-    return out, json.loads((out / "results.json").read_text())
+    return out, json.loads((out / "bench.json").read_text())
 
 
 def positive(summary: dict) -> bool:
@@ -74,7 +74,7 @@ def test_generated_tokens_are_identical_to_transformers(results):
 
 def test_table_and_plots_are_written(results):
     out, _ = results
-    assert "| workload | system |" in (out / "results.md").read_text()
+    assert "| workload | system |" in (out / "bench.md").read_text()
     for kind in ("stages", "throughput", "vs_transformers"):
         png = out / f"tiny-opt_{kind}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
