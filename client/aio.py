@@ -3,10 +3,15 @@
 Every call is a gRPC bidirectional stream: the ensemble contains a decoupled (streaming) generator,
 and Triton serves decoupled models only through the streaming RPC. A non-streaming call receives
 exactly one response.
+
+Timeouts bound a whole call (DeadlineExceededError). Cancelling the task awaiting a call, or
+closing a `stream()` iterator, cancels its gRPC call.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -15,18 +20,27 @@ import numpy as np
 
 from blip2_triton import interface as api
 
-from .errors import Blip2Error, DeadlineExceededError, InvalidArgumentError, from_triton
+from .errors import Blip2Error, DeadlineExceededError, InvalidArgumentError, UnavailableError, from_triton
 from .images import ImageLike, image_bytes
 from .options import GenerationOptions
 from .prompts import chat_prompt, vqa_prompt
 
 DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_TIMEOUT = 120.0
 
 
 @dataclass
 class Result:
+    """One answer: the generated text, its token ids, and the prompt that produced it.
+
+    dropped_turns: for `chat`, how many of the oldest history turns were left out so that the
+    prompt fits the language model's context (0 otherwise).
+    """
+
     text: str
     token_ids: list[int] = field(default_factory=list)
+    prompt: str = ""
+    dropped_turns: int = 0
 
 
 def build_inputs(image: bytes, prompt: str, stream: bool, options: GenerationOptions):
@@ -53,12 +67,16 @@ class AsyncBlip2Client:
 
     Generation controls are keyword arguments named as in transformers' generate()
     (max_new_tokens, num_beams, do_sample, top_p, ...); absent ones take the checkpoint's defaults.
-    `timeout` (seconds) bounds each call; DeadlineExceededError when it runs out.
+    `timeout` (seconds, None for none) bounds each call; DeadlineExceededError when it runs out.
+    Nothing connects before the first call: a wrong URL or a stopped server is an
+    UnavailableError then.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = api.ENSEMBLE, timeout: float | None = 120.0):
+    def __init__(self, url: str = DEFAULT_URL, model: str = api.ENSEMBLE, timeout: float | None = DEFAULT_TIMEOUT):
         from tritonclient.grpc.aio import InferenceServerClient
 
+        if timeout is not None and timeout <= 0:
+            raise InvalidArgumentError(f"timeout must be > 0 seconds (or None), got {timeout}")
         self.url, self.model, self.timeout = url, model, timeout
         self._client = InferenceServerClient(url)
 
@@ -72,9 +90,12 @@ class AsyncBlip2Client:
         await self.close()
 
     async def is_ready(self) -> bool:
+        """True when the server answers and serves the model; never raises."""
+        from tritonclient.utils import InferenceServerException
+
         try:
             return bool(await self._client.is_model_ready(self.model))
-        except Exception:
+        except InferenceServerException:
             return False
 
     # ---- workflows ------------------------------------------------------------------------
@@ -89,42 +110,78 @@ class AsyncBlip2Client:
     async def chat(self, image: ImageLike, history: Sequence[tuple[str, str]], question: str, **controls) -> Result:
         """Answer `question` with the earlier (question, answer) turns as context.
 
-        When the context does not fit the language model, the oldest turns are dropped first.
+        The prompt is `chat_prompt(history, question)`. When it does not fit the language model's
+        context (with room for max_new_tokens), the oldest turns are dropped, one at a time, until
+        it does; `Result.dropped_turns` says how many. Each rejected attempt costs one round trip
+        that the server refuses before decoding.
         """
-        history = list(history)
-        while True:
-            try:
-                return await self.generate(image, chat_prompt(history, question), **controls)
-            except InvalidArgumentError as e:
-                if not history or not _is_context_overflow(e):
-                    raise
-                history = history[1:]
+        image = image_bytes(image)  # encoded once for every attempt
+        result, dropped = await _fit_history(
+            history, question, lambda prompt: self.generate(image, prompt, **controls))
+        result.dropped_turns = dropped
+        return result
+
+    async def chat_stream(self, image: ImageLike, history: Sequence[tuple[str, str]], question: str,
+                          **controls) -> AsyncIterator[str]:
+        """`chat`, streamed: text pieces as they are generated (oldest turns dropped as in `chat`)."""
+        image = image_bytes(image)
+
+        async def first_piece(prompt: str):
+            pieces = self.stream(image, prompt, **controls).__aiter__()
+            try:  # a prompt that does not fit is rejected before the first piece
+                return pieces, [await pieces.__anext__()]
+            except StopAsyncIteration:
+                return pieces, []
+            except BaseException:
+                await pieces.aclose()
+                raise
+
+        pieces, first = (await _fit_history(history, question, first_piece))[0]
+        try:
+            for piece in first:
+                yield piece
+            async for piece in pieces:
+                yield piece
+        finally:
+            await pieces.aclose()
 
     async def batch(self, images: Sequence[ImageLike], prompts: Sequence[str] | str = "", **controls) -> list[Result]:
         """Many requests at once, sent concurrently; results in input order.
 
         `prompts` is one prompt for all images or one per image; a single image with many prompts
-        is also accepted.
+        is also accepted. If one request fails, the others are cancelled and its error is raised.
         """
         images, prompts = _pair(images, prompts)
-        return list(await asyncio.gather(*(self.generate(i, p, **controls) for i, p in zip(images, prompts))))
+        tasks = [asyncio.ensure_future(self.generate(i, p, **controls)) for i, p in zip(images, prompts)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def generate(self, image: ImageLike, prompt: str = "", **controls) -> Result:
         """One request, one response: the whole generated text and its token ids."""
         text, ids = [], []
-        async for piece, piece_ids in self._responses(image, prompt, stream=False, controls=controls):
-            text.append(piece)
-            ids += piece_ids
-        return Result("".join(text), ids)
+        async with contextlib.aclosing(self._responses(image, prompt, stream=False, controls=controls)) as responses:
+            async for piece, piece_ids in responses:
+                text.append(piece)
+                ids += piece_ids
+        return Result("".join(text), ids, prompt)
 
     async def stream(self, image: ImageLike, prompt: str = "", **controls) -> AsyncIterator[str]:
-        """Text pieces as tokens are generated; they concatenate to the whole text."""
-        async for piece, _ in self._responses(image, prompt, stream=True, controls=controls):
-            if piece:
-                yield piece
+        """Text pieces as tokens are generated; they concatenate to the whole text.
+
+        Beam search answers once, at the end. Closing the iterator early cancels the call.
+        """
+        # aclosing: closing this iterator closes the call at once, not when garbage collected
+        async with contextlib.aclosing(self._responses(image, prompt, stream=True, controls=controls)) as responses:
+            async for piece, _ in responses:
+                if piece:
+                    yield piece
 
     # ---- transport ------------------------------------------------------------------------
     async def _responses(self, image: ImageLike, prompt: str, stream: bool, controls: dict):
+        """(text, token ids) of each response until the final one; typed errors only."""
         options = GenerationOptions.from_kwargs(controls)  # raises InvalidArgumentError early
         inputs = build_inputs(image_bytes(image), prompt, stream, options)
         request_id = uuid.uuid4().hex
@@ -132,11 +189,12 @@ class AsyncBlip2Client:
         async def requests():
             yield {"model_name": self.model, "inputs": inputs, "request_id": request_id}
 
+        # The gRPC deadline tells the server too; _with_deadline makes the client's own error.
         responses = self._client.stream_infer(requests(), stream_timeout=self.timeout)
         try:
             async for result, error in _with_deadline(responses, self.timeout):
                 if error is not None:
-                    raise from_triton(error)
+                    raise self._typed(error)
                 text = result.as_numpy(api.TEXT.name)
                 ids = result.as_numpy(api.TOKEN_IDS.name)
                 yield (text.reshape(-1)[0].decode("utf-8") if text is not None else ""), (
@@ -146,13 +204,24 @@ class AsyncBlip2Client:
                     return
         except Blip2Error:
             raise
-        except asyncio.CancelledError:
+        except Exception as e:  # transport errors (grpc.aio.AioRpcError, InferenceServerException)
+            raise self._typed(e) from e
+        finally:  # also on cancellation and when the caller stops iterating: end the gRPC call
             responses.cancel()
-            raise
-        except Exception as e:
-            raise from_triton(e) from e
-        finally:
-            responses.cancel()
+
+    def _typed(self, error: BaseException) -> Blip2Error:
+        """The typed error for what the transport or the server reported; timeouts and
+        unavailability name the timeout or the server."""
+        error = from_triton(error)
+        if isinstance(error, DeadlineExceededError):
+            return DeadlineExceededError(_deadline_message(self.timeout))
+        if isinstance(error, UnavailableError):
+            return UnavailableError(f"{self.url} (model {self.model!r}) unavailable: {error.message}", error.status)
+        return error
+
+
+def _deadline_message(timeout: float | None) -> str:
+    return f"no complete answer within the {timeout:g}s timeout"
 
 
 async def _with_deadline(responses, timeout: float | None):
@@ -162,18 +231,39 @@ async def _with_deadline(responses, timeout: float | None):
     while True:
         remaining = None if deadline is None else deadline - loop.time()
         if remaining is not None and remaining <= 0:
-            raise DeadlineExceededError(f"no complete answer within {timeout}s")
+            raise DeadlineExceededError(_deadline_message(timeout))
         try:
             item = await asyncio.wait_for(iterator.__anext__(), remaining)
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
-            raise DeadlineExceededError(f"no complete answer within {timeout}s") from None
+            raise DeadlineExceededError(_deadline_message(timeout)) from None
         yield item
 
 
-def _is_context_overflow(error: InvalidArgumentError) -> bool:
-    return "context" in error.message and ("prompt" in error.message or "max_new_tokens" in error.message)
+async def _fit_history(history: Sequence[tuple[str, str]], question: str, attempt):
+    """await attempt(chat_prompt(turns, question)) with the oldest turns dropped, one at a time,
+    while the server rejects the prompt as too long. Returns (what attempt returned, turns dropped)."""
+    history = list(history)
+    dropped = 0
+    while True:
+        try:
+            return await attempt(chat_prompt(history[dropped:], question)), dropped
+        except InvalidArgumentError as e:
+            if dropped == len(history) or not is_context_overflow(e):
+                raise
+            dropped += 1
+
+
+# The server's messages for a prompt that does not fit: preprocessing ("prompt: N tokens; ... the
+# language model's context ...", "prompt: N bytes, more than ...") and the generation parameters
+# ("max_new_tokens must be <= R for this prompt (N tokens, model context P)", "... shorten the prompt").
+_CONTEXT_OVERFLOW = re.compile(r"prompt: \d+ (tokens|bytes)|model context|shorten the prompt")
+
+
+def is_context_overflow(error: InvalidArgumentError) -> bool:
+    """Is this rejection about the prompt being too long for the model (so a shorter one may fit)?"""
+    return bool(_CONTEXT_OVERFLOW.search(error.message))
 
 
 def _pair(images, prompts) -> tuple[list, list[str]]:

@@ -1,15 +1,25 @@
-"""Typed client exceptions, mapped from gRPC status codes (or, on streams, from the message)."""
+"""Typed client exceptions, mapped from gRPC status codes (or, on streams, from the message).
+
+`from_status` is the one mapping; `from_triton` feeds it from whatever the transport raised
+(tritonclient's InferenceServerException, a grpc.aio.AioRpcError, an in-stream error).
+"""
 from __future__ import annotations
 
 
 class Blip2Error(Exception):
-    """Base class: every error the client raises. `status` is the gRPC status name when known."""
+    """Base class: every error the client raises.
+
+    `status` is the gRPC status name it was mapped from (e.g. "NOT_FOUND" for an
+    UnavailableError), or the class's own status when the client raised it itself.
+    """
 
     status = "UNKNOWN"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, status: str | None = None):
         super().__init__(message)
         self.message = message
+        if status is not None:
+            self.status = status
 
 
 class InvalidArgumentError(Blip2Error):
@@ -19,7 +29,7 @@ class InvalidArgumentError(Blip2Error):
 
 
 class UnavailableError(Blip2Error):
-    """The server cannot be reached or is not ready."""
+    """The server cannot be reached, is overloaded, or does not serve the model (yet); retry later."""
 
     status = "UNAVAILABLE"
 
@@ -42,13 +52,35 @@ class ServerError(Blip2Error):
     status = "INTERNAL"
 
 
-_BY_STATUS = {cls.status: cls for cls in (InvalidArgumentError, UnavailableError, DeadlineExceededError, CancelledError)}
-# Streamed responses carry only a message, no status: Triton's own validation messages and our
-# models' messages are recognised by these phrases.
-# The server's own models start messages with "invalid argument: "; the rest are Triton's.
-_INVALID_PHRASES = (
-    "invalid argument: ", "unexpected datatype", "unexpected shape", "unexpected inference input",
-    "expected", "expects", "is not valid", "missing",
+# gRPC status -> exception. Statuses not listed (INTERNAL, UNIMPLEMENTED, DATA_LOSS, ABORTED,
+# PERMISSION_DENIED, ...) are ServerError; UNKNOWN is decided from the message (see below).
+_BY_STATUS: dict[str, type[Blip2Error]] = {
+    "INVALID_ARGUMENT": InvalidArgumentError,
+    "OUT_OF_RANGE": InvalidArgumentError,
+    "UNAVAILABLE": UnavailableError,
+    "NOT_FOUND": UnavailableError,  # Triton: no such model, or no version of it loaded
+    "RESOURCE_EXHAUSTED": UnavailableError,  # Triton: queue full; retry later
+    "DEADLINE_EXCEEDED": DeadlineExceededError,
+    "CANCELLED": CancelledError,
+}
+
+# Streamed responses carry only a message, no status. The server's own models start their messages
+# with "invalid argument: ", "cancelled: " or "internal error: " (serving/triton_io.py); the other
+# phrases are Triton's own request validation and model lookup.
+_BY_PHRASE: tuple[tuple[str, type[Blip2Error]], ...] = (
+    ("internal error: ", ServerError),
+    ("cancelled: ", CancelledError),
+    ("invalid argument: ", InvalidArgumentError),
+    ("unknown model", UnavailableError),
+    ("has no available versions", UnavailableError),
+    ("is not ready", UnavailableError),
+    ("unexpected datatype", InvalidArgumentError),
+    ("unexpected shape", InvalidArgumentError),
+    ("unexpected inference input", InvalidArgumentError),
+    ("expected", InvalidArgumentError),
+    ("expects", InvalidArgumentError),
+    ("is not valid", InvalidArgumentError),
+    ("missing", InvalidArgumentError),
 )
 
 
@@ -57,29 +89,36 @@ def status_name(status) -> str:
     if status is None:
         return "UNKNOWN"
     name = getattr(status, "name", None) or str(status)
-    return name.rsplit(".", 1)[-1].upper()
+    return name.rsplit(".", 1)[-1].upper() or "UNKNOWN"
 
 
 def from_status(status, message: str) -> Blip2Error:
     """One mapping from a status (may be unknown) and message to a typed exception."""
     name = status_name(status)
     if name in _BY_STATUS:
-        return _BY_STATUS[name](message)
+        return _BY_STATUS[name](message, name)
     if name == "UNKNOWN":
         lowered = message.lower()
-        if "internal error: " in lowered:
-            return ServerError(message)
-        if "cancelled: " in lowered:
-            return CancelledError(message)
-        if any(p in lowered for p in _INVALID_PHRASES):
-            return InvalidArgumentError(message)
-    return ServerError(message)
+        for phrase, cls in _BY_PHRASE:
+            if phrase in lowered:
+                return cls(message)
+    return ServerError(message, name)
 
 
-def from_triton(error) -> Blip2Error:
-    """tritonclient's InferenceServerException (or any exception) -> a typed Blip2Error."""
+def from_triton(error: BaseException) -> Blip2Error:
+    """What the transport raised -> a typed Blip2Error.
+
+    Handles tritonclient's InferenceServerException (status() / message()), gRPC errors such as
+    grpc.aio.AioRpcError (code() / details(): raised while iterating a stream, e.g. UNAVAILABLE
+    when nothing listens at the URL) and, as UNKNOWN, anything else.
+    """
     if isinstance(error, Blip2Error):
         return error
-    status = getattr(error, "status", lambda: None)()
-    message = getattr(error, "message", lambda: str(error))() or str(error)
-    return from_status(status, message)
+    code, details = getattr(error, "code", None), getattr(error, "details", None)
+    if callable(code) and callable(details):  # grpc.RpcError
+        return from_status(code(), details() or str(error))
+    status = getattr(error, "status", None)
+    message = getattr(error, "message", None)
+    status = status() if callable(status) else status
+    message = message() if callable(message) else message
+    return from_status(status, message or str(error))

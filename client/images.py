@@ -7,24 +7,45 @@ from typing import Union
 
 import numpy as np
 
-ImageLike = Union[str, os.PathLike, bytes, bytearray, "PIL.Image.Image", np.ndarray]  # noqa: F821
+from .errors import InvalidArgumentError
+
+ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, "PIL.Image.Image", np.ndarray]  # noqa: F821
 
 
 def image_bytes(image: ImageLike) -> bytes:
-    """Path or encoded bytes are sent as they are; PIL images and HxWxC uint8 arrays as PNG."""
-    if isinstance(image, (bytes, bytearray)):
+    """Path or encoded bytes are sent as they are (the server decodes and validates them);
+    PIL images and uint8 arrays (HxW, HxWx1, HxWx3 RGB or HxWx4 RGBA) are sent as PNG.
+
+    Raises InvalidArgumentError for an unreadable path or an image it cannot encode.
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as f:
-            return f.read()
+        try:
+            with open(image, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise InvalidArgumentError(f"image: cannot read {os.fspath(image)!r}: {e.strerror or e}") from None
     from PIL import Image
 
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise TypeError(f"numpy images must be uint8 HxW or HxWxC arrays, got {image.dtype} {image.shape}")
-        image = Image.fromarray(image)
+        image = _from_array(image)
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return buf.getvalue()
-    raise TypeError(f"unsupported image type {type(image).__name__}: use a path, bytes, a PIL image or a numpy array")
+    raise InvalidArgumentError(
+        f"image: unsupported type {type(image).__name__}; use a path, bytes, a PIL image or a uint8 numpy array"
+    )
+
+
+def _from_array(array: np.ndarray):
+    from PIL import Image
+
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise InvalidArgumentError(
+            f"image: numpy images must be uint8 HxW, HxWx3 or HxWx4 arrays, got {array.dtype} {list(array.shape)}"
+        )
+    return Image.fromarray(np.ascontiguousarray(array))

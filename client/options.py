@@ -5,13 +5,17 @@ context length); the client only refuses what cannot even be encoded.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 from blip2_triton.interface import CONTROLS
 
 from .errors import InvalidArgumentError
 
-_KINDS = {"int32": int, "int64": int, "float32": float, "bool": bool}
+# The Python type of each control dtype (the CLI derives its flags from this too).
+PYTHON_TYPES = {"int32": int, "int64": int, "float32": float, "bool": bool}
 
 
 @dataclass(frozen=True)
@@ -27,12 +31,16 @@ class GenerationOptions:
                 continue
             if name not in known:
                 raise InvalidArgumentError(f"unknown generation control {name!r}; known: {sorted(known)}")
-            kind = _KINDS[known[name].dtype]
-            if kind is bool and not isinstance(value, bool):
+            dtype = known[name].dtype
+            kind = PYTHON_TYPES[dtype]
+            is_bool = isinstance(value, (bool, np.bool_))
+            if kind is bool and not is_bool:
                 raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            if kind is int and (is_bool or not isinstance(value, numbers.Integral)):
                 raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
-            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if kind is int and not np.iinfo(dtype).min <= value <= np.iinfo(dtype).max:
+                raise InvalidArgumentError(f"{name} must fit {dtype}, got {value}")
+            if kind is float and (is_bool or not isinstance(value, numbers.Real)):
                 raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
             values.append((name, kind(value)))
         return cls(tuple(values))

@@ -11,27 +11,56 @@ from typing import Iterator, Sequence
 
 from blip2_triton import interface as api
 
-from .aio import DEFAULT_URL, AsyncBlip2Client, Result
+from .aio import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncBlip2Client, Result
 from .images import ImageLike
+
+_DONE = object()
 
 
 class Blip2Client:
     """Blocking twin of AsyncBlip2Client: same methods, same arguments, same exceptions."""
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = api.ENSEMBLE, timeout: float | None = 120.0):
+    def __init__(self, url: str = DEFAULT_URL, model: str = api.ENSEMBLE, timeout: float | None = DEFAULT_TIMEOUT):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="blip2-client", daemon=True)
         self._thread.start()
-        self._async = self._run(_make_async(url, model, timeout))
+        try:
+            self._async = self._run(_make_async(url, model, timeout))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return self._async.url
+
+    @property
+    def model(self) -> str:
+        return self._async.model
+
+    @property
+    def timeout(self) -> float | None:
+        return self._async.timeout
 
     def _run(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        """Run `coroutine` on the client's loop; an interrupt (Ctrl-C) here cancels it."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def close(self) -> None:
         if self._loop.is_running():
             self._run(self._async.close())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
+            self._stop_loop()
 
     def __enter__(self) -> "Blip2Client":
         return self
@@ -51,6 +80,11 @@ class Blip2Client:
     def chat(self, image: ImageLike, history: Sequence[tuple[str, str]], question: str, **controls) -> Result:
         return self._run(self._async.chat(image, history, question, **controls))
 
+    def chat_stream(self, image: ImageLike, history: Sequence[tuple[str, str]], question: str,
+                    **controls) -> Iterator[str]:
+        """`chat`, streamed; closing the iterator early cancels the request."""
+        return self._iterate(self._async.chat_stream(image, history, question, **controls))
+
     def batch(self, images: Sequence[ImageLike], prompts: Sequence[str] | str = "", **controls) -> list[Result]:
         return self._run(self._async.batch(images, prompts, **controls))
 
@@ -59,25 +93,28 @@ class Blip2Client:
 
     def stream(self, image: ImageLike, prompt: str = "", **controls) -> Iterator[str]:
         """Text pieces as they are generated; closing the iterator early cancels the request."""
+        return self._iterate(self._async.stream(image, prompt, **controls))
+
+    def _iterate(self, iterator) -> Iterator[str]:
+        """Items of an async iterator run on the client's loop, as a blocking iterator."""
         pieces: queue.Queue = queue.Queue()
-        done = object()
 
         async def pump():
             try:
-                async for piece in self._async.stream(image, prompt, **controls):
+                async for piece in iterator:
                     pieces.put(piece)
-            except BaseException as e:  # handed to the consuming thread
+            except Exception as e:  # handed to the consuming thread; cancellation is not
                 pieces.put(e)
             finally:
-                pieces.put(done)
+                pieces.put(_DONE)
 
         future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
         try:
-            while (item := pieces.get()) is not done:
-                if isinstance(item, BaseException):
+            while (item := pieces.get()) is not _DONE:
+                if isinstance(item, Exception):
                     raise item
                 yield item
-        finally:
+        finally:  # closed early, or interrupted: cancels the async stream, which ends the gRPC call
             future.cancel()
 
 

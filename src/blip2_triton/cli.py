@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint to use instead of the embedded one")
     p.set_defaults(func=_demo)
 
+    from blip2_triton.client.cli import register as register_client_commands
+
+    register_client_commands(sub)  # caption, ask, chat
+
     from blip2_triton.server.serve import add_serve_arguments, serve_command
 
     p = sub.add_parser("serve", help="run the real tritonserver on an exported model repository")
