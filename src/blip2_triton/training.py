@@ -25,12 +25,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from blip2_triton.scenes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, generate_scenes
+from blip2_triton.scenes import HELDOUT_SEED, IMAGE_SIZE, QA_KINDS, TRAIN_SEED, generate_scenes
 from blip2_triton.tiny import IMAGE_TOKEN, TinyPreset, blip2_config, build_processor, build_tokenizer
 
 IGNORE_INDEX = -100
 BOS_ID, PAD_ID, EOS_ID = 2, 1, 2
 DEFAULT_OUTPUT = Path(__file__).parent / "assets" / "blip2-tiny-scenes"
+# What the embedded default is meant to reach on 200 held-out scenes.
+CAPTION_TARGET, VQA_TARGET = 0.90, 0.95
 
 # The embedded default's sizes: ~1.8M parameters, a ~7 MB float32 safetensors file.
 # 16-pixel patches (4 x 4 of them) with a wide patch embedding learned shapes several times
@@ -70,7 +72,7 @@ class TrainConfig:
     caption_fraction: float = 0.5
     train_scenes: int = 30000
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     eval_scenes: int = 200
     preset: TinyPreset = SCENES_PRESET
 
@@ -305,7 +307,9 @@ processor = AutoProcessor.from_pretrained(path)
 image = Image.open("samples/scene_1000000.png")
 inputs = processor(images=image, text="", return_tensors="pt")  # caption
 inputs = processor(images=image, text="Question: what color is the circle? Answer:", return_tensors="pt")
-out = model.generate(**inputs)  # greedy, max_new_tokens={model_generation_max(output)}
+# Blip2's generate() hands over to the OPT decoder, which does not see generation_config.json:
+# pass it (greedy, eos </s>, max_new_tokens={model_generation_max(output)}).
+out = model.generate(**inputs, generation_config=model.generation_config)
 print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())
 ```
 
@@ -359,6 +363,14 @@ never used in training), exact match after lower-casing and whitespace normalisa
 
 {report.table()}
 """
+    met = report.accuracy("caption") >= CAPTION_TARGET and all(report.accuracy(k) >= VQA_TARGET for k in QA_KINDS)
+    if not met:
+        card += f"""
+**Below target** ({CAPTION_TARGET:.0%} caption exact match, {VQA_TARGET:.0%} VQA per type). The model reads
+colors and their left-to-right order, but shapes stay near chance (1 in 3), which also caps the
+color and position questions that name an object by its shape. It is committed as the best
+reproducible checkpoint so far, not as a finished default.
+"""
     (output / "README.md").write_text(card)
 
 
@@ -394,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-fraction", type=float, default=d.caption_fraction)
     p.add_argument("--train-scenes", type=int, default=d.train_scenes)
     p.add_argument("--seed", type=int, default=d.seed)
+    # One thread: ops on this model are too small to gain from a second one, and on a busy
+    # machine two synchronising threads ran ~10x slower per step than one.
     p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads (fixed for reproducibility)")
     p.add_argument("--eval-scenes", type=int, default=d.eval_scenes, help="held-out scenes to evaluate; 0 skips")
     p.add_argument("--no-progress", action="store_true")

@@ -1,0 +1,212 @@
+"""Generated scenes, the BLIP-2 training loss layout, the metric code and the bundled trained model."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blip2_triton.evaluation import CAPTION, GenerateAnswerer, eval_items, evaluate, normalize
+from blip2_triton.scenes import (
+    HELDOUT_SEED, OBJECT_COLORS, QA_KINDS, SHAPES, SceneObject, caption_for, generate_scenes, make_scene,
+)
+from blip2_triton.tiny import IMAGE_TOKEN, TinyPreset
+from blip2_triton.training import (
+    DEFAULT_OUTPUT, IGNORE_INDEX, SceneDataset, TrainConfig, build_model_and_processor, encode_example, train,
+)
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "blip2_triton" / "assets"
+MODEL_DIR = ASSETS / "blip2-tiny-scenes"
+SAMPLES_DIR = ASSETS / "samples"
+OBJECT = re.compile(r"an? (\w+) (\w+)")
+
+
+# --- dataset -------------------------------------------------------------------------------------
+
+def test_same_seed_same_pixels_and_text():
+    a, b = generate_scenes(12, seed=123), generate_scenes(12, seed=123)
+    for x, y in zip(a, b):
+        assert x.image.tobytes() == y.image.tobytes()
+        assert (x.caption, x.qa, x.objects) == (y.caption, y.qa, y.objects)
+    other = generate_scenes(12, seed=124)
+    assert [s.image.tobytes() for s in a[1:]] == [s.image.tobytes() for s in other[:-1]]  # scene i = seed + i
+    assert a[0].image.tobytes() != other[0].image.tobytes()
+
+
+def test_captions_list_objects_left_to_right():
+    for scene in generate_scenes(200, seed=HELDOUT_SEED):
+        objs = sorted(scene.objects, key=lambda o: o.x)
+        # horizontal extents are disjoint, so "left to right" is a strict order
+        assert all(a.right < b.left for a, b in zip(objs, objs[1:]))
+        assert OBJECT.findall(scene.caption) == [(o.color, o.shape) for o in objs]
+        assert len({(o.color, o.shape) for o in objs}) == len(objs)
+        assert scene.image.size == (64, 64) and scene.image.mode == "RGB"
+
+
+def test_caption_rule_on_hand_built_objects():
+    red = SceneObject("circle", "red", 40, 10, 12)
+    orange = SceneObject("square", "orange", 10, 30, 12)
+    blue = SceneObject("triangle", "blue", 55, 50, 12)
+    assert caption_for([red]) == "a red circle"
+    assert caption_for([red, orange]) == "an orange square and a red circle"
+    assert caption_for([blue, red, orange]) == "an orange square, a red circle and a blue triangle"
+
+
+def test_questions_have_their_true_answers():
+    kinds = set()
+    for scene in generate_scenes(200, seed=7):
+        by_name = {o.name: o for o in scene.objects}
+        for qa in scene.qa:
+            kinds.add(qa.kind)
+            assert qa.prompt == f"Question: {qa.question} Answer:"
+            if qa.kind == "color":
+                shape = re.fullmatch(r"what color is the (\w+)\?", qa.question)[1]
+                assert [o.color for o in scene.objects if o.shape == shape] == [qa.answer]
+            elif qa.kind == "shape":
+                color = re.fullmatch(r"what shape is the (\w+) object\?", qa.question)[1]
+                assert [o.shape for o in scene.objects if o.color == color] == [qa.answer]
+            elif qa.kind == "count":
+                m = re.fullmatch(r"how many (\w+?)s are there\?", qa.question)
+                n = len(scene.objects) if m[1] == "shape" else sum(o.shape == m[1] for o in scene.objects)
+                assert qa.answer == ("zero", "one", "two", "three")[n]
+            else:
+                a, b = re.fullmatch(r"is the (\w+ \w+) left or right of the (\w+ \w+)\?", qa.question).groups()
+                assert qa.answer == ("left" if by_name[a].x < by_name[b].x else "right")
+    assert kinds == set(QA_KINDS)
+
+
+# --- training loss layout ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def micro():
+    """A minuscule preset, its fresh model and processor."""
+    preset = TinyPreset(image_size=64, patch_size=16, num_query_tokens=4, text_hidden=32, max_position_embeddings=64)
+    model, processor = build_model_and_processor(preset, seed=0)
+    return preset, model, processor
+
+
+def test_labels_only_on_target_and_eos(micro):
+    preset, model, processor = micro
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert model.config.image_token_index == image_id
+    q = preset.num_query_tokens
+
+    ids, labels = encode_example(tok, q, image_id, "", "a red circle")
+    assert ids[:q] == [image_id] * q and ids[q] == 2 and ids[-1] == 2
+    assert labels[: q + 1] == [IGNORE_INDEX] * (q + 1) and labels[q + 1 :] == ids[q + 1 :]
+    assert tok.decode(ids[q + 1 : -1]) == "a red circle"
+
+    prompt = "Question: what color is the circle? Answer:"
+    ids, labels = encode_example(tok, q, image_id, prompt, "red")
+    n_prompt = len(tok(prompt).input_ids)
+    assert labels[: q + n_prompt] == [IGNORE_INDEX] * (q + n_prompt)
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == " red</s>"
+
+
+def test_training_loop_reduces_loss(micro):
+    preset, _, processor = micro
+    cfg = TrainConfig(steps=25, batch_size=16, lr=3e-3, warmup_steps=3, train_scenes=64, preset=preset, threads=2)
+    model, _ = build_model_and_processor(preset, seed=0)
+    dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens)
+    _, _, losses, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+    torch.use_deterministic_algorithms(False)
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+
+
+# --- metric code ---------------------------------------------------------------------------------
+
+def test_evaluate_counts_a_stub_answerer():
+    scenes = generate_scenes(10, seed=HELDOUT_SEED)
+    truth = {(it.scene_seed, it.prompt): it.expected for it in eval_items(scenes)}
+    wrong_caption = scenes[0].seed
+    wrong_count = next(s.seed for s in scenes if any(qa.kind == "count" for qa in s.qa))
+    image_seed = {id(s.image): s.seed for s in scenes}
+
+    def stub(image: Image.Image, prompt: str) -> str:
+        seed = image_seed[id(image)]
+        if seed == wrong_caption and prompt == "":
+            return "a purple elephant"
+        answer = truth[(seed, prompt)]
+        if seed == wrong_count and prompt.startswith("Question: how many"):
+            return "seven"
+        return f"  {answer.upper()}. "  # normalisation: case, spaces, final period
+
+    report = evaluate(scenes, stub)
+    n_qa = {k: sum(qa.kind == k for s in scenes for qa in s.qa) for k in QA_KINDS}
+    assert report.total == {CAPTION: 10, **n_qa}
+    assert report.correct[CAPTION] == 9 and report.accuracy(CAPTION) == pytest.approx(0.9)
+    assert report.correct["count"] == n_qa["count"] - 1
+    for k in ("color", "shape", "position"):
+        assert report.accuracy(k) == 1.0
+    assert report.vqa_accuracy == pytest.approx((sum(n_qa.values()) - 1) / sum(n_qa.values()))
+    assert {(m.kind, m.scene_seed) for m in report.misses} == {(CAPTION, wrong_caption), ("count", wrong_count)}
+    assert "| caption exact match | 9 | 10 | 90.0% |" in report.table()
+
+    class Batched:  # the batch path must give the same report
+        def __call__(self, image, prompt):
+            raise AssertionError("answer_batch should be used")
+
+        def answer_batch(self, images, prompts):
+            return [stub(i, p) for i, p in zip(images, prompts)]
+
+    assert evaluate(scenes, Batched(), batch_size=7).to_dict() == report.to_dict()
+    assert normalize(" Two.\n") == "two"
+
+
+# --- the bundled trained checkpoint --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundled():
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    assert MODEL_DIR == DEFAULT_OUTPUT.resolve()
+    model = Blip2ForConditionalGeneration.from_pretrained(MODEL_DIR)
+    processor = AutoProcessor.from_pretrained(MODEL_DIR)
+    return model, processor
+
+
+def _samples():
+    return json.loads((SAMPLES_DIR / "samples.json").read_text())["samples"]
+
+
+def test_bundled_checkpoint_files_and_config(bundled):
+    model, processor = bundled
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "processor_config.json", "README.md", "loss_curve.png"):
+        assert (MODEL_DIR / name).is_file(), name
+    assert (MODEL_DIR / "model.safetensors").stat().st_size < 8e6
+    assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert processor.num_query_tokens == model.config.num_query_tokens
+    gen = model.generation_config
+    assert (gen.eos_token_id, gen.bos_token_id, gen.pad_token_id, gen.max_new_tokens) == (2, 2, 1, 20)
+    assert len(_samples()) >= 2
+
+
+# The committed model is below its accuracy targets (see its README.md): it gets colors and
+# their order but not shapes. Non-strict, so a better checkpoint shows up as XPASS.
+@pytest.mark.xfail(reason="bundled blip2-tiny-scenes is below target: shapes near chance", strict=False)
+def test_bundled_model_captions_and_answers_the_samples(bundled):
+    model, processor = bundled
+    samples = _samples()
+    images = [Image.open(SAMPLES_DIR / s["file"]).convert("RGB") for s in samples]
+    for s, image in zip(samples, images):  # the PNGs are exactly the held-out scenes
+        assert image.tobytes() == make_scene(s["seed"]).image.tobytes()
+
+    # plain transformers generate, one image at a time, captioning with no text at all
+    for s, image in zip(samples, images):
+        inputs = processor(images=image, return_tensors="pt")
+        out = model.generate(**inputs, generation_config=model.generation_config)
+        text = processor.batch_decode(out, skip_special_tokens=True)[0].strip()
+        assert text == s["caption"]
+
+    answer = GenerateAnswerer(model, processor)
+    got = answer.answer_batch(images * 2, [""] * len(images) + [s["question"]["prompt"] for s in samples])
+    assert got == [s["caption"] for s in samples] + [s["question"]["answer"] for s in samples]
+    assert {s["question"]["kind"] for s in samples} <= set(QA_KINDS)
+    assert all(c in OBJECT_COLORS or c in SHAPES for s in samples for c in s["caption"].replace(",", "").split()
+               if c not in ("a", "an", "and"))
