@@ -213,12 +213,16 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
     client = run(connect())
     systems = ["server", *workers]
 
+    phase_start = time.perf_counter()
+
     def call(system: str, workload, image: int) -> dict:
+        started = time.perf_counter() - phase_start
         if system == "server":
             r = run(end_to_end.request(client, pictures[image], workload))
         else:
             r = workers[system].call("generate", image=image, prompt=workload.prompt, controls=workload.controls)
         r["image"] = image
+        r["started"] = started
         return r
 
     try:
@@ -287,6 +291,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
 
     return {
         "systems": systems,
+        "raw": _raw(loads, samples, streams),
         "end_to_end": _end_to_end(loads, samples, streams, systems),
         "tokens_identical": _identical(loads, samples, streams, systems),
         "stages": {"in_process": _stage_medians(loads, samples), "server": server_stages,
@@ -297,6 +302,22 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         "throughput": throughput,
         "baseline_batches": baseline_batches,
     }
+
+
+def _raw(loads, samples, streams) -> dict:
+    """Every timed request (no token ids; their identity is summarised separately), in order."""
+    def one(r: dict) -> dict:
+        out = {"started_s": round(r["started"], 3) if "started" in r else None, "image": r["image"],
+               "seconds": round(r["seconds"], 5), "ttft_s": round(r["ttft"], 5) if r.get("ttft") else None,
+               "tokens": len(r["tokens"])}
+        if r.get("inter_token"):
+            out["inter_token_median_s"] = round(statistics.median(r["inter_token"]), 5)
+        if "stages" in r:
+            out["stages_s"] = {k: round(v, 5) for k, v in r["stages"].items() if v is not None}
+        return out
+
+    return {w.name: {**{system: [one(r) for r in runs] for system, runs in samples[w.name].items()},
+                     "server_stream": [one(r) for r in streams[w.name]]} for w in loads}
 
 
 def _end_to_end(loads, samples, streams, systems) -> dict:
