@@ -181,3 +181,40 @@ def decode_floor(weights: dict, caps: Capabilities) -> dict:
         "floor_ms": round(max(bandwidth_ms, compute_ms), 3),
         "bound_by": "memory bandwidth" if bandwidth_ms >= compute_ms else "compute",
     }
+
+
+class CpuMeter:
+    """Splits the machine's busy CPU time over an interval into ours and other users'.
+
+    Ours is this process and all its descendants (workers, tritonserver and its stubs); busy
+    includes steal time (the hypervisor running someone else on our cores). On a shared machine,
+    `others_cores` says how much of the 2 (or N) cores other users' processes took while one
+    request ran, so each request can be judged quiet or disturbed after the fact.
+    """
+
+    def __init__(self):
+        import psutil
+
+        self._psutil = psutil
+        self._me = psutil.Process()
+
+    def _ours(self) -> dict[int, float]:
+        times = {}
+        for proc in [self._me, *self._me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                times[proc.pid] = t.user + t.system
+            except self._psutil.Error:
+                continue
+        return times
+
+    def snapshot(self) -> tuple[float, float, dict[int, float]]:
+        t = self._psutil.cpu_times()
+        busy = t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+        return time.perf_counter(), busy, self._ours()
+
+    def others_cores(self, before, after) -> float:
+        """Average number of cores other users' processes kept busy between two snapshots."""
+        (t0, busy0, ours0), (t1, busy1, ours1) = before, after
+        ours = sum(v - ours0.get(pid, 0.0) for pid, v in ours1.items())
+        return round(max(0.0, (busy1 - busy0 - ours) / max(t1 - t0, 1e-9)), 3)

@@ -53,6 +53,8 @@ class Settings:
     decode_rows: tuple[int, ...] = (1, 2, 4, 8, 16)
     bandwidth_mib: int = 512
     matmul_n: int = 2048
+    # A request is "quiet" when other users' processes kept fewer cores than this busy meanwhile.
+    quiet_cores: float = 0.25
     seed: int = 0
 
     @classmethod
@@ -204,8 +206,10 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
     from blip2_triton.client import AsyncBlip2Client
 
     from . import end_to_end, stages
+    from .machine import CpuMeter
 
     run = loop.run_until_complete
+    meter = CpuMeter()
 
     async def connect():  # a grpc.aio channel belongs to the loop it is created on
         return AsyncBlip2Client(server.grpc_url, timeout=600)
@@ -215,12 +219,20 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
 
     phase_start = time.perf_counter()
 
+    def measured(fn):
+        """fn()'s result plus how many cores other users' processes took meanwhile."""
+        before = meter.snapshot()
+        r = fn()
+        r["others_cores"] = meter.others_cores(before, meter.snapshot())
+        return r
+
     def call(system: str, workload, image: int) -> dict:
         started = time.perf_counter() - phase_start
         if system == "server":
-            r = run(end_to_end.request(client, pictures[image], workload))
+            r = measured(lambda: run(end_to_end.request(client, pictures[image], workload)))
         else:
-            r = workers[system].call("generate", image=image, prompt=workload.prompt, controls=workload.controls)
+            r = measured(lambda: workers[system].call("generate", image=image, prompt=workload.prompt,
+                                                      controls=workload.controls))
         r["image"] = image
         r["started"] = started
         return r
@@ -254,7 +266,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         bar = progress.phase("streaming through the server (time to first token)", settings.stream_reps * len(loads))
         for rep in range(settings.stream_reps):
             for w in loads:
-                r = run(end_to_end.stream(server.grpc_url, pictures[rep % len(pictures)], w))
+                r = measured(lambda: run(end_to_end.stream(server.grpc_url, pictures[rep % len(pictures)], w)))
                 r["image"] = rep % len(pictures)
                 streams[w.name].append(r)
                 bar.update()
@@ -270,7 +282,8 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         total = sum(c * settings.requests_per_stream for c in settings.concurrency)
         bar = progress.phase(f"throughput vs concurrent streams {list(settings.concurrency)}", total)
         for streams_n in settings.concurrency:
-            r = run(end_to_end.closed_loop(server.grpc_url, streams_n, settings.requests_per_stream, pictures, caption))
+            r = measured(lambda: run(end_to_end.closed_loop(server.grpc_url, streams_n, settings.requests_per_stream,
+                                                            pictures, caption)))
             r["latency_ms"] = summary_ms(r.pop("latencies"))
             throughput.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
             bar.update(streams_n * settings.requests_per_stream)
@@ -279,11 +292,12 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         baseline_batches = []
         bar = progress.phase(f"transformers static batches {list(settings.baseline_batches)}", len(settings.baseline_batches))
         for n in settings.baseline_batches:
-            r = workers["transformers"].call("batch", images=[i % len(pictures) for i in range(n)],
-                                             prompt=caption.prompt, controls=caption.controls)
+            r = measured(lambda: workers["transformers"].call("batch", images=[i % len(pictures) for i in range(n)],
+                                                              prompt=caption.prompt, controls=caption.controls))
             baseline_batches.append({"batch": n, "seconds": round(r["seconds"], 4), "tokens": r["tokens"],
                                      "requests_per_s": round(n / r["seconds"], 4),
-                                     "tokens_per_s": round(r["tokens"] / r["seconds"], 4)})
+                                     "tokens_per_s": round(r["tokens"] / r["seconds"], 4),
+                                     "others_cores": r["others_cores"]})
             bar.update()
         bar.close()
     finally:
@@ -292,7 +306,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
     return {
         "systems": systems,
         "raw": _raw(loads, samples, streams),
-        "end_to_end": _end_to_end(loads, samples, streams, systems),
+        "end_to_end": _end_to_end(loads, samples, streams, systems, settings.quiet_cores),
         "tokens_identical": _identical(loads, samples, streams, systems),
         "stages": {"in_process": _stage_medians(loads, samples), "server": server_stages,
                    "decode_step_vs_rows": [{"rows": d["rows"], "step_ms": round(d["step_seconds"] * 1e3, 3),
@@ -309,7 +323,7 @@ def _raw(loads, samples, streams) -> dict:
     def one(r: dict) -> dict:
         out = {"started_s": round(r["started"], 3) if "started" in r else None, "image": r["image"],
                "seconds": round(r["seconds"], 5), "ttft_s": round(r["ttft"], 5) if r.get("ttft") else None,
-               "tokens": len(r["tokens"])}
+               "tokens": len(r["tokens"]), "others_cores": r.get("others_cores")}
         if r.get("inter_token"):
             out["inter_token_median_s"] = round(statistics.median(r["inter_token"]), 5)
         if "stages" in r:
@@ -320,7 +334,19 @@ def _raw(loads, samples, streams) -> dict:
                      "server_stream": [one(r) for r in streams[w.name]]} for w in loads}
 
 
-def _end_to_end(loads, samples, streams, systems) -> dict:
+def _mean_step(r: dict) -> float | None:
+    """Seconds per decode step of one request: first token to last over the steps between.
+
+    Mean, not median, of the gaps: streamed responses can arrive in bursts (several tokens in one
+    read), which makes single gaps meaningless but leaves first-to-last intact.
+    """
+    if "stages" in r:
+        return r["stages"]["decode"] / r["decode_steps"] if r["decode_steps"] else None
+    gaps = r.get("inter_token")
+    return statistics.mean(gaps) if gaps else None
+
+
+def _end_to_end(loads, samples, streams, systems, quiet_cores: float) -> dict:
     out = {}
     for w in loads:
         per = samples[w.name]
@@ -329,6 +355,9 @@ def _end_to_end(loads, samples, streams, systems) -> dict:
             runs = per[system]
             entry[system] = {
                 "latency_ms": summary_ms([r["seconds"] for r in runs]),
+                # Only the requests during which other users' processes kept < quiet_cores busy.
+                "latency_ms_quiet": summary_ms([r["seconds"] for r in runs if r["others_cores"] < quiet_cores]),
+                "others_cores_mean": round(statistics.mean(r["others_cores"] for r in runs), 3),
                 "ttft_ms": summary_ms([r.get("ttft") for r in runs]) if system != "server" else None,
                 "tokens_per_request": statistics.mean(len(r["tokens"]) for r in runs),
             }
@@ -337,14 +366,20 @@ def _end_to_end(loads, samples, streams, systems) -> dict:
             gaps = [g for r in runs for g in r.get("inter_token", [])]
             if gaps:
                 entry[system]["inter_token_ms"] = summary_ms(gaps)
+            entry[system]["decode_step_ms"] = summary_ms([_mean_step(r) for r in runs])
         st = streams[w.name]
         entry["server_stream"] = {
+            "others_cores_mean": round(statistics.mean(r["others_cores"] for r in st), 3) if st else None,
             "latency_ms": summary_ms([r["seconds"] for r in st]),
             "ttft_ms": summary_ms([r["ttft"] for r in st]),
             "inter_token_ms": summary_ms([g for r in st for g in r["inter_token"]]),
+            "decode_step_ms": summary_ms([_mean_step(r) for r in st]),
             "responses_per_request": statistics.mean(r["responses"] for r in st) if st else None,
         }
         p50 = {s: entry[s]["latency_ms"]["p50"] for s in systems}
+        best = {s: entry[s]["latency_ms"]["min"] for s in systems}
+        quiet = {s: entry[s]["latency_ms_quiet"].get("p50") if entry[s]["latency_ms_quiet"]["n"] >= 3 else None
+                 for s in systems}
         ttft = {s: entry[s]["ttft_ms"]["p50"] for s in systems if s != "server"}
         ttft["server"] = entry["server_stream"]["ttft_ms"].get("p50")
         ratios = {}
@@ -352,6 +387,11 @@ def _end_to_end(loads, samples, streams, systems) -> dict:
             suffix = "" if baseline == "transformers" else f"_vs_{baseline}"
             ratios[f"server_latency_p50{suffix}"] = _ratio(p50["server"], p50[baseline])
             ratios[f"in_process_latency_p50{suffix}"] = _ratio(p50["in_process"], p50[baseline])
+            ratios[f"server_latency_p50_quiet{suffix}"] = _ratio(quiet["server"], quiet[baseline])
+            ratios[f"in_process_latency_p50_quiet{suffix}"] = _ratio(quiet["in_process"], quiet[baseline])
+            # The fastest of each: the request least disturbed by other users of the machine.
+            ratios[f"server_latency_min{suffix}"] = _ratio(best["server"], best[baseline])
+            ratios[f"in_process_latency_min{suffix}"] = _ratio(best["in_process"], best[baseline])
             ratios[f"server_stream_ttft_p50{suffix}"] = _ratio(ttft["server"], ttft[baseline])
             ratios[f"in_process_ttft_p50{suffix}"] = _ratio(ttft["in_process"], ttft[baseline])
         ratios["server_tokens_per_s"] = _ratio(entry["server"]["tokens_per_s"], entry["transformers"]["tokens_per_s"])
@@ -359,6 +399,8 @@ def _end_to_end(loads, samples, streams, systems) -> dict:
         paired = [(a["seconds"] - b["seconds"]) for a, b in zip(per["server"], per["in_process"])]
         entry["server_overhead_ms"] = {
             "p50_difference": round(p50["server"] - p50["in_process"], 3),
+            "p50_quiet_difference": round(quiet["server"] - quiet["in_process"], 3)
+            if quiet["server"] and quiet["in_process"] else None,
             "paired_median": round(statistics.median(paired) * 1e3, 3) if paired else None,
             "relative_to_in_process": _ratio(p50["server"] - p50["in_process"], p50["in_process"]),
         }
