@@ -203,6 +203,7 @@ def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict
 
 
 def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, progress: Progress) -> dict:
+    from blip2_triton import interface as api
     from blip2_triton.client import AsyncBlip2Client
 
     from . import end_to_end, stages
@@ -212,9 +213,13 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
     meter = CpuMeter()
 
     async def connect():  # a grpc.aio channel belongs to the loop it is created on
-        return AsyncBlip2Client(server.grpc_url, timeout=600)
+        client = AsyncBlip2Client(server.grpc_url, timeout=600)
+        streamer = end_to_end.stream_client(server.grpc_url)
+        await client.is_ready()
+        await streamer.is_model_ready(api.ENSEMBLE)
+        return client, streamer
 
-    client = run(connect())
+    client, streamer = run(connect())
     systems = ["server", *workers]
 
     phase_start = time.perf_counter()
@@ -266,7 +271,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         bar = progress.phase("streaming through the server (time to first token)", settings.stream_reps * len(loads))
         for rep in range(settings.stream_reps):
             for w in loads:
-                r = measured(lambda: run(end_to_end.stream(server.grpc_url, pictures[rep % len(pictures)], w)))
+                r = measured(lambda: run(end_to_end.stream(streamer, pictures[rep % len(pictures)], w)))
                 r["image"] = rep % len(pictures)
                 streams[w.name].append(r)
                 bar.update()
@@ -282,8 +287,12 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         total = sum(c * settings.requests_per_stream for c in settings.concurrency)
         bar = progress.phase(f"throughput vs concurrent streams {list(settings.concurrency)}", total)
         for streams_n in settings.concurrency:
+            stats0, metrics0 = stages.triton_statistics(server.grpc_url), stages.blip2_metrics(server.metrics_url)
             r = measured(lambda: run(end_to_end.closed_loop(server.grpc_url, streams_n, settings.requests_per_stream,
                                                             pictures, caption)))
+            level = stages.server_stages(stats0, stages.triton_statistics(server.grpc_url),
+                                         metrics0, stages.blip2_metrics(server.metrics_url))
+            r["server"] = _batching(level)
             r["latency_ms"] = summary_ms(r.pop("latencies"))
             throughput.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
             bar.update(streams_n * settings.requests_per_stream)
@@ -302,6 +311,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         bar.close()
     finally:
         run(client.close())
+        run(streamer.close())
 
     return {
         "systems": systems,
@@ -315,6 +325,19 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
                    "decode_step_past_length": past},
         "throughput": throughput,
         "baseline_batches": baseline_batches,
+    }
+
+
+def _batching(level: dict) -> dict:
+    """How the server batched at one concurrency level: each model's mean batch, queue and compute
+    per request, and the continuous batcher's mean rows per decode step."""
+    g = level["generator_metrics"]
+    rows = ((g["generated_tokens"] - g["prefills"]) / g["decode_steps"]) if g.get("decode_steps") else None
+    return {
+        "decode_rows_per_step": round(rows, 2) if rows else None,
+        "models": {k: {"mean_batch": v["mean_batch"], "queue_ms": round(v["queue_ms"], 2),
+                       "compute_infer_ms": round(v["compute_infer_ms"], 2)}
+                   for k, v in level["models"].items() if k in ("preprocess", "vision_encoder", "qformer")},
     }
 
 
