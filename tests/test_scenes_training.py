@@ -16,7 +16,7 @@ from blip2_triton.scenes import (
 )
 from blip2_triton.tiny import IMAGE_TOKEN, TinyPreset
 from blip2_triton.training import (
-    DEFAULT_OUTPUT, IGNORE_INDEX, SceneDataset, TrainConfig, build_model_and_processor, encode_example, train,
+    DEFAULT_OUTPUT, IGNORE_INDEX, SceneDataset, TrainConfig, build_model_and_processor, encode_example, lm_loss, train,
 )
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "blip2_triton" / "assets"
@@ -106,6 +106,22 @@ def test_labels_only_on_target_and_eos(micro):
     n_prompt = len(tok(prompt).input_ids)
     assert labels[: q + n_prompt] == [IGNORE_INDEX] * (q + n_prompt)
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == " red</s>"
+
+
+def test_shared_image_batch_loss_equals_the_model_forward(micro):
+    preset, model, processor = micro
+    dataset = SceneDataset(32, 0, processor, preset.num_query_tokens)
+    batch = dataset.batch(12, 0.5, torch.Generator().manual_seed(0), shared_images=True)
+    assert batch["pixel_values"].shape[0] == 6 and batch["input_ids"].shape[0] == 12
+    index = batch["image_index"]
+    # every VQA example is about the scene of a caption in the same batch
+    image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert (index[:6] == torch.arange(6)).all() and (index[6:] == torch.arange(6)).all()
+    assert dataset.captions[0][1][0] == image_token
+    full = {k: v for k, v in batch.items() if k != "image_index"} | {"pixel_values": batch["pixel_values"][index]}
+    model.eval()
+    with torch.no_grad():
+        assert lm_loss(model, batch).item() == pytest.approx(model(**full).loss.item(), rel=1e-5)
 
 
 def test_training_loop_reduces_loss(micro):

@@ -18,6 +18,7 @@ the one-word answer).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -59,7 +60,15 @@ SCENES_PRESET = TinyPreset(
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run (with the code, it determines the weights)."""
+    """Everything that determines a training run (with the code, it determines the weights).
+
+    The defaults reproduce the bundled checkpoint. Measured alternatives (200 held-out scenes
+    unless noted), none of which got past the shape plateau (loss ~0.39-0.41, shapes at chance):
+    `--patch-size 8 --lr 2e-3 --warmup-steps 200 --qformer-dropout 0 --shared-images --steps 2500`
+    (976 s): caption 10.5%, VQA 50.2%, shape 29.4%; the same with `--patch-size 16 --steps 4000`
+    (987 s): caption 11.5%, VQA 51.6%, shape 33.2%. 500-step pilots (100 scenes, lr 2e-3, no
+    dropout): 16 queries, lr 3e-3 and batch 32 (1000 steps) were all worse than 8 queries, lr 2e-3, batch 64.
+    """
 
     output: str = str(DEFAULT_OUTPUT)
     steps: int = 2000
@@ -74,10 +83,16 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     eval_scenes: int = 200
+    # Q-Former hidden and attention dropout (0.1 is transformers' default; the vision tower and
+    # the OPT decoder of the preset have none).
+    qformer_dropout: float = 0.1
+    # Each batch's VQA examples come from the scenes of its captions, so every image is encoded
+    # once per step for two examples (half the vision / Q-Former cost per example).
+    shared_images: bool = False
     preset: TinyPreset = SCENES_PRESET
 
 
-def build_model_and_processor(preset: TinyPreset, seed: int):
+def build_model_and_processor(preset: TinyPreset, seed: int, qformer_dropout: float = 0.1):
     """A freshly initialised Blip2ForConditionalGeneration and its processor for `preset`."""
     import torch
     from transformers import Blip2ForConditionalGeneration, GenerationConfig
@@ -89,6 +104,8 @@ def build_model_and_processor(preset: TinyPreset, seed: int):
     # Cross-attention to the image in every Q-Former layer (the default, 2, skips every other one);
     # with only two layers the queries would otherwise see the image once.
     config.qformer_config.cross_attention_frequency = 1
+    config.qformer_config.hidden_dropout_prob = qformer_dropout
+    config.qformer_config.attention_probs_dropout_prob = qformer_dropout
     if config.image_token_index != image_token_index:
         raise RuntimeError(f"config image_token_index {config.image_token_index} != tokenizer {image_token_index}")
     torch.manual_seed(seed)
@@ -145,6 +162,9 @@ class SceneDataset:
         # (scene index, ids, labels)
         self.captions = [(i, *enc("", s.caption)) for i, s in enumerate(scenes)]
         self.vqa = [(i, *enc(qa.prompt, qa.answer)) for i, s in enumerate(scenes) for qa in s.qa]
+        self.vqa_by_scene: list[list[int]] = [[] for _ in scenes]
+        for k, (i, _, _) in enumerate(self.vqa):
+            self.vqa_by_scene[i].append(k)
         self._check_pixels(processor, scenes[:4])
 
     def pixel_values(self, index):
@@ -160,14 +180,34 @@ class SceneDataset:
         if diff > 1e-4:
             raise RuntimeError(f"training pixel normalisation differs from the image processor by {diff}")
 
-    def batch(self, batch_size: int, caption_fraction: float, generator):
-        """A random batch: `pixel_values`, right-padded `input_ids`, `attention_mask`, `labels`."""
+    def batch(self, batch_size: int, caption_fraction: float, generator, shared_images: bool = False):
+        """A random batch: `pixel_values`, right-padded `input_ids`, `attention_mask`, `labels`.
+
+        With `shared_images`, the batch draws `round(batch_size * caption_fraction)` scenes and
+        takes each one's caption plus VQA examples of the same scenes (scene `j % n` for the j-th
+        VQA example), and `pixel_values` holds each scene once, with `image_index` mapping every
+        example to its row: the vision tower and Q-Former then run once per scene (see `lm_loss`).
+        """
         import torch
 
         n_cap = int(round(batch_size * caption_fraction))
-        cap = torch.randint(len(self.captions), (n_cap,), generator=generator).tolist()
-        vqa = torch.randint(len(self.vqa), (batch_size - n_cap,), generator=generator).tolist()
-        examples = [self.captions[i] for i in cap] + [self.vqa[i] for i in vqa]
+        if shared_images:
+            if n_cap < 1:
+                raise ValueError("shared_images needs caption_fraction > 0")
+            scenes = torch.randint(len(self.captions), (n_cap,), generator=generator).tolist()
+            picks = torch.randint(1 << 30, (batch_size - n_cap,), generator=generator).tolist()
+            examples = [self.captions[i] for i in scenes]
+            for j, r in enumerate(picks):
+                qa = self.vqa_by_scene[scenes[j % n_cap]]
+                examples.append(self.vqa[qa[r % len(qa)]])
+            image_index = [j if j < n_cap else (j - n_cap) % n_cap for j in range(len(examples))]
+            scene_index = torch.tensor(scenes)
+        else:
+            cap = torch.randint(len(self.captions), (n_cap,), generator=generator).tolist()
+            vqa = torch.randint(len(self.vqa), (batch_size - n_cap,), generator=generator).tolist()
+            examples = [self.captions[i] for i in cap] + [self.vqa[i] for i in vqa]
+            image_index = None
+            scene_index = torch.tensor([i for i, _, _ in examples])
         width = max(len(ids) for _, ids, _ in examples)
         input_ids = torch.full((len(examples), width), PAD_ID, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -176,13 +216,36 @@ class SceneDataset:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(lab)] = torch.tensor(lab)
             attention_mask[row, : len(ids)] = 1
-        scene_index = torch.tensor([i for i, _, _ in examples])
-        return {
+        out = {
             "pixel_values": self.pixel_values(scene_index),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
         }
+        if image_index is not None:
+            out["image_index"] = torch.tensor(image_index)
+        return out
+
+
+def lm_loss(model, batch):
+    """BLIP-2's LM loss for a batch; with `image_index`, each image is encoded once.
+
+    Without `image_index` this is `model(**batch).loss`. With it, the query outputs of every
+    distinct image (`Blip2ForConditionalGeneration.get_image_features`) are gathered per example
+    and scattered into the `<image>` positions exactly as the model's own forward does.
+    """
+    if "image_index" not in batch:
+        return model(**batch).loss
+    image_features = model.get_image_features(batch["pixel_values"], return_dict=True).pooler_output
+    image_features = image_features[batch["image_index"]]
+    input_ids = batch["input_ids"]
+    inputs_embeds = model.get_input_embeddings()(input_ids)
+    mask = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds)
+    inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+    logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    return model.loss_function(logits=logits[:, -labels.size(1):, :], labels=labels,
+                               vocab_size=model.config.text_config.vocab_size)
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -218,7 +281,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
 
     set_determinism(cfg.seed, cfg.threads)
     if model is None:
-        model, processor = build_model_and_processor(cfg.preset, cfg.seed)
+        model, processor = build_model_and_processor(cfg.preset, cfg.seed, cfg.qformer_dropout)
     if dataset is None:
         dataset = SceneDataset(cfg.train_scenes, TRAIN_SEED, processor, cfg.preset.num_query_tokens)
     model.train()
@@ -234,8 +297,8 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator)
-        loss = model(**batch).loss
+        batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator, cfg.shared_images)
+        loss = lm_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -284,6 +347,8 @@ def count_parameters(model) -> dict[str, int]:
 def write_model_card(output: Path, cfg: TrainConfig, command: str, seconds: float, params: dict[str, int],
                      report, machine: dict, final_loss: float) -> None:
     p = cfg.preset
+    shared = (" about the same scenes: each image is encoded once per step for a caption and a question"
+              if cfg.shared_images else "")
     size_mb = (output / "model.safetensors").stat().st_size / 1e6
     card = f"""# blip2-tiny-scenes
 
@@ -332,9 +397,10 @@ Captions list the objects left to right: "a red circle", "a red circle and an or
 
 - seed {cfg.seed} (weights init and batch sampling), `torch.use_deterministic_algorithms(True)`,
   {cfg.threads} intra-op threads; training scenes are seeds {TRAIN_SEED}..{TRAIN_SEED + cfg.train_scenes - 1}
-- {cfg.steps} steps, batch {cfg.batch_size} ({int(round(cfg.caption_fraction * 100))}% captions, the rest VQA),
+- {cfg.steps} steps, batch {cfg.batch_size} ({int(round(cfg.caption_fraction * 100))}% captions, the rest VQA{shared}),
   AdamW (betas 0.9/0.98, weight decay {cfg.weight_decay}), peak lr {cfg.lr} after {cfg.warmup_steps} warm-up steps,
-  cosine decay to {cfg.min_lr_ratio:g}x, gradient clipping {cfg.grad_clip}
+  cosine decay to {cfg.min_lr_ratio:g}x, gradient clipping {cfg.grad_clip}; Q-Former dropout {cfg.qformer_dropout:g}
+  (vision and OPT dropout 0)
 - loss: BLIP-2's language-model loss, labels only on the target (caption or answer) and its
   `</s>`; -100 on the `<image>` query positions, the BOS, the prompt and padding
 - training time: {seconds / 60:.1f} min ({seconds:.0f} s) on {machine["cpu"]} ({machine["threads"]} threads,
@@ -363,13 +429,16 @@ never used in training), exact match after lower-casing and whitespace normalisa
 
 {report.table()}
 """
-    met = report.accuracy("caption") >= CAPTION_TARGET and all(report.accuracy(k) >= VQA_TARGET for k in QA_KINDS)
-    if not met:
+    below = [f"caption exact match ({report.accuracy('caption'):.1%})"] if report.accuracy("caption") < CAPTION_TARGET else []
+    below += [f"VQA {k} ({report.accuracy(k):.1%})" for k in QA_KINDS if report.accuracy(k) < VQA_TARGET]
+    if below:
         card += f"""
-**Below target** ({CAPTION_TARGET:.0%} caption exact match, {VQA_TARGET:.0%} VQA per type). The model reads
-colors and their left-to-right order, but shapes stay near chance (1 in 3), which also caps the
-color and position questions that name an object by its shape. It is committed as the best
-reproducible checkpoint so far, not as a finished default.
+**Below target** ({CAPTION_TARGET:.0%} caption exact match, {VQA_TARGET:.0%} VQA per type) on: {", ".join(below)}.
+It is committed as the best reproducible checkpoint so far, not as a finished default.
+"""
+    else:
+        card += f"""
+Meets the targets ({CAPTION_TARGET:.0%} caption exact match, {VQA_TARGET:.0%} VQA on every question type).
 """
     (output / "README.md").write_text(card)
 
@@ -409,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     # One thread: ops on this model are too small to gain from a second one, and on a busy
     # machine two synchronising threads ran ~10x slower per step than one.
     p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads (fixed for reproducibility)")
+    p.add_argument("--shared-images", action=argparse.BooleanOptionalAction, default=d.shared_images)
+    p.add_argument("--qformer-dropout", type=float, default=d.qformer_dropout)
+    p.add_argument("--patch-size", type=int, default=d.preset.patch_size)
+    p.add_argument("--vision-hidden", type=int, default=d.preset.vision_hidden)
+    p.add_argument("--vision-layers", type=int, default=d.preset.vision_layers)
+    p.add_argument("--num-query-tokens", type=int, default=d.preset.num_query_tokens)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
     p.add_argument("--eval-scenes", type=int, default=d.eval_scenes, help="held-out scenes to evaluate; 0 skips")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -422,7 +498,11 @@ def train_main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(
         output=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         caption_fraction=args.caption_fraction, train_scenes=args.train_scenes, seed=args.seed, threads=args.threads,
-        eval_scenes=args.eval_scenes,
+        eval_scenes=args.eval_scenes, qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
+        preset=dataclasses.replace(
+            SCENES_PRESET, patch_size=args.patch_size, vision_hidden=args.vision_hidden,
+            vision_layers=args.vision_layers, num_query_tokens=args.num_query_tokens,
+        ),
     )
     if not 0.0 <= cfg.caption_fraction <= 1.0:
         raise SystemExit("--caption-fraction must be between 0 and 1")
