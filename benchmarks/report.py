@@ -379,7 +379,8 @@ def comparison_plot(name: str, m: dict, out: Path) -> Path:
                         else None)
     ax1.set_xticks(x, [g[0] for g in groups], fontsize=8)
     ax1.set_ylabel("ms (p50)")
-    ax1.legend(fontsize=8, loc="upper left")
+    ax1.set_ylim(0, ax1.get_ylim()[1] * 1.45)  # room for the legend above the bars
+    ax1.legend(fontsize=8, loc="upper left", ncol=2)
     ax1.set_title("one request at a time (lower is better)", fontsize=10)
     ax1.grid(axis="y", alpha=0.3)
 
@@ -397,6 +398,7 @@ def comparison_plot(name: str, m: dict, out: Path) -> Path:
     floor = m["floor"]
     ax2.axhline(floor["floor_ms"], color="black", linestyle="--", linewidth=1,
                 label=f"floor {floor['floor_ms']:.2f} ms ({floor['bound_by']})")
+    ax2.set_ylim(0, max([floor["floor_ms"], *[v or 0 for v in values]]) * 1.3)
     ax2.legend(fontsize=8, loc="upper left")
     ax2.set_ylabel("ms per decode step (batch 1, p50)")
     ax2.set_title(f"decode step vs the floor ({caption})", fontsize=10)
