@@ -45,7 +45,7 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from blip2_triton.tiny import DEFAULT_PRESET, PRESETS
+    from blip2_triton.tiny import BENCH_PRESETS, DEFAULT_PRESET, PRESETS
 
     parser = argparse.ArgumentParser(prog="blip2-triton", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="write a random-weight tiny BLIP-2 OPT checkpoint (no download)")
     p.add_argument("--output", required=True)
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted({**PRESETS, **BENCH_PRESETS}))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
