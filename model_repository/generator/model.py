@@ -3,8 +3,6 @@
 execute() only validates and enqueues; the engine thread runs every active sequence in one batched
 decoder call per step and answers through each request's response sender.
 """
-import numpy as np
-
 from blip2_triton import interface as api
 from blip2_triton import specs
 from blip2_triton.repository import assets_dir
@@ -19,10 +17,8 @@ class TritonPythonModel:
             [specs.QUERY_EMBEDS, api.PROMPT_IDS.name, api.STREAM.name, *api.CONTROL_NAMES],
             [api.GENERATED_IDS.name, api.NEW_TOKENS.name, api.LAST.name],
         )
-        float_dtype = np.dtype(io.pb().triton_string_to_numpy(
-            io.pb().get_input_config_by_name(self.args.config, specs.QUERY_EMBEDS)["data_type"])).name
         self.service = GeneratorService(
-            assets_dir(self.args.repository), self.args.version_dir / self.args.parameter("onnx_file"), float_dtype,
+            assets_dir(self.args.repository), self.args.version_dir / self.args.parameter("onnx_file"),
             stats=io.GeneratorMetrics(self.args.name),
         )
         self.service.engine.start()

@@ -45,6 +45,8 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from blip2_triton.export.exporter import DTYPES
+    from blip2_triton.export.quantize import QUANTIZATIONS
     from blip2_triton.tiny import BENCH_PRESETS, DEFAULT_PRESET, PRESETS
 
     parser = argparse.ArgumentParser(prog="blip2-triton", description=__doc__)
@@ -54,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a BLIP-2 checkpoint into a Triton model repository")
     p.add_argument("--model", required=True, help="hub id or local checkpoint directory")
     p.add_argument("--output", required=True, help="model repository directory to write")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="fp16 is meant for GPU deployments")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the MatMuls (validated after fp32)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp16 is meant for GPU deployments")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="int8 weights for the MatMuls (validated after fp32)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch gate")
     p.add_argument("--providers", help="onnxruntime providers for validation, comma-separated")
     p.set_defaults(func=_export)

@@ -10,16 +10,23 @@ from blip2_triton import specs
 from .onnx_graph import make_session
 
 
+# onnxruntime's names of the float types a decoder graph may be exported in.
+_ORT_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
 class DecoderGraph:
-    def __init__(self, path: str | Path, config, float_dtype: str = "float32", threads: int | None = None,
-                 providers: list[str] | None = None):
+    """The graph's float dtype (fp32 or fp16) is read from the file itself, so no caller can get it wrong."""
+
+    def __init__(self, path: str | Path, config, threads: int | None = None, providers: list[str] | None = None):
+        self.session = make_session(path, threads, providers)
+        prefix = next(i for i in self.session.get_inputs() if i.name == specs.PREFIX_EMBEDS)
+        float_dtype = _ORT_FLOATS[prefix.type]
         self.spec = specs.decoder_spec(config, float_dtype)
         self.layers = specs.num_decoder_layers(self.spec)
         past = self.spec.input(specs.past_key(0))
         self.heads, self.head_dim = past.dims[1], past.dims[3]
         self.float_dtype = np.dtype(float_dtype)
         self.embed_dim = self.spec.input(specs.PREFIX_EMBEDS).dims[2]
-        self.session = make_session(path, threads, providers)
         self._past_names = [n for i in range(self.layers) for n in (specs.past_key(i), specs.past_value(i))]
         self._outputs = self.spec.output_names
 

@@ -32,8 +32,7 @@ class LocalPipeline:
         self.preprocessor = Preprocessor(assets)
         self.vision = OnnxGraph(repository.graph_path(repo, specs.VISION_ENCODER), threads)
         self.qformer = OnnxGraph(repository.graph_path(repo, specs.QFORMER), threads)
-        float_dtype = self.vision.session.get_outputs()[0].type == "tensor(float16)" and "float16" or "float32"
-        self.generator = GeneratorService(assets, repository.graph_path(repo, specs.LLM_DECODER), float_dtype, threads)
+        self.generator = GeneratorService(assets, repository.graph_path(repo, specs.LLM_DECODER), threads)
         self.detokenizer = Detokenizer(self.preprocessor.tokenizer)
 
     def query_embeds(self, pixel_values: np.ndarray) -> np.ndarray:

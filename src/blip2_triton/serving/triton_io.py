@@ -173,6 +173,7 @@ class GeneratorMetrics(EngineStats):
         self._tokens.increment(count)
 
     def on_first_token(self, seconds: float) -> None:
+        # Not kept in EngineStats' list: a server runs for weeks; the counters are the record.
         self._ttft_sum.increment(seconds)
         self._ttft_count.increment(1)
 
