@@ -201,6 +201,11 @@ def test_fp16_export_runs_on_the_cpu_provider(tiny_checkpoints, tmp_path):
     assert all(c["ok"] for c in report.checks)
     model = onnx.load(str(repository.graph_path(tmp_path / "fp16", specs.LLM_DECODER)))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    from blip2_triton.serving.pipeline import LocalPipeline
+
+    pipe = LocalPipeline(tmp_path / "fp16")
+    assert pipe.generator.decoder.float_dtype == np.float16
+    assert len(pipe(random_image(1), max_new_tokens=4).token_ids) == 4
 
 
 def test_unsupported_language_model_is_a_clear_error():

@@ -7,11 +7,7 @@ import numpy as np
 
 from blip2_triton import specs
 
-from .onnx_graph import make_session
-
-
-# onnxruntime's names of the float types a decoder graph may be exported in.
-_ORT_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+from .onnx_graph import ORT_FLOATS, make_session
 
 
 class DecoderGraph:
@@ -20,7 +16,7 @@ class DecoderGraph:
     def __init__(self, path: str | Path, config, threads: int | None = None, providers: list[str] | None = None):
         self.session = make_session(path, threads, providers)
         prefix = next(i for i in self.session.get_inputs() if i.name == specs.PREFIX_EMBEDS)
-        float_dtype = _ORT_FLOATS[prefix.type]
+        float_dtype = ORT_FLOATS[prefix.type]
         self.spec = specs.decoder_spec(config, float_dtype)
         self.layers = specs.num_decoder_layers(self.spec)
         past = self.spec.input(specs.past_key(0))

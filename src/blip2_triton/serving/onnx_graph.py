@@ -5,6 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
+# onnxruntime's names of the float types a graph may be exported in (--dtype fp32 / fp16).
+ORT_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+
 
 def make_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
     import onnxruntime as ort
@@ -21,10 +24,13 @@ class OnnxGraph:
         self.session = make_session(path, threads, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # Float inputs are cast to the graph's own precision: an fp16 export takes fp16 tensors.
+        self._casts = {i.name: np.dtype(ORT_FLOATS[i.type]) for i in self.session.get_inputs() if i.type in ORT_FLOATS}
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         missing = set(self.input_names) - set(inputs)
         if missing:
             raise KeyError(f"missing graph inputs {sorted(missing)}")
-        outputs = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
+        feed = {n: inputs[n].astype(self._casts[n], copy=False) if n in self._casts else inputs[n] for n in self.input_names}
+        outputs = self.session.run(self.output_names, feed)
         return dict(zip(self.output_names, outputs))
