@@ -41,7 +41,7 @@ async def stream(client, image: bytes, workload: Workload, timeout: float = 300.
     rid = uuid.uuid4().hex
 
     async def requests():
-        yield {"model_name": api.ENSEMBLE, "inputs": inputs, "request_id": rid}
+        yield {"model_name": api.PIPELINE, "inputs": inputs, "request_id": rid}
 
     arrivals, tokens = [], []
     start = time.perf_counter()
@@ -121,7 +121,7 @@ class GroupMemorySampler:
             except Exception:  # noqa: BLE001 - the process may be gone; label it by pid
                 cmd = []
             if cmd and cmd[0].endswith("triton_python_backend_stub") and len(cmd) > 2:
-                label = f"stub:{cmd[-2]}"  # the model instance name, e.g. generator_0_0
+                label = f"stub:{cmd[-2]}"  # the model instance name, e.g. blip2_0_0
             elif cmd:
                 label = cmd[0].rsplit("/", 1)[-1]
             else:

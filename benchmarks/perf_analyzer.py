@@ -1,7 +1,7 @@
 """Cross-check with perf_analyzer, Triton's own load generator (run through perf_analyzer.sh).
 
-perf_analyzer drives the `blip2` ensemble over gRPC with --streaming (the ensemble contains a
-decoupled model, which Triton serves only on the streaming RPC). For decoupled models it measures
+perf_analyzer drives the `blip2` model over gRPC with --streaming (it is a decoupled model,
+which Triton serves only on the streaming RPC). For decoupled models it measures
 latency to the FIRST response; the requests here do not ask to stream, so their first response is
 their only one and the latency is the whole request's.
 """
@@ -51,7 +51,7 @@ def run(grpc_url: str, image: bytes, workload: Workload, workdir: Path, concurre
     report = workdir / "perf_analyzer.csv"
     report.unlink(missing_ok=True)
     args = [
-        "-m", api.ENSEMBLE, "-u", grpc_url, "-i", "grpc", "--streaming", "--input-data", str(data),
+        "-m", api.PIPELINE, "-u", grpc_url, "-i", "grpc", "--streaming", "--input-data", str(data),
         "--concurrency-range", concurrency_range, "--measurement-mode", "count_windows",
         # A shared, noisy machine: accept any 3 windows (a cross-check, not the measurement).
         "--measurement-request-count", str(requests_per_window), "--max-trials", "5",

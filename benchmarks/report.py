@@ -13,7 +13,7 @@ STAGES = ("preprocess", "vision_encoder", "qformer", "prefill", "decode", "engin
 STAGE_COLORS = {
     "preprocess": "#8dd3c7", "vision_encoder": "#80b1d3", "qformer": "#bebada", "prefill": "#fdb462",
     "decode": "#fb8072", "engine_overhead": "#d9d9d9", "postprocess": "#b3de69",
-    "batcher queue": "#ffed6f", "decode, postprocess, gRPC, ensemble": "#f4a6a0",
+    "batcher queue": "#ffed6f", "decode, detokenize, BLS, gRPC": "#f4a6a0",
     "transformers to first token": "#a6cee3", "transformers decode": "#1f78b4",
 }
 SYSTEM_COLORS = {"server": "#d95f02", "in_process": "#fdae6b", "transformers": "#1f78b4"}
@@ -157,7 +157,7 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
                       [[k, v, (v / floor["floor_ms"]) if v else None] for k, v in steps]))
     out.append("Below 1 × floor would mean the bandwidth probe was slowed by other load (it is the best of a "
                "measurement at the start and one at the end of the run). The server's streamed tokens can arrive "
-               "bunched (each goes through the ensemble and the postprocess model), which shortens first-to-last; "
+               "bunched (gRPC may coalesce them), which shortens first-to-last; "
                "for the tiny model that, not the decoder, is what this row measures.\n")
 
     out.append("### Where the time goes, in process (median ms per request)\n")
@@ -169,11 +169,11 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
 
     out.append("### Server side (Triton statistics over the latency phase, ms per request)\n")
     out.append(_table(["model", "requests", "mean batch", "queue", "compute input", "compute infer", "compute output"],
-                      [[k + (" (the ensemble: whole requests)" if k == "blip2" else ""), v["requests"], v["mean_batch"],
+                      [[k + (" (the public model: execute() only enqueues)" if k == "blip2" else ""), v["requests"], v["mean_batch"],
                         v["queue_ms"], v["compute_input_ms"], v["compute_infer_ms"], v["compute_output_ms"]]
                        for k, v in st["server"]["models"].items()]))
     g = st["server"]["generator_metrics"]
-    out.append(f"The generator is decoupled: its compute time is only the enqueue. Its engine reports "
+    out.append(f"`blip2` is decoupled: its compute time is only the hand-off to a worker. Its engine reports "
                f"{_f(g['engine_ttft_ms'])} ms from submission to first token (prefill + engine queue), "
                f"{_f(g['decode_steps'], 0)} decode steps for {_f(g['generated_tokens'], 0)} tokens.\n")
 
@@ -196,7 +196,7 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
                           [[b["batch"], b["seconds"], b["requests_per_s"], b["tokens_per_s"], b.get("others_cores")]
                            for b in m["baseline_batches"]]))
 
-    out.append("### Overhead of Triton + gRPC + ensemble over the in-process pipeline (ms)\n")
+    out.append("### Overhead of Triton + gRPC + BLS over the in-process pipeline (ms)\n")
     out.append(_table(["workload", "p50 server − p50 in-process", "same, quiet requests", "median paired difference",
                        "relative"],
                       [[w, v["server_overhead_ms"]["p50_difference"], v["server_overhead_ms"].get("p50_quiet_difference"),
@@ -252,7 +252,7 @@ def _stacked(ax, y: float, parts: list[tuple[str, float]], seen: set) -> None:
 def stage_plot(name: str, m: dict, out: Path) -> Path:
     """Per workload, one bar per system: in-process stages (timed in the same calls as its
     latency), the server's parts from Triton's statistics and the generator's metrics (the
-    remainder of its p50 is decode, postprocess, gRPC and the ensemble), transformers' time to
+    remainder of its p50 is decode, detokenization, the BLS hops and gRPC), transformers' time to
     first token and decode."""
     import matplotlib.pyplot as plt
 
@@ -266,7 +266,7 @@ def stage_plot(name: str, m: dict, out: Path) -> Path:
     models = st["server"]["models"]
     compute = lambda k: (models[k]["compute_input_ms"] + models[k]["compute_infer_ms"] + models[k]["compute_output_ms"]  # noqa: E731
                          if k in models else None)
-    queue = sum(models[k]["queue_ms"] for k in ("preprocess", "vision_encoder", "qformer", "postprocess") if k in models)
+    queue = sum(models[k]["queue_ms"] for k in ("preprocess", "vision_encoder", "qformer") if k in models)
     engine_ttft = st["server"]["generator_metrics"].get("engine_ttft_ms")
     for ax, w in zip(axes[:, 0], workloads):
         stages = st["in_process"][w]
@@ -274,7 +274,7 @@ def stage_plot(name: str, m: dict, out: Path) -> Path:
         server_parts = [("preprocess", compute("preprocess")), ("vision_encoder", compute("vision_encoder")),
                         ("qformer", compute("qformer")), ("batcher queue", queue), ("prefill", engine_ttft)]
         known = sum(v for _, v in server_parts if v)
-        server_parts.append(("decode, postprocess, gRPC, ensemble", e2e[w]["server"]["latency_ms"]["p50"] - known))
+        server_parts.append(("decode, detokenize, BLS, gRPC", e2e[w]["server"]["latency_ms"]["p50"] - known))
         y = rows - 1
         _stacked(ax, y, server_parts, seen)
         _stacked(ax, y - 1, inproc, seen)

@@ -216,7 +216,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         client = AsyncBlip2Client(server.grpc_url, timeout=600)
         streamer = end_to_end.stream_client(server.grpc_url)
         await client.is_ready()
-        await streamer.is_model_ready(api.ENSEMBLE)
+        await streamer.is_model_ready(api.PIPELINE)
         return client, streamer
 
     client, streamer = run(connect())

@@ -3,7 +3,7 @@
 In process: LocalPipeline's parts (the served code without Triton), timed one by one, with the
 generation engine driving a decoder wrapper that times every graph call (the first is the
 prefill, the rest are decode steps). On the server: Triton's per-model statistics (queue and
-compute times) and the generator's own metrics, as differences between two snapshots.
+compute times) and the `blip2` model's engine metrics, as differences between two snapshots.
 """
 from __future__ import annotations
 
@@ -62,11 +62,11 @@ class LocalRunner:
                 first.append(clock())
 
         t0 = clock()
-        pixels, prompt_ids = pipe.preprocessor(image, prompt.encode("utf-8"))
+        pixels, prompt_ids = pipe.stages.preprocess(image, prompt.encode("utf-8"))
         t1 = clock()
-        image_embeds = pipe.vision(**{specs.PIXEL_VALUES: pixels[None]})[specs.IMAGE_EMBEDS]
+        image_embeds = pipe.stages.image_embeds(pixels)
         t2 = clock()
-        query = pipe.qformer(**{specs.IMAGE_EMBEDS: image_embeds})[specs.QUERY_EMBEDS][0]
+        query = pipe.stages.qformer(**{specs.IMAGE_EMBEDS: image_embeds})[specs.QUERY_EMBEDS][0]
         t3 = clock()
         timed = _TimedDecoder(engine.decoder)
         engine.decoder = timed
@@ -78,8 +78,8 @@ class LocalRunner:
         t4 = clock()
         text = pipe.detokenizer.piece(tokens, len(tokens), final=True)
         t5 = clock()
-        # What the postprocess model does for a streaming request: one piece per token (not timed
-        # as part of this request, which is not streamed).
+        # What detokenization costs a streaming request: one piece per token (not timed as part of
+        # this request, which is not streamed).
         for k in range(1, len(tokens) + 1):
             pipe.detokenizer.piece(tokens[:k], 1, final=k == len(tokens))
         t6 = clock()
@@ -165,7 +165,7 @@ def server_stages(before: dict, after: dict, metrics_before: dict, metrics_after
     """Per-request milliseconds per served model between two snapshots.
 
     For batched models, queue and compute are per request (a batch's compute time is counted
-    for each of its requests). The generator is decoupled: its execute() only enqueues, so its
+    for each of its requests). `blip2` is decoupled: its execute() only hands off, so its
     compute time says nothing; its engine reports time to first token (engine queue + prefill)
     and decode steps through the blip2_* metrics instead.
     """

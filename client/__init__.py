@@ -1,4 +1,4 @@
-"""Python client for the served BLIP-2 ensemble: caption, ask, chat, batch and stream over gRPC."""
+"""Python client for the served BLIP-2 model: caption, ask, chat, batch and stream over gRPC."""
 from .aio import AsyncBlip2Client, Result
 from .errors import (
     Blip2Error,

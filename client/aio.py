@@ -1,7 +1,7 @@
-"""asyncio client for the `blip2` ensemble over gRPC (tritonclient.grpc.aio).
+"""asyncio client for the `blip2` model over gRPC (tritonclient.grpc.aio).
 
-Every call is a gRPC bidirectional stream: the ensemble contains a decoupled (streaming) generator,
-and Triton serves decoupled models only through the streaming RPC. A non-streaming call receives
+Every call is a gRPC bidirectional stream: `blip2` is a decoupled (streaming) model, and Triton
+serves decoupled models only through the streaming RPC. A non-streaming call receives
 exactly one response.
 
 Timeouts bound a whole call (DeadlineExceededError). Cancelling the task awaiting a call, or
@@ -44,7 +44,7 @@ class Result:
 
 
 def build_inputs(image: bytes, prompt: str, stream: bool, options: GenerationOptions):
-    """The ensemble's input tensors for one request (each with a batch dimension of 1)."""
+    """The `blip2` model's input tensors for one request (each with a batch dimension of 1)."""
     from tritonclient.grpc import InferInput
 
     def tensor(spec, value):
@@ -63,7 +63,7 @@ _TRITON = {"bytes": "BYTES", "bool": "BOOL", "int32": "INT32", "int64": "INT64",
 
 
 class AsyncBlip2Client:
-    """Caption, ask, chat and stream against a served `blip2` ensemble.
+    """Caption, ask, chat and stream against a served `blip2` model.
 
     Generation controls are keyword arguments named as in transformers' generate()
     (max_new_tokens, num_beams, do_sample, top_p, ...); absent ones take the checkpoint's defaults.
@@ -72,7 +72,7 @@ class AsyncBlip2Client:
     UnavailableError then.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = api.ENSEMBLE, timeout: float | None = DEFAULT_TIMEOUT):
+    def __init__(self, url: str = DEFAULT_URL, model: str = api.PIPELINE, timeout: float | None = DEFAULT_TIMEOUT):
         from tritonclient.grpc.aio import InferenceServerClient
 
         if timeout is not None and timeout <= 0:

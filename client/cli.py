@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Callable, TextIO
 
-from blip2_triton.interface import CONTROLS, ENSEMBLE
+from blip2_triton.interface import CONTROLS, PIPELINE
 
 from .aio import DEFAULT_TIMEOUT, DEFAULT_URL, Result
 from .errors import Blip2Error
@@ -56,7 +56,7 @@ def register(subparsers) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help="gRPC address host:port of the server (default %(default)s)")
-    p.add_argument("--model", default=ENSEMBLE, help="served model name (default %(default)s)")
+    p.add_argument("--model", default=PIPELINE, help="served model name (default %(default)s)")
     p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT,
                    help="seconds allowed per answer (default %(default)g)")
     out = p.add_mutually_exclusive_group()

@@ -20,7 +20,7 @@ _DONE = object()
 class Blip2Client:
     """Blocking twin of AsyncBlip2Client: same methods, same arguments, same exceptions."""
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = api.ENSEMBLE, timeout: float | None = DEFAULT_TIMEOUT):
+    def __init__(self, url: str = DEFAULT_URL, model: str = api.PIPELINE, timeout: float | None = DEFAULT_TIMEOUT):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="blip2-client", daemon=True)
         self._thread.start()

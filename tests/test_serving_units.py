@@ -23,9 +23,9 @@ def test_configs_follow_the_specs(exported):
     text = (repo / specs.QFORMER / "config.pbtxt").read_text()
     q, e = config.num_query_tokens, config.text_config.hidden_size
     assert f'name: "{specs.QUERY_EMBEDS}"' in text and f"dims: [ {q}, {e} ]" in text
-    ensemble = (repo / api.ENSEMBLE / "config.pbtxt").read_text()
+    pipeline = (repo / api.PIPELINE / "config.pbtxt").read_text()
     for control in api.CONTROL_NAMES:
-        assert f'name: "{control}"' in ensemble
+        assert f'name: "{control}"' in pipeline
     assert "${" not in "".join(p.read_text() for p in repo.glob("*/config.pbtxt"))
 
 
@@ -48,7 +48,7 @@ def test_onnxruntime_backend_variant(exported):
     config = AutoConfig.from_pretrained(repository.assets_dir(repo))
     configs = {c.name: c for c in repository.model_configs(config, stateless_backend="onnxruntime")}
     assert configs[specs.VISION_ENCODER].platform == "onnxruntime_onnx"
-    assert configs[api.GENERATOR].backend == "python"
+    assert configs[api.PIPELINE].backend == "python" and configs[api.PIPELINE].decoupled
 
 
 # ---- preprocessing ----------------------------------------------------------------------------------
@@ -132,8 +132,8 @@ def test_concurrent_sequences_share_decoder_calls_and_keep_their_tokens(pipeline
 
     requests = []
     for i, (image, prompt) in enumerate(jobs):
-        pixels, prompt_ids = pipeline.preprocessor(image, prompt.encode())
-        query = pipeline.query_embeds(pixels[None])[0]
+        pixels, prompt_ids = pipeline.stages.preprocess(image, prompt.encode())
+        query = pipeline.stages.query_embeds(pixels)
         requests.append(pipeline.generator.request(query, prompt_ids, {"max_new_tokens": 12, "min_new_tokens": 12},
                                                    on_tokens=on_tokens(i)))
     for r in requests:
@@ -150,8 +150,8 @@ def test_concurrent_sequences_share_decoder_calls_and_keep_their_tokens(pipeline
 
 
 def test_invalid_controls_fail_before_any_work(pipeline):
-    pixels, ids = pipeline.preprocessor(random_image(1), b"")
-    query = pipeline.query_embeds(pixels[None])[0]
+    pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
+    query = pipeline.stages.query_embeds(pixels)
     for controls, message in [({"max_new_tokens": 0}, "max_new_tokens"), ({"top_p": 2.0, "do_sample": True}, "top_p"),
                               ({"bogus": 1}, "bogus"), ({"max_new_tokens": 10**6}, "max_new_tokens")]:
         with pytest.raises(InvalidInput, match=message):
@@ -165,8 +165,8 @@ def test_a_failing_request_does_not_stop_the_engine(pipeline):
 
     engine = GenerationEngine(pipeline.generator.decoder)
     errors = []
-    pixels, ids = pipeline.preprocessor(random_image(1), b"")
-    query = pipeline.query_embeds(pixels[None])[0]
+    pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
+    query = pipeline.stages.query_embeds(pixels)
     bad = GenerationRequest(query_embeds=query[:, :3], prompt_ids=ids, search=None, on_error=errors.append)
     engine._admit(bad)
     assert errors and not engine._active
@@ -177,8 +177,8 @@ def test_a_failing_request_does_not_stop_the_engine(pipeline):
 def test_too_many_beams_is_refused(pipeline):
     from blip2_triton.serving.generator import MAX_BEAMS
 
-    pixels, ids = pipeline.preprocessor(random_image(1), b"")
-    query = pipeline.query_embeds(pixels[None])[0]
+    pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
+    query = pipeline.stages.query_embeds(pixels)
     with pytest.raises(InvalidInput, match="num_beams must be <="):
         pipeline.generator.request(query, ids, {"num_beams": MAX_BEAMS + 1})
 
@@ -188,8 +188,8 @@ def test_stop_answers_waiting_and_active_requests(pipeline):
     from blip2_triton.serving.errors import Cancelled
 
     engine = GenerationEngine(pipeline.generator.decoder)
-    pixels, ids = pipeline.preprocessor(random_image(1), b"")
-    query = pipeline.query_embeds(pixels[None])[0]
+    pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
+    query = pipeline.stages.query_embeds(pixels)
     errors = []
     active = pipeline.generator.request(query, ids, {"max_new_tokens": 50, "min_new_tokens": 50}, on_error=errors.append)
     waiting = pipeline.generator.request(query, ids, {"max_new_tokens": 5}, on_error=errors.append)
@@ -197,3 +197,23 @@ def test_stop_answers_waiting_and_active_requests(pipeline):
     engine.submit(waiting)
     engine.stop()
     assert len(errors) == 2 and all(isinstance(e, Cancelled) for e in errors)
+
+
+def test_cancelling_the_last_sequence_reports_zero_active(pipeline):
+    """The active-sequences gauge is what operators (and the server tests) watch to see a slot freed."""
+    from blip2_triton.serving.engine import GenerationEngine
+    from blip2_triton.serving.errors import Cancelled
+
+    engine = GenerationEngine(pipeline.generator.decoder)
+    pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
+    query = pipeline.stages.query_embeds(pixels)
+    cancelled, errors = threading.Event(), []
+    request = pipeline.generator.request(query, ids, {"max_new_tokens": 50, "min_new_tokens": 50},
+                                         on_error=errors.append, is_cancelled=cancelled.is_set)
+    engine._admit(request)
+    engine._step()
+    assert engine.stats.active == 1
+    cancelled.set()
+    engine._step()
+    assert engine.stats.active == 0 and not engine._active
+    assert len(errors) == 1 and isinstance(errors[0], Cancelled)

@@ -1,4 +1,4 @@
-"""The served pipeline's tensors: the public `blip2` ensemble API and the tensors between its steps.
+"""The served pipeline's tensors: the public `blip2` model API and the tensors between its stages.
 
 The repository generator, the Python-backend models and the client all read these names.
 """
@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from .pbtxt import Tensor
 
-ENSEMBLE = "blip2"
+# The model clients call. It runs the stateless stages (preprocess, vision encoder, Q-Former) as
+# separate, dynamically batched Triton models and owns the LLM decoder, its KV caches and the
+# detokenizer itself (see model_repository/blip2/model.py).
+PIPELINE = "blip2"
 PREPROCESS = "preprocess"
-GENERATOR = "generator"
-POSTPROCESS = "postprocess"
 
-# ---- public inputs (per request; the ensemble batches, so clients send shape [1, ...]) ---------
+# ---- public inputs (per request; the model has a batch dimension, so clients send [1, ...]) ----
 IMAGE = Tensor("image", "bytes", (1,))
 PROMPT = Tensor("prompt", "bytes", (1,), optional=True)
 STREAM = Tensor("stream", "bool", (1,), optional=True)
@@ -41,8 +42,8 @@ TEXT = Tensor("text", "bytes", (1,))  # the new text of this response (all of it
 TOKEN_IDS = Tensor("token_ids", "int64", (-1,))  # the token ids of this response
 FINAL = Tensor("final", "bool", (1,))  # true on the last response of a request
 
-# ---- between steps ---------------------------------------------------------------------------
+PUBLIC_INPUTS: tuple[Tensor, ...] = (IMAGE, PROMPT, STREAM, *CONTROLS)
+PUBLIC_OUTPUTS: tuple[Tensor, ...] = (TEXT, TOKEN_IDS, FINAL)
+
+# ---- between stages --------------------------------------------------------------------------
 PROMPT_IDS = Tensor("prompt_ids", "int64", (-1,))  # BOS + prompt tokens, no image placeholders
-GENERATED_IDS = Tensor("generated_ids", "int64", (-1,))  # every token generated so far
-NEW_TOKENS = Tensor("new_token_count", "int32", (1,))  # how many of them are new in this response
-LAST = Tensor("last_response", "bool", (1,))  # the generator's last response for the request

@@ -42,13 +42,6 @@ class Tensor:
 
 
 @dataclass(frozen=True)
-class EnsembleStep:
-    model: str
-    input_map: dict[str, str]  # model input -> ensemble tensor
-    output_map: dict[str, str]  # model output -> ensemble tensor
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     name: str
     max_batch_size: int
@@ -61,7 +54,6 @@ class ModelConfig:
     decoupled: bool = False
     instance_count: int = 1
     parameters: dict[str, str] = field(default_factory=dict)
-    steps: tuple[EnsembleStep, ...] = ()  # ensembles only
     default_model_filename: str | None = None
 
 
@@ -85,18 +77,12 @@ def _tensor(t: Tensor, indent: str) -> str:
     return indent + "{\n" + "".join(f"{inner}{line}\n" for line in lines) + indent + "}"
 
 
-def _map(key: str, mapping: dict[str, str]) -> str:
-    return "".join(f"      {key} {{ key: {_q(k)} value: {_q(v)} }}\n" for k, v in mapping.items())
-
-
 def render(cfg: ModelConfig) -> str:
     for attr in ("name", "max_batch_size", "inputs", "outputs"):
         if getattr(cfg, attr) in (None, ""):
             raise ConfigError(f"model config {cfg.name!r}: missing {attr}")
     if (cfg.backend is None) == (cfg.platform is None):
         raise ConfigError(f"model config {cfg.name!r}: set exactly one of backend / platform")
-    if cfg.platform == "ensemble" and not cfg.steps:
-        raise ConfigError(f"ensemble {cfg.name!r} has no steps")
     parts = [f"name: {_q(cfg.name)}"]
     parts.append(f"backend: {_q(cfg.backend)}" if cfg.backend else f"platform: {_q(cfg.platform)}")
     parts.append(f"max_batch_size: {cfg.max_batch_size}")
@@ -108,21 +94,9 @@ def render(cfg: ModelConfig) -> str:
         parts.append("model_transaction_policy { decoupled: true }")
     if cfg.dynamic_batching:
         parts.append(f"dynamic_batching {{ max_queue_delay_microseconds: {cfg.max_queue_delay_us} }}")
-    if cfg.platform != "ensemble":
-        parts.append(f"instance_group [ {{ count: {cfg.instance_count} kind: KIND_CPU }} ]")
+    parts.append(f"instance_group [ {{ count: {cfg.instance_count} kind: KIND_CPU }} ]")
     for key, value in cfg.parameters.items():
         if value is None:
             raise ConfigError(f"model config {cfg.name!r}: parameter {key!r} has no value")
         parts.append(f"parameters {{ key: {_q(key)} value: {{ string_value: {_q(str(value))} }} }}")
-    if cfg.steps:
-        steps = []
-        for s in cfg.steps:
-            steps.append(
-                "    {\n"
-                f"      model_name: {_q(s.model)}\n      model_version: -1\n"
-                + _map("input_map", s.input_map)
-                + _map("output_map", s.output_map)
-                + "    }"
-            )
-        parts.append("ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}")
     return "\n".join(parts) + "\n"

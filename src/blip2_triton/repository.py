@@ -1,12 +1,12 @@
 """Layout and generation of the Triton model repository that `blip2-triton export` writes.
 
-    <repo>/blip2/config.pbtxt            ensemble: preprocess -> vision_encoder -> qformer -> generator -> postprocess
-    <repo>/blip2/1/                      checkpoint assets: processor, tokenizer, configs, export report
-    <repo>/preprocess/{config.pbtxt,1/model.py}
-    <repo>/vision_encoder/{config.pbtxt,1/model.py,1/model.onnx}
-    <repo>/qformer/{config.pbtxt,1/model.py,1/model.onnx}
-    <repo>/generator/{config.pbtxt,1/model.py,1/llm_decoder.onnx}   decoupled, owns the KV cache
-    <repo>/postprocess/{config.pbtxt,1/model.py}
+    <repo>/blip2/{config.pbtxt,1/model.py,1/llm_decoder.onnx}   the public model (decoupled):
+                                         calls preprocess -> vision_encoder -> qformer (BLS), then
+                                         generates with the KV-cached decoder and detokenizes
+    <repo>/blip2/1/checkpoint/           checkpoint assets: processor, tokenizer, configs, export report
+    <repo>/preprocess/{config.pbtxt,1/model.py}                   dynamic batching
+    <repo>/vision_encoder/{config.pbtxt,1/model.py,1/model.onnx}  dynamic batching
+    <repo>/qformer/{config.pbtxt,1/model.py,1/model.onnx}         dynamic batching
 
 model.py files are copied from the `model_repository/` sources; every config.pbtxt is generated
 from the graph specs (blip2_triton.specs) and the pipeline interface (blip2_triton.interface).
@@ -19,21 +19,20 @@ from typing import Callable
 
 from . import interface as api
 from . import specs
-from .pbtxt import EnsembleStep, ModelConfig, Tensor, render
+from .pbtxt import ModelConfig, Tensor, render
 
 # Where each graph's ONNX file lives, relative to the repository: (model directory, file name).
 GRAPH_LOCATIONS = {
     specs.VISION_ENCODER: (specs.VISION_ENCODER, "model.onnx"),
     specs.QFORMER: (specs.QFORMER, "model.onnx"),
-    specs.LLM_DECODER: (api.GENERATOR, "llm_decoder.onnx"),
+    specs.LLM_DECODER: (api.PIPELINE, "llm_decoder.onnx"),
 }
 # Which model.py source (under model_repository/) serves each model.
 MODEL_SOURCES = {
     api.PREPROCESS: "preprocess",
     specs.VISION_ENCODER: "onnx_graph",
     specs.QFORMER: "onnx_graph",
-    api.GENERATOR: "generator",
-    api.POSTPROCESS: "postprocess",
+    api.PIPELINE: "blip2",
 }
 MAX_BATCH_SIZE = 16
 QUEUE_DELAY_US = 2000
@@ -45,8 +44,8 @@ def graph_path(repo: Path | str, graph: str) -> Path:
 
 
 def assets_dir(repo: Path | str) -> Path:
-    """Processor, tokenizer and configs of the exported checkpoint (the ensemble's version folder)."""
-    return Path(repo) / api.ENSEMBLE / "1"
+    """Processor, tokenizer and configs of the exported checkpoint (a folder of the `blip2` model's version)."""
+    return Path(repo) / api.PIPELINE / "1" / "checkpoint"
 
 
 def model_configs(config, float_dtype: str = "float32", stateless_backend: str = "python") -> list[ModelConfig]:
@@ -59,7 +58,6 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
     graphs = specs.graph_specs(config, float_dtype)
     vision, qformer = graphs[specs.VISION_ENCODER], graphs[specs.QFORMER]
     pixel_values = Tensor.from_spec(vision.input(specs.PIXEL_VALUES))
-    query_embeds = Tensor.from_spec(qformer.output(specs.QUERY_EMBEDS))
 
     def stateless(spec: specs.GraphSpec) -> ModelConfig:
         common = dict(
@@ -84,43 +82,15 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         dynamic_batching=True,
         max_queue_delay_us=QUEUE_DELAY_US,
     )
-    generator = ModelConfig(
-        name=api.GENERATOR,
+    pipeline = ModelConfig(
+        name=api.PIPELINE,
         max_batch_size=MAX_BATCH_SIZE,
-        inputs=(query_embeds, api.PROMPT_IDS, api.STREAM, *api.CONTROLS),
-        outputs=(api.GENERATED_IDS, api.NEW_TOKENS, api.LAST),
+        inputs=api.PUBLIC_INPUTS,
+        outputs=api.PUBLIC_OUTPUTS,
         decoupled=True,
         parameters={"onnx_file": GRAPH_LOCATIONS[specs.LLM_DECODER][1]},
     )
-    postprocess = ModelConfig(
-        name=api.POSTPROCESS,
-        max_batch_size=MAX_BATCH_SIZE,
-        inputs=(api.GENERATED_IDS, api.NEW_TOKENS, api.LAST),
-        outputs=(api.TEXT, api.TOKEN_IDS, api.FINAL),
-    )
-    same = lambda *tensors: {t.name: t.name for t in tensors}  # noqa: E731
-    ensemble = ModelConfig(
-        name=api.ENSEMBLE,
-        backend=None,
-        platform="ensemble",
-        max_batch_size=MAX_BATCH_SIZE,
-        inputs=(api.IMAGE, api.PROMPT, api.STREAM, *api.CONTROLS),
-        outputs=(api.TEXT, api.TOKEN_IDS, api.FINAL),
-        steps=(
-            EnsembleStep(api.PREPROCESS, same(api.IMAGE, api.PROMPT), same(pixel_values, api.PROMPT_IDS)),
-            EnsembleStep(vision.name, same(pixel_values), same(*vision.outputs)),
-            EnsembleStep(qformer.name, same(*qformer.inputs), same(query_embeds)),
-            EnsembleStep(
-                api.GENERATOR,
-                same(query_embeds, api.PROMPT_IDS, api.STREAM, *api.CONTROLS),
-                same(api.GENERATED_IDS, api.NEW_TOKENS, api.LAST),
-            ),
-            EnsembleStep(
-                api.POSTPROCESS, same(api.GENERATED_IDS, api.NEW_TOKENS, api.LAST), same(api.TEXT, api.TOKEN_IDS, api.FINAL)
-            ),
-        ),
-    )
-    return [preprocess, stateless(vision), stateless(qformer), generator, postprocess, ensemble]
+    return [preprocess, stateless(vision), stateless(qformer), pipeline]
 
 
 def write_repository(
@@ -134,7 +104,9 @@ def write_repository(
     from blip2_triton.model_repository import SOURCE_DIR
 
     repo = Path(repo)
-    for cfg in model_configs(config, float_dtype, stateless_backend):
+    configs = model_configs(config, float_dtype, stateless_backend)
+    _remove_stale_models(repo, {cfg.name for cfg in configs})
+    for cfg in configs:
         model_dir = repo / cfg.name
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
         (model_dir / "config.pbtxt").write_text(render(cfg))
@@ -144,3 +116,14 @@ def write_repository(
     if checkpoint_files is not None:
         checkpoint_files(assets_dir(repo))
     return repo
+
+
+def _remove_stale_models(repo: Path, keep: set[str]) -> None:
+    """Delete models an earlier export (or an older layout) left in `repo`: Triton loads every
+    folder with a config.pbtxt, and a stale one would fail the server's start."""
+    if not repo.is_dir():
+        return
+    for config in repo.glob("*/config.pbtxt"):
+        if config.parent.name not in keep:
+            print(f"[export] removing stale model {config.parent}", flush=True)
+            shutil.rmtree(config.parent)

@@ -112,7 +112,7 @@ class GenerationEngine:
             self._thread.join(timeout)
         for seq in self._active:
             self._fail(seq.request, Cancelled("server shutting down"))
-        self._active.clear()
+        self._set_active([])
         while True:
             try:
                 self._fail(self._queue.get_nowait(), Cancelled("server shutting down"))
@@ -140,7 +140,12 @@ class GenerationEngine:
                 log.exception("generation loop error")
                 for seq in self._active:
                     self._fail(seq.request, e)
-                self._active = []
+                self._set_active([])
+
+    def _set_active(self, sequences: list[_Active]) -> None:
+        """Every change of the active set goes through here, so the reported count never goes stale."""
+        self._active = sequences
+        self.stats.on_active(len(sequences))
 
     def _admit_waiting(self, block: bool) -> None:
         rows = sum(s.rows for s in self._active)
@@ -166,11 +171,9 @@ class GenerationEngine:
             self.stats.on_prefill()
             self._advance(seq, logits)
             if not seq.finished:
-                self._active.append(seq)
+                self._set_active([*self._active, seq])
         except BaseException as e:  # reported to this request only; the engine keeps serving
             self._fail(request, e)
-        finally:
-            self.stats.on_active(len(self._active))
 
     def _step(self) -> None:
         """One batched decoder call for every active sequence's rows."""
@@ -180,7 +183,7 @@ class GenerationEngine:
                 self._fail(seq.request, Cancelled("cancelled by the client"))
             else:
                 live.append(seq)
-        self._active = live
+        self._set_active(live)
         if not live:
             return
         try:
@@ -189,7 +192,7 @@ class GenerationEngine:
             log.exception("decoder step failed")
             for seq in live:
                 self._fail(seq.request, e)
-            self._active = []
+            self._set_active([])
             return
         start = 0
         still = []
@@ -207,9 +210,8 @@ class GenerationEngine:
                 continue
             if not seq.finished:
                 still.append(seq)
-        self._active = still
+        self._set_active(still)
         self.stats.on_step(len(live))
-        self.stats.on_active(len(still))
 
     def _batched_call(self, live: list[_Active]):
         total = max(s.length for s in live) + 1

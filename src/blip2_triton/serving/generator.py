@@ -1,7 +1,7 @@
 """The generator service: validated requests -> the continuous-batching engine -> token callbacks.
 
-Owns the LLM-decoder graph and its KV caches. Used by the `generator` Triton model and, without a
-server, by `LocalPipeline` (tests, benchmarks).
+Owns the LLM-decoder graph and its KV caches. Used by the `blip2` Triton model and, without a
+server, by `LocalPipeline` (tests, benchmarks), both through `Blip2Service`.
 """
 from __future__ import annotations
 
@@ -52,6 +52,21 @@ class GeneratorService:
         except generation.InvalidGenerationParams as e:
             raise InvalidInput(str(e)) from None
 
+    def validate(self, prompt_ids: np.ndarray, controls: dict[str, Any]) -> "generation.GenerationParams":
+        """Prompt ids + controls -> validated params; raises InvalidInput. Cheap: the pipeline calls it
+        before running any graph, so a bad request costs no vision or decoder work."""
+        if prompt_ids.ndim != 1 or prompt_ids.size == 0:
+            raise InvalidInput(f"prompt_ids: expected a non-empty 1-D array, got shape {list(prompt_ids.shape)}")
+        prompt_length = self.num_query_tokens + len(prompt_ids)
+        params = self.params(controls, prompt_length)
+        if params.num_beams > MAX_BEAMS:
+            raise InvalidInput(f"num_beams must be <= {MAX_BEAMS} on this server, got {params.num_beams}")
+        try:
+            params.validate_context(prompt_length, self.max_positions)
+        except generation.InvalidGenerationParams as e:
+            raise InvalidInput(str(e)) from None
+        return params
+
     def request(
         self,
         query_embeds: np.ndarray,
@@ -66,16 +81,7 @@ class GeneratorService:
         expected = (self.num_query_tokens, self.decoder.embed_dim)
         if query_embeds.shape != expected:
             raise InvalidInput(f"query_embeds: expected shape {list(expected)}, got {list(query_embeds.shape)}")
-        if prompt_ids.ndim != 1 or prompt_ids.size == 0:
-            raise InvalidInput(f"prompt_ids: expected a non-empty 1-D array, got shape {list(prompt_ids.shape)}")
-        prompt_length = self.num_query_tokens + len(prompt_ids)
-        params = self.params(controls, prompt_length)
-        if params.num_beams > MAX_BEAMS:
-            raise InvalidInput(f"num_beams must be <= {MAX_BEAMS} on this server, got {params.num_beams}")
-        try:
-            params.validate_context(prompt_length, self.max_positions)
-        except generation.InvalidGenerationParams as e:
-            raise InvalidInput(str(e)) from None
+        params = self.validate(prompt_ids, controls)
         # transformers' OPT generate sees the image placeholders and the prompt as its input_ids:
         # repetition penalty and n-gram blocking count them too.
         history = np.concatenate([np.full(self.num_query_tokens, self.image_token_id, np.int64), prompt_ids])

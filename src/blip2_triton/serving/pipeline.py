@@ -1,7 +1,7 @@
 """The whole served pipeline in one process, over an exported model repository, with no Triton.
 
-Same code path as the server's models (preprocess -> vision encoder -> Q-Former -> generator ->
-detokenize), used by the parity tests and as the "in-process" baseline of the benchmarks.
+The `blip2` model's own code (Blip2Service) with the stateless stages run in-process instead of
+through Triton: used by the parity tests and as the "in-process" baseline of the benchmarks.
 """
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from blip2_triton import repository, specs
 
-from .detokenize import Detokenizer
-from .generator import GeneratorService
-from .onnx_graph import OnnxGraph
-from .preprocess import Preprocessor
+from .service import Blip2Service, LocalStages
 
 
 @dataclass
@@ -28,21 +23,16 @@ class Generation:
 class LocalPipeline:
     def __init__(self, repo: str | Path, threads: int | None = None):
         repo = Path(repo)
-        assets = repository.assets_dir(repo)
-        self.preprocessor = Preprocessor(assets)
-        self.vision = OnnxGraph(repository.graph_path(repo, specs.VISION_ENCODER), threads)
-        self.qformer = OnnxGraph(repository.graph_path(repo, specs.QFORMER), threads)
-        self.generator = GeneratorService(assets, repository.graph_path(repo, specs.LLM_DECODER), threads)
-        self.detokenizer = Detokenizer(self.preprocessor.tokenizer)
-
-    def query_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
-        """[N, 3, H, W] -> [N, Q, E] through the vision encoder and Q-Former graphs."""
-        image_embeds = self.vision(**{specs.PIXEL_VALUES: pixel_values})[specs.IMAGE_EMBEDS]
-        return self.qformer(**{specs.IMAGE_EMBEDS: image_embeds})[specs.QUERY_EMBEDS]
+        self.stages = LocalStages(repo, threads)
+        self.service = Blip2Service(
+            repository.assets_dir(repo), repository.graph_path(repo, specs.LLM_DECODER), self.stages,
+            tokenizer=self.stages.preprocessor.tokenizer, threads=threads,
+        )
+        self.generator = self.service.generator
+        self.detokenizer = self.service.detokenizer
 
     def __call__(self, image: bytes, prompt: str = "", **controls: Any) -> Generation:
-        pixels, prompt_ids = self.preprocessor(image, prompt.encode("utf-8"))
-        query = self.query_embeds(pixels[None])[0]
-        request = self.generator.request(query, prompt_ids, controls)
+        pieces = []
+        request = self.service.prepare(image, prompt.encode("utf-8"), controls, emit=pieces.append)
         tokens = [int(t) for t in self.generator.engine.generate(request)]
-        return Generation(self.detokenizer.piece(tokens, len(tokens), final=True), tokens)
+        return Generation("".join(p.text for p in pieces), tokens)

@@ -17,6 +17,7 @@ from .engine import EngineStats
 from .errors import Cancelled, InvalidInput
 
 log = logging.getLogger("blip2_triton.serving")
+INVALID_PREFIX = "invalid argument: "
 
 
 def pb():
@@ -80,6 +81,18 @@ def single(request, name: str, required: bool = False):
     return item if isinstance(item, bytes) else item.item()
 
 
+def pipeline_inputs(request) -> dict:
+    """The public `blip2` inputs of one request, as Blip2Service.prepare's keyword arguments."""
+    from blip2_triton import interface as api
+
+    return {
+        "image": single(request, api.IMAGE.name, required=True),
+        "prompt": single(request, api.PROMPT.name),
+        "stream": bool(single(request, api.STREAM.name) or False),
+        "controls": {name: single(request, name) for name in api.CONTROL_NAMES},
+    }
+
+
 def row(request, name: str) -> np.ndarray:
     """A per-request [1, ...] input without its batch dimension."""
     value = tensor(request, name)
@@ -107,7 +120,7 @@ def error_response(error: BaseException):
     """
     p = pb()
     if isinstance(error, InvalidInput):
-        code, message = p.TritonError.INVALID_ARG, f"invalid argument: {error}"
+        code, message = p.TritonError.INVALID_ARG, f"{INVALID_PREFIX}{error}"
     elif isinstance(error, Cancelled):
         code, message = p.TritonError.CANCELLED, f"cancelled: {error}"
     else:
@@ -125,6 +138,47 @@ def is_cancelled(request) -> bool:
         return bool(request.is_cancelled())
     except Exception:  # older backends have no cancellation API
         return False
+
+
+# ---- BLS: the stateless stages as calls to their Triton models ---------------------------------------
+class BlsStages:
+    """Blip2Service's stages as BLS calls to the `preprocess`, `vision_encoder` and `qformer` models.
+
+    Each call is a separate Triton request, so calls from concurrent requests meet in those models'
+    dynamic batchers. A stage's INVALID_ARGUMENT comes back as InvalidInput with its message.
+    """
+
+    def preprocess(self, image: bytes, prompt: bytes | None) -> tuple[np.ndarray, np.ndarray]:
+        from blip2_triton import interface as api
+        from blip2_triton import specs
+
+        inputs = {api.IMAGE.name: np.asarray([[image]], dtype=object)}
+        if prompt is not None:
+            inputs[api.PROMPT.name] = np.asarray([[prompt]], dtype=object)
+        out = _call(api.PREPROCESS, inputs, [specs.PIXEL_VALUES, api.PROMPT_IDS.name])
+        return out[specs.PIXEL_VALUES][0], out[api.PROMPT_IDS.name][0]
+
+    def query_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        from blip2_triton import specs
+
+        image = _call(specs.VISION_ENCODER, {specs.PIXEL_VALUES: pixel_values[None]}, [specs.IMAGE_EMBEDS])
+        return _call(specs.QFORMER, image, [specs.QUERY_EMBEDS])[specs.QUERY_EMBEDS][0]
+
+
+def _call(model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    p = pb()
+    request = p.InferenceRequest(
+        model_name=model, inputs=[p.Tensor(n, v) for n, v in inputs.items()], requested_output_names=outputs,
+    )
+    result = request.exec()
+    if result.has_error():
+        error = result.error()
+        message = error.message()
+        code = error.code() if hasattr(error, "code") else None
+        if code == p.TritonError.INVALID_ARG or message.startswith(INVALID_PREFIX):
+            raise InvalidInput(message.removeprefix(INVALID_PREFIX))
+        raise RuntimeError(f"model {model!r}: {message}")
+    return {n: p.get_output_tensor_by_name(result, n).as_numpy() for n in outputs}
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -182,17 +236,17 @@ class GeneratorMetrics(EngineStats):
         self._active.set(sequences)
 
 
-def token_sender(sender):
-    """Engine on_tokens callback -> one decoupled response per call, the last one flagged final."""
+def piece_sender(sender):
+    """Blip2Service emit callback -> one decoupled response per piece, the last one flagged final."""
     from blip2_triton import interface as api
 
-    def send(ids: list[int], new: int, final: bool) -> None:
+    def send(piece) -> None:
         resp = response({
-            api.GENERATED_IDS.name: np.asarray(ids, np.int64),
-            api.NEW_TOKENS.name: np.asarray([new], np.int32),
-            api.LAST.name: np.asarray([final]),
+            api.TEXT.name: np.asarray([piece.text.encode("utf-8")], dtype=object),
+            api.TOKEN_IDS.name: np.asarray(piece.token_ids, np.int64),
+            api.FINAL.name: np.asarray([piece.final]),
         })
-        sender.send(resp, flags=final_flag() if final else 0)
+        sender.send(resp, flags=final_flag() if piece.final else 0)
 
     return send
 

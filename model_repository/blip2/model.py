@@ -1,0 +1,49 @@
+"""Triton model `blip2` (decoupled), the public API: image + prompt + controls -> streamed text.
+
+execute() only reads the inputs and hands each request to a worker thread, which runs the
+stateless stages as BLS calls (batched in their own models) and enqueues the request in the
+generation engine; the engine thread runs every active sequence in one batched decoder call per
+step and answers through each request's response sender. Because the request that Triton
+cancels is the one this model holds, a client's cancellation frees its sequence at the next step.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+from blip2_triton import interface as api
+from blip2_triton.repository import MAX_BATCH_SIZE, assets_dir
+from blip2_triton.serving import triton_io as io
+from blip2_triton.serving.service import Blip2Service
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.args = io.ModelArgs(args)
+        self.args.require_io([t.name for t in api.PUBLIC_INPUTS], [t.name for t in api.PUBLIC_OUTPUTS])
+        self.service = Blip2Service(
+            assets_dir(self.args.repository), self.args.version_dir / self.args.parameter("onnx_file"),
+            stages=io.BlsStages(), stats=io.GeneratorMetrics(self.args.name),
+        )
+        self.service.engine.start()
+        # BLS calls block: enough workers for a full batch of requests to wait in the stages together.
+        self.workers = ThreadPoolExecutor(MAX_BATCH_SIZE, thread_name_prefix="blip2-stages")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self.workers.submit(self._start, request, sender, io.pipeline_inputs(request))
+            except Exception as e:
+                sender.send(io.error_response(e), flags=io.final_flag())
+        return None
+
+    def _start(self, request, sender, inputs):
+        try:
+            self.service.engine.submit(self.service.prepare(
+                **inputs, emit=io.piece_sender(sender), on_error=io.error_sender(sender),
+                is_cancelled=lambda: io.is_cancelled(request),
+            ))
+        except Exception as e:
+            sender.send(io.error_response(e), flags=io.final_flag())
+
+    def finalize(self):
+        self.workers.shutdown(wait=True)  # queued requests still get an answer (an error, at shutdown)
+        self.service.engine.stop()

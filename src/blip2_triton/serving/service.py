@@ -1,0 +1,109 @@
+"""One BLIP-2 request from encoded image + prompt to streamed text: what the `blip2` model serves.
+
+    stages.preprocess -> stages.query_embeds -> GenerationEngine (KV-cached, continuous batching)
+    -> incremental detokenization -> emit(Piece)
+
+The stateless stages are pluggable: inside Triton they are BLS calls to the dynamically batched
+`preprocess`, `vision_encoder` and `qformer` models (triton_io.BlsStages); in-process they run
+the same code and graphs directly (LocalStages). Everything after them lives in this process, so
+cancellation reaches the engine directly and a token costs no extra Triton hop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from blip2_triton import specs
+
+from .detokenize import Detokenizer
+from .engine import EngineStats, GenerationRequest
+from .generator import GeneratorService
+from .onnx_graph import OnnxGraph
+from .preprocess import Preprocessor
+
+
+class Stages(Protocol):
+    def preprocess(self, image: bytes, prompt: bytes | None) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded image + prompt -> pixel values [3, H, W] and prompt ids [S]; InvalidInput if bad."""
+
+    def query_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Pixel values [3, H, W] -> query embeddings in the LM's space [Q, E]."""
+
+
+class LocalStages:
+    """The stateless stages run in this process: the same code and graphs the Triton models run."""
+
+    def __init__(self, repo: str | Path, threads: int | None = None):
+        from blip2_triton import repository
+
+        self.preprocessor = Preprocessor(repository.assets_dir(repo))
+        self.vision = OnnxGraph(repository.graph_path(repo, specs.VISION_ENCODER), threads)
+        self.qformer = OnnxGraph(repository.graph_path(repo, specs.QFORMER), threads)
+
+    def preprocess(self, image: bytes, prompt: bytes | None) -> tuple[np.ndarray, np.ndarray]:
+        return self.preprocessor(image, prompt)
+
+    def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.vision(**{specs.PIXEL_VALUES: pixel_values[None]})[specs.IMAGE_EMBEDS]
+
+    def query_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        image_embeds = self.image_embeds(pixel_values)
+        return self.qformer(**{specs.IMAGE_EMBEDS: image_embeds})[specs.QUERY_EMBEDS][0]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One response: the text its new tokens add, those token ids, and whether it is the last."""
+
+    text: str
+    token_ids: list[int]
+    final: bool
+
+
+class Blip2Service:
+    def __init__(self, assets: str | Path, decoder_path: str | Path, stages: Stages, tokenizer=None,
+                 threads: int | None = None, stats: EngineStats | None = None):
+        self.stages = stages
+        self.generator = GeneratorService(assets, decoder_path, threads=threads, stats=stats)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(assets)
+        self.detokenizer = Detokenizer(tokenizer)
+
+    @property
+    def engine(self):
+        return self.generator.engine
+
+    def prepare(
+        self,
+        image: bytes,
+        prompt: bytes | None,
+        controls: dict[str, Any],
+        stream: bool = False,
+        emit: Callable[[Piece], None] = lambda piece: None,
+        on_error: Callable[[BaseException], None] = lambda e: None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> GenerationRequest:
+        """Run the stateless stages on the calling thread and return the engine request.
+
+        Raises InvalidInput for a bad image, prompt or control; controls are checked right after
+        tokenization, before the vision encoder runs.
+        """
+        controls = {k: v for k, v in controls.items() if v is not None}
+        pixels, prompt_ids = self.stages.preprocess(image, prompt)
+        self.generator.validate(prompt_ids, controls)
+        query = self.stages.query_embeds(pixels)
+        return self.generator.request(
+            query, prompt_ids, controls, stream=stream, on_tokens=self._pieces(emit), on_error=on_error,
+            is_cancelled=is_cancelled,
+        )
+
+    def _pieces(self, emit: Callable[[Piece], None]) -> Callable[[list[int], int, bool], None]:
+        def on_tokens(ids: list[int], new: int, final: bool) -> None:
+            emit(Piece(self.detokenizer.piece(ids, new, final=final), ids[len(ids) - new :], final))
+
+        return on_tokens
