@@ -512,5 +512,5 @@ def test_a_cancelled_asyncio_task_frees_its_slot(served, client, cancel):
     server = served[1]
     _wait_idle(server)
     cancel(server.grpc_url)
-    _wait_idle(server)
+    _wait_idle(server)  # early stopping itself: test_server.test_cancelled_stream_frees_its_slot
     assert client.caption(random_image(4), max_new_tokens=3).token_ids

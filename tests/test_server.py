@@ -153,14 +153,25 @@ def test_wrong_dtype_and_shape_are_rejected_by_the_server(served):
 
 
 def test_cancelled_stream_frees_its_slot(served):
+    """Closing a stream frees its sequence; the engine stops it at the step after Triton marks the
+    request cancelled. How soon Triton's gRPC frontend does that varies (a few ms, sometimes a few
+    hundred), and the tiny model's whole generation takes ~0.3 s, so early stopping is asserted
+    over several attempts; the freed slot on every one."""
     _, server, client = served
-    stream = client.stream(random_image(3), max_new_tokens=60, min_new_tokens=60)
-    next(stream)
-    stream.close()  # cancels the gRPC call mid-generation
-    deadline = time.time() + 20
-    while time.time() < deadline and _metric(server, "blip2_active_sequences") != 0:
-        time.sleep(0.1)
-    assert _metric(server, "blip2_active_sequences") == 0
+    generated = []
+    for attempt in range(5):
+        tokens_before = _metric(server, "blip2_generated_tokens_total")
+        stream = client.stream(random_image(3), max_new_tokens=100, min_new_tokens=100)
+        next(stream)
+        stream.close()  # cancels the gRPC call mid-generation
+        deadline = time.time() + 20
+        while time.time() < deadline and _metric(server, "blip2_active_sequences") != 0:
+            time.sleep(0.05)
+        assert _metric(server, "blip2_active_sequences") == 0
+        generated.append(_metric(server, "blip2_generated_tokens_total") - tokens_before)
+        if generated[-1] < 100:
+            break
+    assert min(generated) < 100, f"no cancelled stream stopped before max_new_tokens: {generated}"
     assert client.caption(random_image(4), max_new_tokens=3).token_ids
 
 

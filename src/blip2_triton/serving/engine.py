@@ -88,6 +88,9 @@ class EngineStats:
     def on_active(self, sequences: int) -> None:
         self.active = sequences
 
+    def on_idle(self) -> None:
+        """Called about every 50 ms while no sequence is active."""
+
 
 class GenerationEngine:
     def __init__(self, decoder: DecoderGraph, max_rows: int = 64, stats: EngineStats | None = None):
@@ -136,6 +139,8 @@ class GenerationEngine:
                 self._admit_waiting(block=not self._active)
                 if self._active:
                     self._step()
+                else:
+                    self.stats.on_idle()
             except BaseException as e:  # a bug must cost the active requests, never the model
                 log.exception("generation loop error")
                 for seq in self._active:
