@@ -16,7 +16,7 @@ STAGE_COLORS = {
     "batcher queue": "#ffed6f", "decode, detokenize, BLS, gRPC": "#f4a6a0",
     "transformers to first token": "#a6cee3", "transformers decode": "#1f78b4",
 }
-SYSTEM_COLORS = {"server": "#d95f02", "in_process": "#fdae6b", "transformers": "#1f78b4"}
+SYSTEM_COLORS = {"server": "#d95f02", "in_process": "#fdae6b", "in_process_int8": "#7570b3", "transformers": "#1f78b4"}
 EXTRA_BASELINE_COLOR = "#a6cee3"
 
 
@@ -26,9 +26,15 @@ def label(system: str, threads: int | None = None) -> str:
         return "ours: Triton + gRPC"
     if system == "in_process":
         return "ours: in-process"
+    if system == "in_process_int8":
+        return "ours, int8 weights: in-process"
     if system == "transformers":
         return f"transformers, {threads} threads" if threads else "transformers"
     return "transformers, " + system.split("_", 1)[1].replace("_", " ")
+
+
+def caption_tokens(m: dict) -> int:
+    return m["workloads"][0]["max_new_tokens"]
 
 
 def color(system: str) -> str:
@@ -131,8 +137,15 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
                          r.get(f"server_latency_p50_quiet{suffix}"), r.get(f"in_process_latency_p50_quiet{suffix}"),
                          r.get(f"server_latency_min{suffix}"), r[f"server_stream_ttft_p50{suffix}"],
                          r[f"in_process_ttft_p50{suffix}"]])
+    int8 = "in_process_int8" in systems
+    if int8:
+        for row, (wname, b) in zip(rows, [(wn, b) for wn in e2e for b in baselines]):
+            suffix = "" if b == "transformers" else f"_vs_{b}"
+            row += [e2e[wname]["ratios_ours_over_transformers"].get(f"in_process_int8_latency_p50{suffix}"),
+                    e2e[wname]["ratios_ours_over_transformers"].get(f"in_process_int8_latency_p50_quiet{suffix}")]
     out.append(_table(["workload", "versus", "server latency p50", "in-process latency p50", "server p50 quiet",
-                       "in-process p50 quiet", "server min / min", "server TTFT p50", "in-process TTFT p50"], rows))
+                       "in-process p50 quiet", "server min / min", "server TTFT p50", "in-process TTFT p50",
+                       *(["int8 in-process p50", "int8 in-process p50 quiet"] if int8 else [])], rows))
     out.append("quiet: p50 over the requests during which other users' processes kept few cores busy (needs 3 "
                "per system); min / min: each system's fastest request.\n")
 
@@ -140,6 +153,12 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
     out.append(f"**Tokens identical to transformers:** {'yes' if ident['all'] else 'NO'} "
                f"({ident['compared']} requests compared, {len(ident['mismatches'])} mismatches; "
                f"{ident['distinct_tokens_in_reference']} distinct token ids in the reference outputs).\n")
+    if "int8_agreement" in m:
+        a = m["int8_agreement"]
+        out.append(f"**int8 weights vs fp32 transformers:** {a['identical']} of {a['compared']} requests generate the "
+                   f"same tokens; on average {100 * (a['mean_agreeing_prefix'] or 0):.0f}% of a request's tokens agree "
+                   "before the first difference (int8 is not meant to be token-exact; accuracy on the trained model "
+                   "is in its model card).\n")
 
     st = m["stages"]
     w = m["decoder_weights"]
@@ -153,8 +172,13 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
              ("ours server: first to last streamed token / steps", e2e[caption]["server_stream"]["decode_step_ms"].get("p50"))]
     steps += [(f"{label(b, threads)}: first to last token / steps", e2e[caption][b]["decode_step_ms"].get("p50"))
               for b in systems if b.startswith("transformers")]
-    out.append(_table(["system (p50 over requests)", "ms per step", "× floor"],
-                      [[k, v, (v / floor["floor_ms"]) if v else None] for k, v in steps]))
+    rows = [[k, v, (v / floor["floor_ms"]) if v else None] for k, v in steps]
+    if "floor_int8" in m:
+        f8, w8 = m["floor_int8"], m["decoder_weights_int8"]
+        v = e2e[caption]["in_process_int8"]["decode_step_ms"].get("p50")
+        rows.append([f"ours int8 in-process: decode time / steps (floor {f8['floor_ms']} ms: "
+                     f"{w8['bytes_read_per_step'] / 2**20:.0f} MiB per step)", v, (v / f8["floor_ms"]) if v else None])
+    out.append(_table(["system (p50 over requests)", "ms per step", "× floor"], rows))
     out.append("Below 1 × floor would mean the bandwidth probe was slowed by other load (it is the best of a "
                "measurement at the start and one at the end of the run). The server's streamed tokens can arrive "
                "bunched (gRPC may coalesce them), which shortens first-to-last; "
@@ -190,6 +214,13 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
                         t.get("others_cores")] for t in m["throughput"]]))
     out.append("vision batch: mean batch the dynamic batcher formed for the vision encoder; decode rows / step: "
                "mean sequences per batched decoder call (the continuous batcher).\n")
+    tb = m.get("throughput_bound")
+    if tb:
+        out.append(f"Bound from the per-request CPU cost: {tb['once_ms']:.0f} ms of preprocess + vision + Q-Former + "
+                   f"prefill (in-process medians, each using every core) + {caption_tokens(m)} tokens × "
+                   f"{tb['decode_ms_per_token']} ms (decode per token at {tb['rows']} rows) = {tb['request_cost_ms']:.0f} ms "
+                   f"→ {tb['bound_requests_per_s']:.2f} requests/s. Measured with {tb['streams']} streams: "
+                   f"{_f(tb['measured_requests_per_s'])} requests/s = **{_f(tb['measured_over_bound'])} × the bound**.\n")
     if m.get("baseline_batches"):
         out.append("transformers, static batches (one generate() over N images):\n")
         out.append(_table(["batch", "seconds", "requests/s", "tokens/s", "others' cores"],

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results"
 DEFAULT_WORKDIR = ROOT / "artifacts" / "bench"
 SYSTEMS = ("server", "in_process", "transformers")
+INT8 = "in_process_int8"  # the int8-weight export, in process (compared with fp32 transformers, not token-exact)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Settings:
     decode_rows: tuple[int, ...] = (1, 2, 4, 8, 16)
     bandwidth_mib: int = 512
     matmul_n: int = 2048
+    # Also the same graphs with int8 weights (`export --quantize int8`), in process, in the same turns.
+    int8: bool = True
     # A request is "quiet" when other users' processes kept fewer cores than this busy meanwhile.
     quiet_cores: float = 0.25
     seed: int = 0
@@ -142,13 +145,16 @@ def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict
     t_model = time.perf_counter()
     workdir = Path(args.workdir)
     progress.say(f"[{spec}] preparing checkpoint and model repository under {workdir}")
-    model = prepare_model(spec, workdir, rebuild=args.rebuild, seed=settings.seed)
+    model = prepare_model(spec, workdir, rebuild=args.rebuild, seed=settings.seed, int8=settings.int8)
     logs = workdir / model.name / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     loads = workloads(settings.caption_tokens, settings.vqa_tokens)
     pictures = make_images(settings.images)
     result: dict = {"model": model.as_dict(), "workloads": [asdict(w) for w in loads],
                     "decoder_weights": machine.decoder_weights(repository.graph_path(model.repository, specs.LLM_DECODER))}
+    if model.int8_repository:
+        result["decoder_weights_int8"] = machine.decoder_weights(
+            repository.graph_path(model.int8_repository, specs.LLM_DECODER))
 
     progress.say(f"[{spec}] starting workers (transformers, in-process) and tritonserver")
     t_start = time.perf_counter()
@@ -156,6 +162,8 @@ def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict
         # Workers load while tritonserver starts.
         workers = {
             "in_process": Worker("local", model.repository, settings.threads, logs / "in_process.log"),
+            **({INT8: Worker("local", model.int8_repository, settings.threads, logs / f"{INT8}.log")}
+               if model.int8_repository else {}),
             "transformers": Worker("transformers", model.checkpoint, settings.threads, logs / "transformers.log"),
         }
         for n in settings.extra_baseline_threads:
@@ -313,12 +321,15 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         run(client.close())
         run(streamer.close())
 
+    stage_medians = _stage_medians(loads, samples)
     return {
         "systems": systems,
+        "throughput_bound": _throughput_bound(stage_medians[caption.name], caption.max_new_tokens, decode_rows, throughput),
         "raw": _raw(loads, samples, streams),
         "end_to_end": _end_to_end(loads, samples, streams, systems, settings.quiet_cores),
         "tokens_identical": _identical(loads, samples, streams, systems),
-        "stages": {"in_process": _stage_medians(loads, samples), "server": server_stages,
+        **({"int8_agreement": _int8_agreement(loads, samples)} if INT8 in systems else {}),
+        "stages": {"in_process": stage_medians, "server": server_stages,
                    "decode_step_vs_rows": [{"rows": d["rows"], "step_ms": round(d["step_seconds"] * 1e3, 3),
                                             "ms_per_token": round(d["step_seconds"] * 1e3 / d["rows"], 3)}
                                            for d in decode_rows],
@@ -326,6 +337,25 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         "throughput": throughput,
         "baseline_batches": baseline_batches,
     }
+
+
+def _throughput_bound(stages_ms: dict, tokens: int, decode_rows: list[dict], throughput: list[dict], rows: int = 8) -> dict:
+    """Requests/s the machine could serve if no core ever idled: 1 / the CPU time one request costs.
+
+    Every in-process stage runs with one thread per core, so its median time is the whole machine's
+    time for it: preprocess + vision + Q-Former + prefill once, plus `tokens` decode steps at the
+    per-token cost of a `rows`-sequence batch (what continuous batching at that concurrency buys).
+    """
+    measured = {d["rows"]: d["step_seconds"] / d["rows"] for d in decode_rows}
+    at = max((r for r in measured if r <= rows), default=min(measured))
+    once = sum(stages_ms[f"{k}_ms"] for k in ("preprocess", "vision_encoder", "qformer", "prefill"))
+    cost_ms = once + tokens * measured[at] * 1e3
+    bound = 1e3 / cost_ms
+    level = next((t for t in throughput if t["streams"] == rows), None)
+    return {"rows": at, "once_ms": round(once, 3), "decode_ms_per_token": round(measured[at] * 1e3, 3),
+            "request_cost_ms": round(cost_ms, 3), "bound_requests_per_s": round(bound, 4),
+            "streams": rows, "measured_requests_per_s": level["requests_per_s"] if level else None,
+            "measured_over_bound": round(level["requests_per_s"] / bound, 4) if level else None}
 
 
 def _batching(level: dict) -> dict:
@@ -408,6 +438,9 @@ def _end_to_end(loads, samples, streams, systems, quiet_cores: float) -> dict:
         ratios = {}
         for baseline in (s for s in systems if s.startswith("transformers")):
             suffix = "" if baseline == "transformers" else f"_vs_{baseline}"
+            if INT8 in systems:
+                ratios[f"{INT8}_latency_p50{suffix}"] = _ratio(p50[INT8], p50[baseline])
+                ratios[f"{INT8}_latency_p50_quiet{suffix}"] = _ratio(quiet[INT8], quiet[baseline])
             ratios[f"server_latency_p50{suffix}"] = _ratio(p50["server"], p50[baseline])
             ratios[f"in_process_latency_p50{suffix}"] = _ratio(p50["in_process"], p50[baseline])
             ratios[f"server_latency_p50_quiet{suffix}"] = _ratio(quiet["server"], quiet[baseline])
@@ -437,7 +470,8 @@ def _identical(loads, samples, streams, systems) -> dict:
     out = {"all": True, "compared": 0, "mismatches": []}
     for w in loads:
         reference = {r["image"]: r["tokens"] for r in samples[w.name]["transformers"]}
-        candidates = [(s, r["image"], r["tokens"]) for s in systems if s != "transformers" for r in samples[w.name][s]]
+        candidates = [(s, r["image"], r["tokens"]) for s in systems if s not in ("transformers", INT8)
+                      for r in samples[w.name][s]]
         candidates += [("server_stream", r["image"], r["tokens"]) for r in streams[w.name]]
         for system, image, tokens in candidates:
             if image not in reference:
@@ -449,6 +483,25 @@ def _identical(loads, samples, streams, systems) -> dict:
                                           "ours": tokens, "transformers": reference[image]})
     out["distinct_tokens_in_reference"] = len({t for w in loads for r in samples[w.name]["transformers"] for t in r["tokens"]})
     return out
+
+
+def _int8_agreement(loads, samples) -> dict:
+    """How close int8 weights stay to fp32: requests whose tokens equal transformers' fp32 tokens,
+    and the mean share of tokens that agree before the first difference."""
+    same = compared = 0
+    prefix = []
+    for w in loads:
+        reference = {r["image"]: r["tokens"] for r in samples[w.name]["transformers"]}
+        for r in samples[w.name][INT8]:
+            ref = reference.get(r["image"])
+            if ref is None:
+                continue
+            compared += 1
+            same += r["tokens"] == ref
+            agree = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref)) if a != b), min(len(ref), len(r["tokens"])))
+            prefix.append(agree / max(len(ref), 1))
+    return {"compared": compared, "identical": same,
+            "mean_agreeing_prefix": round(statistics.mean(prefix), 4) if prefix else None}
 
 
 def _stage_medians(loads, samples) -> dict:
@@ -541,6 +594,8 @@ def run_from_args(args) -> int:
     results["capabilities"] = caps.as_dict() | {"at_start": first.as_dict(), "at_end": last.as_dict()}
     for result in results["models"].values():
         result["floor"] = machine.decode_floor(result["decoder_weights"], caps)
+        if "decoder_weights_int8" in result:
+            result["floor_int8"] = machine.decode_floor(result["decoder_weights_int8"], caps)
     results["facts"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["run_seconds"] = round(time.perf_counter() - start, 1)
     progress.say("writing results")

@@ -66,6 +66,7 @@ class PreparedModel:
     source: str  # "preset base-opt (random weights, seed 0)" or the trained checkpoint's path
     export_seconds: float | None
     export_max_abs_diff: dict
+    int8_repository: Path | None = None  # the same checkpoint exported with --quantize int8
 
     def as_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -86,11 +87,11 @@ def _code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare_model(spec: str, workdir: Path, rebuild: bool = False, seed: int = 0) -> PreparedModel:
+def prepare_model(spec: str, workdir: Path, rebuild: bool = False, seed: int = 0, int8: bool = False) -> PreparedModel:
     """`spec` is a preset name (tiny.PRESETS / tiny.BENCH_PRESETS) or a checkpoint directory.
 
-    Builds (presets only) and exports into `workdir/<name>/`, reusing both while the preset, the
-    checkpoint file and the export code are unchanged.
+    Builds (presets only) and exports into `workdir/<name>/` (with `int8`, also an int8-weight
+    export), reusing both while the preset, the checkpoint file and the export code are unchanged.
     """
     from blip2_triton import repository
     from blip2_triton.export.exporter import export_checkpoint
@@ -113,7 +114,9 @@ def prepare_model(spec: str, workdir: Path, rebuild: bool = False, seed: int = 0
         weights = checkpoint / "model.safetensors"
         key = {"checkpoint": str(checkpoint), "size": weights.stat().st_size, "mtime": weights.stat().st_mtime}
     key["code"] = _code_fingerprint()
+    key["int8"] = int8
     repo = home / "repository"
+    repo_int8 = home / "repository-int8"
     stamp = home / "stamp.json"
     fresh = not rebuild and stamp.exists() and json.loads(stamp.read_text()) == key
     if not fresh:
@@ -125,6 +128,10 @@ def prepare_model(spec: str, workdir: Path, rebuild: bool = False, seed: int = 0
             build_tiny_checkpoint(checkpoint, spec, seed=seed)
         log.info("exporting %s -> %s", checkpoint, repo)
         export_checkpoint(checkpoint, repo, progress=False)
+        if int8:
+            log.info("exporting %s -> %s (int8)", checkpoint, repo_int8)
+            export_checkpoint(checkpoint, repo_int8, quantize="int8", progress=False)
         stamp.write_text(json.dumps(key))
     report = json.loads((repository.assets_dir(repo) / "export_report.json").read_text())
-    return PreparedModel(name, checkpoint, repo, source, report.get("seconds"), report.get("max_abs_diff", {}))
+    return PreparedModel(name, checkpoint, repo, source, report.get("seconds"), report.get("max_abs_diff", {}),
+                         repo_int8 if int8 else None)

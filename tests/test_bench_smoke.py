@@ -62,6 +62,11 @@ def test_every_section_is_present_with_sane_numbers(results):
     assert mem["server_peak_rss_mib"] > 0 and mem["transformers_peak_rss_mib"] > 0 and mem["in_process_peak_rss_mib"] > 0
     assert any(k.startswith("stub:blip2") for k in mem["server_peak_rss_by_process_mib"])
     assert "skipped" in m["perf_analyzer"]
+    # int8 weights run in the same turns; the floor and the throughput bound are derived
+    assert positive(m["end_to_end"]["caption"]["in_process_int8"]["latency_ms"])
+    assert m["int8_agreement"]["compared"] > 0 and m["floor_int8"]["floor_ms"] > 0
+    assert m["decoder_weights_int8"]["bytes_read_per_step"] < m["decoder_weights"]["bytes_read_per_step"]
+    assert m["throughput_bound"]["bound_requests_per_s"] > 0
 
 
 def test_generated_tokens_are_identical_to_transformers(results):
