@@ -129,7 +129,7 @@ def test_training_loop_reduces_loss(micro):
     cfg = TrainConfig(steps=25, batch_size=16, lr=3e-3, warmup_steps=3, train_scenes=64, preset=preset, threads=2)
     model, _ = build_model_and_processor(preset, seed=0)
     dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens)
-    _, _, losses, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+    _, _, losses, _, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
     torch.use_deterministic_algorithms(False)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 

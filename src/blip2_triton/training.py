@@ -26,7 +26,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from blip2_triton.scenes import HELDOUT_SEED, IMAGE_SIZE, QA_KINDS, TRAIN_SEED, generate_scenes
+from blip2_triton.scenes import (
+    HELDOUT_SEED, IMAGE_SIZE, MAX_OBJECTS, OBJECT_COLORS, QA_KINDS, SHAPES, TRAIN_SEED, generate_scenes,
+)
 from blip2_triton.tiny import IMAGE_TOKEN, TinyPreset, blip2_config, build_processor, build_tokenizer
 
 IGNORE_INDEX = -100
@@ -89,11 +91,19 @@ class TrainConfig:
     # Each batch's VQA examples come from the scenes of its captions, so every image is encoded
     # once per step for two examples (half the vision / Q-Former cost per example).
     shared_images: bool = False
+    # Weight of the training-only auxiliary loss (`slot_loss`) on the Q-Former outputs; 0: LM loss only.
+    aux_weight: float = 1.0
+    # initializer_range of the vision tower (the rest keeps the preset's init_std).
+    vision_init_std: float = 0.02
     preset: TinyPreset = SCENES_PRESET
 
 
-def build_model_and_processor(preset: TinyPreset, seed: int, qformer_dropout: float = 0.1):
-    """A freshly initialised Blip2ForConditionalGeneration and its processor for `preset`."""
+def build_model_and_processor(preset: TinyPreset, seed: int, qformer_dropout: float = 0.1,
+                              vision_init_std: float | None = None):
+    """A freshly initialised Blip2ForConditionalGeneration and its processor for `preset`.
+
+    `vision_init_std` (default: the preset's init_std) is the vision tower's initializer_range.
+    """
     import torch
     from transformers import Blip2ForConditionalGeneration, GenerationConfig
 
@@ -106,6 +116,8 @@ def build_model_and_processor(preset: TinyPreset, seed: int, qformer_dropout: fl
     config.qformer_config.cross_attention_frequency = 1
     config.qformer_config.hidden_dropout_prob = qformer_dropout
     config.qformer_config.attention_probs_dropout_prob = qformer_dropout
+    if vision_init_std is not None:
+        config.vision_config.initializer_range = vision_init_std
     if config.image_token_index != image_token_index:
         raise RuntimeError(f"config image_token_index {config.image_token_index} != tokenizer {image_token_index}")
     torch.manual_seed(seed)
@@ -162,6 +174,14 @@ class SceneDataset:
         # (scene index, ids, labels)
         self.captions = [(i, *enc("", s.caption)) for i, s in enumerate(scenes)]
         self.vqa = [(i, *enc(qa.prompt, qa.answer)) for i, s in enumerate(scenes) for qa in s.qa]
+        # Slot targets of the auxiliary loss (`slot_loss`): object k left to right -> (shape, color)
+        # indices, (len(SHAPES), len(OBJECT_COLORS)) = "no object" for k >= number of objects.
+        colors = list(OBJECT_COLORS)
+        self.slots = torch.tensor([
+            [(SHAPES.index(s.objects[k].shape), colors.index(s.objects[k].color)) if k < len(s.objects)
+             else (len(SHAPES), len(colors)) for k in range(MAX_OBJECTS)]
+            for s in scenes
+        ])
         self.vqa_by_scene: list[list[int]] = [[] for _ in scenes]
         for k, (i, _, _) in enumerate(self.vqa):
             self.vqa_by_scene[i].append(k)
@@ -181,7 +201,8 @@ class SceneDataset:
             raise RuntimeError(f"training pixel normalisation differs from the image processor by {diff}")
 
     def batch(self, batch_size: int, caption_fraction: float, generator, shared_images: bool = False):
-        """A random batch: `pixel_values`, right-padded `input_ids`, `attention_mask`, `labels`.
+        """A random batch: `pixel_values`, right-padded `input_ids`, `attention_mask`, `labels`,
+        and `slots` [rows of pixel_values, MAX_OBJECTS, 2], the auxiliary loss's targets (`slot_loss`).
 
         With `shared_images`, the batch draws `round(batch_size * caption_fraction)` scenes and
         takes each one's caption plus VQA examples of the same scenes (scene `j % n` for the j-th
@@ -221,31 +242,67 @@ class SceneDataset:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
+            "slots": self.slots[scene_index],
         }
         if image_index is not None:
             out["image_index"] = torch.tensor(image_index)
         return out
 
 
-def lm_loss(model, batch):
-    """BLIP-2's LM loss for a batch; with `image_index`, each image is encoded once.
+def slot_head(num_query_tokens: int, qformer_hidden: int):
+    """Training-only auxiliary head: the Q-Former's query outputs -> each object's shape and color.
 
-    Without `image_index` this is `model(**batch).loss`. With it, the query outputs of every
-    distinct image (`Blip2ForConditionalGeneration.get_image_features`) are gathered per example
-    and scattered into the `<image>` positions exactly as the model's own forward does.
+    BLIP-2 trains its Q-Former in a first stage with losses on the query outputs themselves
+    (image-text contrastive and matching) before the LM loss; here one linear layer reads the
+    flattened query outputs [B, Q * H] and classifies, for each of the MAX_OBJECTS slots left to
+    right, the shape (or "none") and the color (or "none"). It is not part of the checkpoint:
+    only its gradient into the Q-Former and the vision tower is kept. See TrainConfig.aux_weight.
     """
-    if "image_index" not in batch:
-        return model(**batch).loss
-    image_features = model.get_image_features(batch["pixel_values"], return_dict=True).pooler_output
-    image_features = image_features[batch["image_index"]]
+    import torch
+
+    n_out = MAX_OBJECTS * (len(SHAPES) + 1 + len(OBJECT_COLORS) + 1)
+    return torch.nn.Linear(num_query_tokens * qformer_hidden, n_out)
+
+
+def slot_loss(head, query_output, slots):
+    """Mean cross-entropy of `head` over the slots' shapes and colors; query_output [B, Q, H]."""
+    import torch.nn.functional as F
+
+    n_shape, n_color = len(SHAPES) + 1, len(OBJECT_COLORS) + 1
+    logits = head(query_output.flatten(1)).view(-1, MAX_OBJECTS, n_shape + n_color)
+    return (F.cross_entropy(logits[..., :n_shape].reshape(-1, n_shape), slots[..., 0].reshape(-1))
+            + F.cross_entropy(logits[..., n_shape:].reshape(-1, n_color), slots[..., 1].reshape(-1))) / 2
+
+
+def losses_for(model, batch, aux_head=None):
+    """(LM loss, auxiliary slot loss or None) for a batch; each image row is encoded once.
+
+    The LM loss is BLIP-2's, `model(**batch).loss` when every example has its own image row: the
+    query outputs of every row of `pixel_values` (`Blip2ForConditionalGeneration.
+    get_image_features`) are gathered per example with `image_index` (when given) and scattered
+    into the `<image>` positions exactly as the model's own forward does.
+    """
+    features = model.get_image_features(batch["pixel_values"], return_dict=True)
+    image_features = features.pooler_output
+    if "image_index" in batch:
+        image_features = image_features[batch["image_index"]]
     input_ids = batch["input_ids"]
     inputs_embeds = model.get_input_embeddings()(input_ids)
     mask = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds)
     inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
     logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]
-    return model.loss_function(logits=logits[:, -labels.size(1):, :], labels=labels,
-                               vocab_size=model.config.text_config.vocab_size)
+    lm = model.loss_function(logits=logits[:, -labels.size(1):, :], labels=labels,
+                             vocab_size=model.config.text_config.vocab_size)
+    aux = None
+    if aux_head is not None:
+        aux = slot_loss(aux_head, features.qformer_outputs.last_hidden_state, batch["slots"])
+    return lm, aux
+
+
+def lm_loss(model, batch):
+    """BLIP-2's LM loss for a batch (see `losses_for`)."""
+    return losses_for(model, batch)[0]
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -275,18 +332,24 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, dataset=None):
-    """Run the training loop; returns (model, processor, losses per step, seconds)."""
+    """Run the training loop; returns (model, processor, LM losses, auxiliary losses, seconds).
+
+    The loss lists have one value per step; the auxiliary one is empty when `cfg.aux_weight` is 0.
+    """
     import torch
     from tqdm.auto import tqdm
 
     set_determinism(cfg.seed, cfg.threads)
     if model is None:
-        model, processor = build_model_and_processor(cfg.preset, cfg.seed, cfg.qformer_dropout)
+        model, processor = build_model_and_processor(cfg.preset, cfg.seed, cfg.qformer_dropout, cfg.vision_init_std)
     if dataset is None:
         dataset = SceneDataset(cfg.train_scenes, TRAIN_SEED, processor, cfg.preset.num_query_tokens)
+    # Drawn after the model's weights, so the model's initialisation does not depend on it.
+    aux_head = slot_head(cfg.preset.num_query_tokens, cfg.preset.qformer_hidden) if cfg.aux_weight > 0 else None
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "query_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "query_tokens" not in n)]
+    named = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
+    decay = [p for n, p in named if p.ndim >= 2 and "query_tokens" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "query_tokens" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98),
@@ -294,22 +357,29 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     generator = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
+    aux_losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
     for step in bar:
         batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator, cfg.shared_images)
-        loss = lm_loss(model, batch)
+        loss, aux = losses_for(model, batch, aux_head)
+        total = loss if aux is None else loss + cfg.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        if aux is not None:
+            aux_losses.append(aux.item())
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            shown = {"loss": f"{sum(losses[-50:]) / len(losses[-50:]):.4f}"}
+            if aux_losses:
+                shown["aux"] = f"{sum(aux_losses[-50:]) / len(aux_losses[-50:]):.4f}"
+            bar.set_postfix(**shown, lr=f"{scheduler.get_last_lr()[0]:.2e}")
     seconds = time.perf_counter() - start
     model.eval()
-    return model, processor, losses, seconds
+    return model, processor, losses, aux_losses, seconds
 
 
 def plot_losses(losses: list[float], path: Path, title: str) -> None:
@@ -480,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads (fixed for reproducibility)")
     p.add_argument("--shared-images", action=argparse.BooleanOptionalAction, default=d.shared_images)
     p.add_argument("--qformer-dropout", type=float, default=d.qformer_dropout)
+    p.add_argument("--vision-init-std", type=float, default=d.vision_init_std)
+    p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="auxiliary slot loss weight; 0: LM loss only")
     p.add_argument("--patch-size", type=int, default=d.preset.patch_size)
     p.add_argument("--vision-hidden", type=int, default=d.preset.vision_hidden)
     p.add_argument("--vision-layers", type=int, default=d.preset.vision_layers)
@@ -499,6 +571,7 @@ def train_main(argv: list[str] | None = None) -> int:
         output=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         caption_fraction=args.caption_fraction, train_scenes=args.train_scenes, seed=args.seed, threads=args.threads,
         eval_scenes=args.eval_scenes, qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
+        aux_weight=args.aux_weight, vision_init_std=args.vision_init_std,
         preset=dataclasses.replace(
             SCENES_PRESET, patch_size=args.patch_size, vision_hidden=args.vision_hidden,
             vision_layers=args.vision_layers, num_query_tokens=args.num_query_tokens,
@@ -510,7 +583,7 @@ def train_main(argv: list[str] | None = None) -> int:
     command = "python -m blip2_triton.training " + " ".join(argv_shown)
     output = Path(cfg.output)
 
-    model, processor, losses, seconds = train(cfg, progress=not args.no_progress)
+    model, processor, losses, aux_losses, seconds = train(cfg, progress=not args.no_progress)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     processor.save_pretrained(output)
@@ -528,7 +601,7 @@ def train_main(argv: list[str] | None = None) -> int:
     params = count_parameters(model) | {"vocab": model.config.text_config.vocab_size,
                                         "image_token_index": model.config.image_token_index}
     log = {"config": asdict(cfg), "command": command, "seconds": seconds,
-           "machine": machine, "parameters": params, "losses": losses,
+           "machine": machine, "parameters": params, "losses": losses, "aux_losses": aux_losses,
            "evaluation": report.to_dict() if report else None}
     (output / "training_log.json").write_text(json.dumps(log) + "\n")
     if report is not None:
