@@ -124,6 +124,29 @@ def test_shared_image_batch_loss_equals_the_model_forward(micro):
         assert lm_loss(model, batch).item() == pytest.approx(model(**full).loss.item(), rel=1e-5)
 
 
+def test_slot_targets_list_objects_left_to_right(micro):
+    preset, _, processor = micro
+    dataset = SceneDataset(16, 0, processor, preset.num_query_tokens)
+    colors = list(OBJECT_COLORS)
+    for scene, slots in zip(generate_scenes(16, 0), dataset.slots.tolist()):
+        named = [(SHAPES[s], colors[c]) for s, c in slots if s < len(SHAPES)]
+        assert named == [(o.shape, o.color) for o in sorted(scene.objects, key=lambda o: o.x)]
+        assert slots[len(named):] == [[len(SHAPES), len(colors)]] * (3 - len(named))
+
+
+def test_auxiliary_stage_and_heads_stay_out_of_the_checkpoint(micro):
+    preset, _, processor = micro
+    cfg = TrainConfig(steps=3, stage1_steps=2, batch_size=8, warmup_steps=1, train_scenes=16, preset=preset, threads=2,
+                      shape_count_aux=True)
+    model, _ = build_model_and_processor(preset, seed=0)
+    keys = set(model.state_dict())
+    dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens)
+    _, _, losses, aux_losses, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+    torch.use_deterministic_algorithms(False)
+    assert len(losses) == 3 and len(aux_losses) == 5  # LM loss only after the auxiliary-only stage
+    assert set(model.state_dict()) == keys
+
+
 def test_training_loop_reduces_loss(micro):
     preset, _, processor = micro
     cfg = TrainConfig(steps=25, batch_size=16, lr=3e-3, warmup_steps=3, train_scenes=64, preset=preset, threads=2)

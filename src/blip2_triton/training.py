@@ -93,6 +93,12 @@ class TrainConfig:
     shared_images: bool = False
     # Weight of the training-only auxiliary loss (`slot_loss`) on the Q-Former outputs; 0: LM loss only.
     aux_weight: float = 1.0
+    # First stage: this many steps of the auxiliary losses alone (vision tower, Q-Former and the
+    # heads; no language model), before `steps` steps of LM + auxiliary loss. One lr schedule
+    # spans both.
+    stage1_steps: int = 0
+    slot_aux: bool = True
+    shape_count_aux: bool = False
     # initializer_range of the vision tower (the rest keeps the preset's init_std).
     vision_init_std: float = 0.02
     preset: TinyPreset = SCENES_PRESET
@@ -200,6 +206,13 @@ class SceneDataset:
         if diff > 1e-4:
             raise RuntimeError(f"training pixel normalisation differs from the image processor by {diff}")
 
+    def image_batch(self, batch_size: int, generator):
+        """Random scenes for the auxiliary-only first stage: `pixel_values` and their `slots`."""
+        import torch
+
+        index = torch.randint(len(self.captions), (batch_size,), generator=generator)
+        return {"pixel_values": self.pixel_values(index), "slots": self.slots[index]}
+
     def batch(self, batch_size: int, caption_fraction: float, generator, shared_images: bool = False):
         """A random batch: `pixel_values`, right-padded `input_ids`, `attention_mask`, `labels`,
         and `slots` [rows of pixel_values, MAX_OBJECTS, 2], the auxiliary loss's targets (`slot_loss`).
@@ -249,6 +262,30 @@ class SceneDataset:
         return out
 
 
+def aux_heads(preset: TinyPreset, slot: bool, shape_count: bool):
+    """The training-only auxiliary heads (a ModuleDict; None when both are off)."""
+    import torch
+
+    heads = {}
+    if slot:
+        heads["slot"] = slot_head(preset.num_query_tokens, preset.qformer_hidden)
+    if shape_count:
+        heads["shape_count"] = torch.nn.Linear(preset.vision_hidden, len(SHAPES) * (MAX_OBJECTS + 1))
+    return torch.nn.ModuleDict(heads) if heads else None
+
+
+def shape_count_loss(head, image_embeds, slots):
+    """Cross-entropy of how many objects of each shape (0..MAX_OBJECTS) the image holds, read by a
+    linear `head` from the mean of the vision tower's output tokens image_embeds [B, T, Dv]: a
+    direct, translation-invariant shape signal into the vision tower."""
+    import torch
+    import torch.nn.functional as F
+
+    counts = torch.stack([(slots[..., 0] == k).sum(-1) for k in range(len(SHAPES))], -1)  # [B, S]
+    logits = head(image_embeds.mean(1)).view(-1, len(SHAPES), MAX_OBJECTS + 1)
+    return F.cross_entropy(logits.reshape(-1, MAX_OBJECTS + 1), counts.reshape(-1))
+
+
 def slot_head(num_query_tokens: int, qformer_hidden: int):
     """Training-only auxiliary head: the Q-Former's query outputs -> each object's shape and color.
 
@@ -274,7 +311,7 @@ def slot_loss(head, query_output, slots):
             + F.cross_entropy(logits[..., n_shape:].reshape(-1, n_color), slots[..., 1].reshape(-1))) / 2
 
 
-def losses_for(model, batch, aux_head=None):
+def losses_for(model, batch, heads=None):
     """(LM loss, auxiliary slot loss or None) for a batch; each image row is encoded once.
 
     The LM loss is BLIP-2's, `model(**batch).loss` when every example has its own image row: the
@@ -283,6 +320,16 @@ def losses_for(model, batch, aux_head=None):
     into the `<image>` positions exactly as the model's own forward does.
     """
     features = model.get_image_features(batch["pixel_values"], return_dict=True)
+    aux = None
+    if heads is not None:
+        parts = []
+        if "slot" in heads:
+            parts.append(slot_loss(heads["slot"], features.qformer_outputs.last_hidden_state, batch["slots"]))
+        if "shape_count" in heads:
+            parts.append(shape_count_loss(heads["shape_count"], features.last_hidden_state, batch["slots"]))
+        aux = sum(parts)
+    if "input_ids" not in batch:  # an image-only batch (`SceneDataset.image_batch`)
+        return None, aux
     image_features = features.pooler_output
     if "image_index" in batch:
         image_features = image_features[batch["image_index"]]
@@ -294,9 +341,6 @@ def losses_for(model, batch, aux_head=None):
     labels = batch["labels"]
     lm = model.loss_function(logits=logits[:, -labels.size(1):, :], labels=labels,
                              vocab_size=model.config.text_config.vocab_size)
-    aux = None
-    if aux_head is not None:
-        aux = slot_loss(aux_head, features.qformer_outputs.last_hidden_state, batch["slots"])
     return lm, aux
 
 
@@ -325,7 +369,7 @@ def lr_lambda(cfg: TrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.stage1_steps + cfg.steps - cfg.warmup_steps)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
@@ -345,7 +389,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
     if dataset is None:
         dataset = SceneDataset(cfg.train_scenes, TRAIN_SEED, processor, cfg.preset.num_query_tokens)
     # Drawn after the model's weights, so the model's initialisation does not depend on it.
-    aux_head = slot_head(cfg.preset.num_query_tokens, cfg.preset.qformer_hidden) if cfg.aux_weight > 0 else None
+    aux_head = aux_heads(cfg.preset, cfg.aux_weight > 0 and cfg.slot_aux, cfg.aux_weight > 0 and cfg.shape_count_aux)
     model.train()
     named = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
     decay = [p for n, p in named if p.ndim >= 2 and "query_tokens" not in n]
@@ -359,21 +403,26 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
     losses: list[float] = []
     aux_losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(cfg.stage1_steps + cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator, cfg.shared_images)
-        loss, aux = losses_for(model, batch, aux_head)
-        total = loss if aux is None else loss + cfg.aux_weight * aux
+        if step < cfg.stage1_steps:
+            loss, aux = losses_for(model, dataset.image_batch(cfg.batch_size, generator), aux_head)
+            total = aux
+        else:
+            batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator, cfg.shared_images)
+            loss, aux = losses_for(model, batch, aux_head)
+            total = loss if aux is None else loss + cfg.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
+        if loss is not None:
+            losses.append(loss.item())
         if aux is not None:
             aux_losses.append(aux.item())
         if step % 10 == 0:
-            shown = {"loss": f"{sum(losses[-50:]) / len(losses[-50:]):.4f}"}
+            shown = {"loss": f"{sum(losses[-50:]) / len(losses[-50:]):.4f}"} if losses else {}
             if aux_losses:
                 shown["aux"] = f"{sum(aux_losses[-50:]) / len(aux_losses[-50:]):.4f}"
             bar.set_postfix(**shown, lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -550,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads (fixed for reproducibility)")
     p.add_argument("--shared-images", action=argparse.BooleanOptionalAction, default=d.shared_images)
     p.add_argument("--qformer-dropout", type=float, default=d.qformer_dropout)
+    p.add_argument("--stage1-steps", type=int, default=d.stage1_steps, help="auxiliary-only steps before the LM steps")
+    p.add_argument("--slot-aux", action=argparse.BooleanOptionalAction, default=d.slot_aux)
+    p.add_argument("--shape-count-aux", action=argparse.BooleanOptionalAction, default=d.shape_count_aux)
     p.add_argument("--vision-init-std", type=float, default=d.vision_init_std)
     p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="auxiliary slot loss weight; 0: LM loss only")
     p.add_argument("--patch-size", type=int, default=d.preset.patch_size)
@@ -571,7 +623,8 @@ def train_main(argv: list[str] | None = None) -> int:
         output=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         caption_fraction=args.caption_fraction, train_scenes=args.train_scenes, seed=args.seed, threads=args.threads,
         eval_scenes=args.eval_scenes, qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
-        aux_weight=args.aux_weight, vision_init_std=args.vision_init_std,
+        aux_weight=args.aux_weight, vision_init_std=args.vision_init_std, slot_aux=args.slot_aux,
+        shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps,
         preset=dataclasses.replace(
             SCENES_PRESET, patch_size=args.patch_size, vision_hidden=args.vision_hidden,
             vision_layers=args.vision_layers, num_query_tokens=args.num_query_tokens,
