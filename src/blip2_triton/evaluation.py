@@ -93,6 +93,16 @@ class EvalReport:
         }
 
 
+def comparison_table(reports: dict[str, dict]) -> str:
+    """A Markdown table of accuracy per metric, one column per named report (`EvalReport.to_dict()`)."""
+    names = list(reports)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for key in (*KINDS, "vqa_all"):
+        label = "caption exact match" if key == CAPTION else "VQA all types" if key == "vqa_all" else f"VQA {key}"
+        lines.append(f"| {label} | " + " | ".join(f"{100 * reports[n]['accuracy'][key]:.1f}%" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def normalize(text: str) -> str:
     """Compare answers case-, whitespace- and final-period-insensitively."""
     return " ".join(text.strip().lower().rstrip(".").split())
@@ -214,6 +224,8 @@ class ClientAnswerer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blip2_triton.evaluation", description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--compare", nargs="+", metavar="NAME=JSON",
+                       help="print one table comparing reports written earlier with --json")
     where.add_argument("--model", help="checkpoint directory (e.g. the bundled blip2-tiny-scenes): transformers generate()")
     where.add_argument("--repository", help="exported model repository, run in-process (LocalPipeline, ONNX Runtime)")
     where.add_argument("--url", help="gRPC address of a running server (e.g. localhost:8001): Blip2Client")
@@ -224,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show-misses", type=int, default=10)
     args = parser.parse_args(argv)
 
+    if args.compare:
+        pairs = [c.split("=", 1) for c in args.compare]
+        if any(len(pair) != 2 for pair in pairs):
+            parser.error("--compare takes NAME=JSON pairs")
+        print(comparison_table({name: json.loads(Path(path).read_text()) for name, path in pairs}))
+        return 0
     scenes = generate_scenes(args.scenes, args.seed)
     if args.model:
         report = evaluate(scenes, GenerateAnswerer.from_pretrained(args.model), batch_size=args.batch_size)

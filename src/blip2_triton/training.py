@@ -99,6 +99,7 @@ class TrainConfig:
     stage1_steps: int = 0
     slot_aux: bool = True
     shape_count_aux: bool = False
+    slot_per_query: bool = False
     # initializer_range of the vision tower (the rest keeps the preset's init_std).
     vision_init_std: float = 0.02
     preset: TinyPreset = SCENES_PRESET
@@ -262,12 +263,14 @@ class SceneDataset:
         return out
 
 
-def aux_heads(preset: TinyPreset, slot: bool, shape_count: bool):
+def aux_heads(preset: TinyPreset, slot: bool, shape_count: bool, slot_per_query: bool = False):
     """The training-only auxiliary heads (a ModuleDict; None when both are off)."""
     import torch
 
     heads = {}
-    if slot:
+    if slot and slot_per_query:
+        heads["slot_query"] = torch.nn.Linear(preset.qformer_hidden, len(SHAPES) + 1 + len(OBJECT_COLORS) + 1)
+    elif slot:
         heads["slot"] = slot_head(preset.num_query_tokens, preset.qformer_hidden)
     if shape_count:
         heads["shape_count"] = torch.nn.Linear(preset.vision_hidden, len(SHAPES) * (MAX_OBJECTS + 1))
@@ -301,12 +304,19 @@ def slot_head(num_query_tokens: int, qformer_hidden: int):
     return torch.nn.Linear(num_query_tokens * qformer_hidden, n_out)
 
 
-def slot_loss(head, query_output, slots):
-    """Mean cross-entropy of `head` over the slots' shapes and colors; query_output [B, Q, H]."""
+def slot_loss(head, query_output, slots, per_query: bool = False):
+    """Mean cross-entropy of `head` over the slots' shapes and colors; query_output [B, Q, H].
+
+    per_query: `head` reads query k alone for slot k (the first MAX_OBJECTS queries then hold
+    the objects left to right); otherwise it reads all queries flattened.
+    """
     import torch.nn.functional as F
 
     n_shape, n_color = len(SHAPES) + 1, len(OBJECT_COLORS) + 1
-    logits = head(query_output.flatten(1)).view(-1, MAX_OBJECTS, n_shape + n_color)
+    if per_query:
+        logits = head(query_output[:, :MAX_OBJECTS])
+    else:
+        logits = head(query_output.flatten(1)).view(-1, MAX_OBJECTS, n_shape + n_color)
     return (F.cross_entropy(logits[..., :n_shape].reshape(-1, n_shape), slots[..., 0].reshape(-1))
             + F.cross_entropy(logits[..., n_shape:].reshape(-1, n_color), slots[..., 1].reshape(-1))) / 2
 
@@ -325,6 +335,9 @@ def losses_for(model, batch, heads=None):
         parts = []
         if "slot" in heads:
             parts.append(slot_loss(heads["slot"], features.qformer_outputs.last_hidden_state, batch["slots"]))
+        if "slot_query" in heads:
+            parts.append(slot_loss(heads["slot_query"], features.qformer_outputs.last_hidden_state, batch["slots"],
+                                   per_query=True))
         if "shape_count" in heads:
             parts.append(shape_count_loss(heads["shape_count"], features.last_hidden_state, batch["slots"]))
         aux = sum(parts)
@@ -389,7 +402,8 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
     if dataset is None:
         dataset = SceneDataset(cfg.train_scenes, TRAIN_SEED, processor, cfg.preset.num_query_tokens)
     # Drawn after the model's weights, so the model's initialisation does not depend on it.
-    aux_head = aux_heads(cfg.preset, cfg.aux_weight > 0 and cfg.slot_aux, cfg.aux_weight > 0 and cfg.shape_count_aux)
+    aux_head = aux_heads(cfg.preset, cfg.aux_weight > 0 and cfg.slot_aux, cfg.aux_weight > 0 and cfg.shape_count_aux,
+                         cfg.slot_per_query)
     model.train()
     named = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
     decay = [p for n, p in named if p.ndim >= 2 and "query_tokens" not in n]
@@ -431,20 +445,31 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
     return model, processor, losses, aux_losses, seconds
 
 
-def plot_losses(losses: list[float], path: Path, title: str) -> None:
+def plot_losses(losses: list[float], path: Path, title: str, aux_losses: list[float] | None = None) -> None:
+    """Per-step and smoothed LM loss (after the auxiliary-only stage) and auxiliary loss (all steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     window = 50
-    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
+
+    def smooth(v):
+        return [sum(v[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(v))]
+
+    aux_losses = aux_losses or []
+    first = len(aux_losses) - len(losses) if aux_losses else 0  # steps of the auxiliary-only stage
+    lm_x = list(range(first, first + len(losses)))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="per step")
-    ax.plot(smooth, color="tab:blue", linewidth=1.5, label=f"mean of last {window}")
+    ax.plot(lm_x, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="LM loss per step")
+    ax.plot(lm_x, smooth(losses), color="tab:blue", linewidth=1.5, label=f"LM loss, mean of last {window}")
+    if aux_losses:
+        ax.plot(smooth(aux_losses), color="tab:orange", linewidth=1.5, label=f"auxiliary loss, mean of last {window}")
+    if first:
+        ax.axvline(first, color="gray", linestyle="--", linewidth=0.8, label="end of the auxiliary-only stage")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("LM loss on target tokens")
+    ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -469,6 +494,22 @@ def write_model_card(output: Path, cfg: TrainConfig, command: str, seconds: floa
     shared = (" about the same scenes: each image is encoded once per step for a caption and a question"
               if cfg.shared_images else "")
     size_mb = (output / "model.safetensors").stat().st_size / 1e6
+    aux_on = cfg.aux_weight > 0 and (cfg.slot_aux or cfg.shape_count_aux)
+    aux_text = ""
+    if aux_on:
+        heads = []
+        if cfg.slot_aux:
+            heads.append("a linear head on the Q-Former's query outputs classifies each object's shape and color, "
+                         "left to right" + (" (query k holds object k)" if cfg.slot_per_query else ""))
+        if cfg.shape_count_aux:
+            heads.append("a linear head on the mean of the vision tower's output tokens classifies how many circles, "
+                         "squares and triangles there are")
+        aux_text = (f"- auxiliary training-only loss (weight {cfg.aux_weight:g}; the heads are discarded, the checkpoint is the\n"
+                    f"  standard class): " + "; ".join(heads) + ". It plays the part of BLIP-2's first stage, which trains\n"
+                    f"  the Q-Former on losses of its own before the language model is attached\n")
+        if cfg.stage1_steps:
+            aux_text += (f"- stage 1: {cfg.stage1_steps} steps of the auxiliary loss alone (vision tower, Q-Former, heads; "
+                         f"{cfg.batch_size} images a step)\n")
     card = f"""# blip2-tiny-scenes
 
 A tiny BLIP-2 OPT (`Blip2ForConditionalGeneration`, the standard transformers class) trained from
@@ -516,12 +557,14 @@ Captions list the objects left to right: "a red circle", "a red circle and an or
 
 - seed {cfg.seed} (weights init and batch sampling), `torch.use_deterministic_algorithms(True)`,
   {cfg.threads} intra-op threads; training scenes are seeds {TRAIN_SEED}..{TRAIN_SEED + cfg.train_scenes - 1}
-- {cfg.steps} steps, batch {cfg.batch_size} ({int(round(cfg.caption_fraction * 100))}% captions, the rest VQA{shared}),
+{aux_text}- {cfg.steps} steps{" of LM + auxiliary loss" if aux_on else ""}, batch {cfg.batch_size} ({int(round(cfg.caption_fraction * 100))}% captions, the rest VQA{shared}),
   AdamW (betas 0.9/0.98, weight decay {cfg.weight_decay}), peak lr {cfg.lr} after {cfg.warmup_steps} warm-up steps,
   cosine decay to {cfg.min_lr_ratio:g}x, gradient clipping {cfg.grad_clip}; Q-Former dropout {cfg.qformer_dropout:g}
   (vision and OPT dropout 0)
 - loss: BLIP-2's language-model loss, labels only on the target (caption or answer) and its
-  `</s>`; -100 on the `<image>` query positions, the BOS, the prompt and padding
+  `</s>`; -100 on the `<image>` query positions, the BOS, the prompt and padding{" (+ the auxiliary loss)" if aux_on else ""}
+- initialisation: transformers' normal init, std {p.init_std} for the Q-Former and OPT, {cfg.vision_init_std} for the
+  vision tower (`vision_config.initializer_range`); learned queries drawn from N(0, {p.init_std}), not zeros
 - training time: {seconds / 60:.1f} min ({seconds:.0f} s) on {machine["cpu"]} ({machine["threads"]} threads,
   machine shared with other jobs), torch {machine["torch"]}, transformers {machine["transformers"]}
 - final loss (mean of the last 50 steps): {final_loss:.4f}; curve: `loss_curve.png`, raw numbers: `training_log.json`
@@ -601,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qformer-dropout", type=float, default=d.qformer_dropout)
     p.add_argument("--stage1-steps", type=int, default=d.stage1_steps, help="auxiliary-only steps before the LM steps")
     p.add_argument("--slot-aux", action=argparse.BooleanOptionalAction, default=d.slot_aux)
+    p.add_argument("--slot-per-query", action=argparse.BooleanOptionalAction, default=d.slot_per_query)
     p.add_argument("--shape-count-aux", action=argparse.BooleanOptionalAction, default=d.shape_count_aux)
     p.add_argument("--vision-init-std", type=float, default=d.vision_init_std)
     p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="auxiliary slot loss weight; 0: LM loss only")
@@ -624,7 +668,7 @@ def train_main(argv: list[str] | None = None) -> int:
         caption_fraction=args.caption_fraction, train_scenes=args.train_scenes, seed=args.seed, threads=args.threads,
         eval_scenes=args.eval_scenes, qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
         aux_weight=args.aux_weight, vision_init_std=args.vision_init_std, slot_aux=args.slot_aux,
-        shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps,
+        shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps, slot_per_query=args.slot_per_query,
         preset=dataclasses.replace(
             SCENES_PRESET, patch_size=args.patch_size, vision_hidden=args.vision_hidden,
             vision_layers=args.vision_layers, num_query_tokens=args.num_query_tokens,
@@ -643,7 +687,8 @@ def train_main(argv: list[str] | None = None) -> int:
     final_loss = sum(losses[-50:]) / len(losses[-50:])
     print(f"trained {cfg.steps} steps in {seconds:.0f} s, final loss {final_loss:.4f}; wrote {output}")
     plot_losses(losses, output / "loss_curve.png",
-                f"blip2-tiny-scenes: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}")
+                f"blip2-tiny-scenes: {cfg.stage1_steps} + {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}",
+                aux_losses)
 
     report = None
     if cfg.eval_scenes > 0:
