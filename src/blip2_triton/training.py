@@ -283,7 +283,7 @@ class SceneDataset:
 
 
 def aux_heads(preset: TinyPreset, slot: bool, shape_count: bool, slot_per_query: bool = False):
-    """The training-only auxiliary heads (a ModuleDict; None when both are off)."""
+    """The training-only auxiliary heads (a ModuleDict; None when every one is off)."""
     import torch
 
     heads = {}
@@ -341,7 +341,10 @@ def slot_loss(head, query_output, slots, per_query: bool = False):
 
 
 def losses_for(model, batch, heads=None):
-    """(LM loss, auxiliary slot loss or None) for a batch; each image row is encoded once.
+    """(LM loss, auxiliary loss) for a batch; each image row is encoded once.
+
+    The LM loss is None for an image-only batch (`SceneDataset.image_batch`); the auxiliary loss
+    (the sum of the `heads`' losses, see `aux_heads`) is None without heads.
 
     The LM loss is BLIP-2's, `model(**batch).loss` when every example has its own image row: the
     query outputs of every row of `pixel_values` (`Blip2ForConditionalGeneration.
@@ -423,6 +426,8 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
     # Drawn after the model's weights, so the model's initialisation does not depend on it.
     aux_head = aux_heads(cfg.preset, cfg.aux_weight > 0 and cfg.slot_aux, cfg.aux_weight > 0 and cfg.shape_count_aux,
                          cfg.slot_per_query)
+    if cfg.stage1_steps and aux_head is None:
+        raise ValueError("stage1_steps > 0 trains the auxiliary heads alone: it needs aux_weight > 0 and a head")
     model.train()
     named = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
     decay = [p for n, p in named if p.ndim >= 2 and "query_tokens" not in n]
