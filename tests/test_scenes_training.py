@@ -124,12 +124,36 @@ def test_shared_image_batch_loss_equals_the_model_forward(micro):
         assert lm_loss(model, batch).item() == pytest.approx(model(**full).loss.item(), rel=1e-5)
 
 
+def test_slot_targets_list_objects_left_to_right(micro):
+    preset, _, processor = micro
+    dataset = SceneDataset(16, 0, processor, preset.num_query_tokens)
+    colors = list(OBJECT_COLORS)
+    for scene, slots in zip(generate_scenes(16, 0), dataset.slots.tolist()):
+        named = [(SHAPES[s], colors[c]) for s, c in slots if s < len(SHAPES)]
+        assert named == [(o.shape, o.color) for o in sorted(scene.objects, key=lambda o: o.x)]
+        assert slots[len(named):] == [[len(SHAPES), len(colors)]] * (3 - len(named))
+
+
+def test_auxiliary_stage_and_heads_stay_out_of_the_checkpoint(micro):
+    preset, _, processor = micro
+    cfg = TrainConfig(steps=3, stage1_steps=2, batch_size=8, warmup_steps=1, train_scenes=16, preset=preset, threads=2,
+                      shape_count_aux=True)
+    model, _ = build_model_and_processor(preset, seed=0)
+    keys = set(model.state_dict())
+    dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens)
+    _, _, losses, aux_losses, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+    torch.use_deterministic_algorithms(False)
+    assert len(losses) == 3 and len(aux_losses) == 5  # LM loss only after the auxiliary-only stage
+    assert set(model.state_dict()) == keys
+
+
 def test_training_loop_reduces_loss(micro):
     preset, _, processor = micro
-    cfg = TrainConfig(steps=25, batch_size=16, lr=3e-3, warmup_steps=3, train_scenes=64, preset=preset, threads=2)
+    cfg = TrainConfig(steps=25, batch_size=16, lr=3e-3, warmup_steps=3, train_scenes=64, preset=preset, threads=2,
+                      stage1_steps=0, shared_images=False, aux_weight=0.0)  # the LM loss alone
     model, _ = build_model_and_processor(preset, seed=0)
     dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens)
-    _, _, losses, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+    _, _, losses, _, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
     torch.use_deterministic_algorithms(False)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
@@ -203,9 +227,11 @@ def test_bundled_checkpoint_files_and_config(bundled):
     assert len(_samples()) >= 2
 
 
-# The committed model is below its accuracy targets (see its README.md): it gets colors and
-# their order but not shapes. Non-strict, so a better checkpoint shows up as XPASS.
-@pytest.mark.xfail(reason="bundled blip2-tiny-scenes is below target: shapes near chance", strict=False)
+# The committed model is below its accuracy targets (see its README.md): captions 96.5%, VQA
+# questions that pick an object by color or shape 72-79%; on the samples every caption is right
+# and the last sample's position answer is wrong. Non-strict, so a better checkpoint shows up as XPASS.
+@pytest.mark.xfail(reason="bundled blip2-tiny-scenes is below target: the last sample's position answer is wrong",
+                   strict=False)
 def test_bundled_model_captions_and_answers_the_samples(bundled):
     model, processor = bundled
     samples = _samples()

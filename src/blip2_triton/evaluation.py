@@ -2,10 +2,14 @@
 
 The metric code only sees an *answerer*: any callable `answer(image, prompt) -> text`, where
 `prompt` is "" for a caption and "Question: ... Answer:" for VQA. The same evaluation therefore
-runs against transformers `generate()` (`GenerateAnswerer`, here) or a served Triton pipeline.
-An answerer may also offer `answer_batch(images, prompts) -> texts`, which is used when present.
+runs against transformers `generate()` (`GenerateAnswerer`), an exported model repository run
+in-process (`PipelineAnswerer`: the served graphs and decoding, without Triton) or a running
+Triton server (`ClientAnswerer`). An answerer may also offer `answer_batch(images, prompts) ->
+texts`, which is used when present.
 
     python -m blip2_triton.evaluation --model src/blip2_triton/assets/blip2-tiny-scenes --scenes 200
+    python -m blip2_triton.evaluation --repository artifacts/repo-fp16 --scenes 200
+    python -m blip2_triton.evaluation --url localhost:8001 --scenes 200
 """
 from __future__ import annotations
 
@@ -87,6 +91,16 @@ class EvalReport:
             "total": self.total,
             "misses": [asdict(m) for m in self.misses],
         }
+
+
+def comparison_table(reports: dict[str, dict]) -> str:
+    """A Markdown table of accuracy per metric, one column per named report (`EvalReport.to_dict()`)."""
+    names = list(reports)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for key in (*KINDS, "vqa_all"):
+        label = "caption exact match" if key == CAPTION else "VQA all types" if key == "vqa_all" else f"VQA {key}"
+        lines.append(f"| {label} | " + " | ".join(f"{100 * reports[n]['accuracy'][key]:.1f}%" for n in names) + " |")
+    return "\n".join(lines)
 
 
 def normalize(text: str) -> str:
@@ -171,9 +185,50 @@ class GenerateAnswerer:
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 
 
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class PipelineAnswerer:
+    """An exported model repository run in-process by `LocalPipeline` (ONNX Runtime, the served
+    preprocessing, decoding and detokenization; no Triton). Greedy, the checkpoint's defaults."""
+
+    def __init__(self, repository: str | Path, threads: int | None = None):
+        from blip2_triton.serving.pipeline import LocalPipeline
+
+        self.pipeline = LocalPipeline(repository, threads)
+
+    def __call__(self, image: Image.Image, prompt: str) -> str:
+        return self.pipeline(_png(image), prompt).text.strip()
+
+
+class ClientAnswerer:
+    """A running Triton server through `blip2_triton.client.Blip2Client`; each `answer_batch`
+    sends its requests concurrently (`Blip2Client.batch`), so the server batches them."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __call__(self, image: Image.Image, prompt: str) -> str:
+        return self.answer_batch([image], [prompt])[0]
+
+    def answer_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
+        results = self.client.batch([_png(i) for i in images], list(prompts))
+        return [r.text.strip() for r in results]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blip2_triton.evaluation", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory (e.g. the bundled blip2-tiny-scenes)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--compare", nargs="+", metavar="NAME=JSON",
+                       help="print one table comparing reports written earlier with --json")
+    where.add_argument("--model", help="checkpoint directory (e.g. the bundled blip2-tiny-scenes): transformers generate()")
+    where.add_argument("--repository", help="exported model repository, run in-process (LocalPipeline, ONNX Runtime)")
+    where.add_argument("--url", help="gRPC address of a running server (e.g. localhost:8001): Blip2Client")
     parser.add_argument("--scenes", type=int, default=200, help="number of held-out scenes")
     parser.add_argument("--seed", type=int, default=HELDOUT_SEED, help="first held-out scene seed")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -181,9 +236,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show-misses", type=int, default=10)
     args = parser.parse_args(argv)
 
-    report = evaluate(generate_scenes(args.scenes, args.seed), GenerateAnswerer.from_pretrained(args.model),
-                      batch_size=args.batch_size)
-    print(f"{args.scenes} held-out scenes (seeds {args.seed}..{args.seed + args.scenes - 1}), greedy generate()")
+    if args.compare:
+        pairs = [c.split("=", 1) for c in args.compare]
+        if any(len(pair) != 2 for pair in pairs):
+            parser.error("--compare takes NAME=JSON pairs")
+        print(comparison_table({name: json.loads(Path(path).read_text()) for name, path in pairs}))
+        return 0
+    scenes = generate_scenes(args.scenes, args.seed)
+    if args.model:
+        report = evaluate(scenes, GenerateAnswerer.from_pretrained(args.model), batch_size=args.batch_size)
+        how = f"greedy generate() on {args.model}"
+    elif args.repository:
+        report = evaluate(scenes, PipelineAnswerer(args.repository), batch_size=args.batch_size)
+        how = f"exported repository {args.repository} in-process"
+    else:
+        from blip2_triton.client import Blip2Client
+
+        with Blip2Client(args.url) as client:
+            report = evaluate(scenes, ClientAnswerer(client), batch_size=args.batch_size)
+        how = f"served at {args.url}"
+    print(f"{args.scenes} held-out scenes (seeds {args.seed}..{args.seed + args.scenes - 1}), {how}")
     print(report.table())
     for m in report.misses[: args.show_misses]:
         print(f"  miss [{m.kind}] seed {m.scene_seed} {m.prompt!r}: expected {m.expected!r}, got {m.got!r}")
