@@ -10,38 +10,54 @@ from __future__ import annotations
 import pytest
 
 from blip2_triton.client import Blip2Client
-from blip2_triton.evaluation import CAPTION, ClientAnswerer, evaluate
+from blip2_triton.evaluation import CAPTION, ClientAnswerer, GenerateAnswerer, evaluate
 from blip2_triton.scenes import HELDOUT_SEED, QA_KINDS, generate_scenes
 from blip2_triton.server.launcher import TritonServer
 from blip2_triton.training import CAPTION_TARGET, DEFAULT_OUTPUT, VQA_TARGET
 
 pytestmark = pytest.mark.server
 NUM_SCENES = 100
+ALL = 10**6  # keep every miss: they are compared answer by answer
 
 
 @pytest.fixture(scope="module")
-def served_bundled(tmp_path_factory):
+def reports(tmp_path_factory):
+    """The same held-out scenes asked through the served fp32 export and through transformers."""
     from blip2_triton.export.exporter import export_checkpoint
 
+    scenes = generate_scenes(NUM_SCENES, HELDOUT_SEED)
     repo = tmp_path_factory.mktemp("repos") / "blip2-tiny-scenes"
     export_checkpoint(DEFAULT_OUTPUT, repo, progress=False)
     log = tmp_path_factory.mktemp("logs") / "blip2-tiny-scenes.log"
     with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server:
         with Blip2Client(server.grpc_url, timeout=120) as client:
-            yield client
+            # 64 concurrent requests at a time: the server's dynamic and continuous batching see real load
+            served = evaluate(scenes, ClientAnswerer(client), batch_size=64, max_misses=ALL)
+    reference = evaluate(scenes, GenerateAnswerer.from_pretrained(DEFAULT_OUTPUT), batch_size=64, max_misses=ALL)
+    print(f"\n{NUM_SCENES} held-out scenes through tritonserver (fp32 export)\n{served.table()}")
+    return served, reference
 
 
-# The committed model is below its accuracy targets (see its README.md): non-strict, so a
-# checkpoint that meets them shows up as XPASS.
-@pytest.mark.xfail(reason="bundled blip2-tiny-scenes is below target on VQA color, shape and position", strict=False)
-def test_served_bundled_model_meets_the_accuracy_targets(served_bundled):
-    scenes = generate_scenes(NUM_SCENES, HELDOUT_SEED)
-    # 64 concurrent requests at a time: the server's dynamic and continuous batching see real load
-    report = evaluate(scenes, ClientAnswerer(served_bundled), batch_size=64)
-    print(f"\n{NUM_SCENES} held-out scenes through tritonserver (fp32 export)\n{report.table()}")
-    for m in report.misses[:10]:
-        print(f"  miss [{m.kind}] seed {m.scene_seed} {m.prompt!r}: expected {m.expected!r}, got {m.got!r}")
+def _check(report, kinds) -> None:
     assert report.total[CAPTION] == NUM_SCENES and all(report.total[k] > 20 for k in QA_KINDS)
-    targets = {CAPTION: CAPTION_TARGET} | {kind: VQA_TARGET for kind in QA_KINDS}
+    targets = {k: CAPTION_TARGET if k == CAPTION else VQA_TARGET for k in kinds}
     below = {k: f"{report.accuracy(k):.1%} < {t:.0%}" for k, t in targets.items() if report.accuracy(k) < t}
     assert not below, f"below target: {below}\n{report.table()}"
+
+
+def test_served_answers_are_transformers_answers(reports):
+    """Every item right or wrong alike: the same counts and the very same wrong answers."""
+    served, reference = reports
+    assert served.correct == reference.correct and served.total == reference.total
+    assert served.misses == reference.misses
+
+
+def test_served_captions_and_counts_meet_the_targets(reports):
+    _check(reports[0], (CAPTION, "count"))
+
+
+# The committed model is below the VQA target on these kinds (see its README.md): non-strict, so a
+# checkpoint that meets them shows up as XPASS.
+@pytest.mark.xfail(reason="bundled blip2-tiny-scenes is below target on VQA color, shape and position", strict=False)
+def test_served_color_shape_position_meet_the_targets(reports):
+    _check(reports[0], ("color", "shape", "position"))

@@ -227,12 +227,7 @@ def test_bundled_checkpoint_files_and_config(bundled):
     assert len(_samples()) >= 2
 
 
-# The committed model is below its accuracy targets (see its README.md): captions 96.5%, VQA
-# questions that pick an object by color or shape 72-79%; on the samples every caption is right
-# and the last sample's position answer is wrong. Non-strict, so a better checkpoint shows up as XPASS.
-@pytest.mark.xfail(reason="bundled blip2-tiny-scenes is below target: the last sample's position answer is wrong",
-                   strict=False)
-def test_bundled_model_captions_and_answers_the_samples(bundled):
+def test_bundled_model_captions_the_samples(bundled):
     model, processor = bundled
     samples = _samples()
     images = [Image.open(SAMPLES_DIR / s["file"]).convert("RGB") for s in samples]
@@ -245,10 +240,20 @@ def test_bundled_model_captions_and_answers_the_samples(bundled):
         out = model.generate(**inputs, generation_config=model.generation_config)
         text = processor.batch_decode(out, skip_special_tokens=True)[0].strip()
         assert text == s["caption"]
-
-    answer = GenerateAnswerer(model, processor)
-    got = answer.answer_batch(images * 2, [""] * len(images) + [s["question"]["prompt"] for s in samples])
-    assert got == [s["caption"] for s in samples] + [s["question"]["answer"] for s in samples]
     assert {s["question"]["kind"] for s in samples} <= set(QA_KINDS)
     assert all(c in OBJECT_COLORS or c in SHAPES for s in samples for c in s["caption"].replace(",", "").split()
                if c not in ("a", "an", "and"))
+
+
+# The committed model is below its accuracy targets (see its README.md): captions 96.5%, VQA
+# questions that pick an object by color or shape 72-79%; on the samples every caption is right
+# and the last sample's position answer is wrong. Non-strict, so a better checkpoint shows up as XPASS.
+@pytest.mark.xfail(reason="bundled blip2-tiny-scenes is below target: the last sample's position answer is wrong",
+                   strict=False)
+def test_bundled_model_answers_the_samples(bundled):
+    model, processor = bundled
+    samples = _samples()
+    images = [Image.open(SAMPLES_DIR / s["file"]).convert("RGB") for s in samples]
+    answer = GenerateAnswerer(model, processor)
+    got = answer.answer_batch(images * 2, [""] * len(images) + [s["question"]["prompt"] for s in samples])
+    assert got == [s["caption"] for s in samples] + [s["question"]["answer"] for s in samples]
