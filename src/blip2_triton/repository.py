@@ -13,6 +13,7 @@ from the graph specs (blip2_triton.specs) and the pipeline interface (blip2_trit
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,8 @@ from typing import Callable
 from . import interface as api
 from . import specs
 from .pbtxt import ModelConfig, Tensor, render
+
+log = logging.getLogger("blip2_triton.export")
 
 # Where each graph's ONNX file lives, relative to the repository: (model directory, file name).
 GRAPH_LOCATIONS = {
@@ -128,5 +131,5 @@ def _remove_stale_models(repo: Path, keep: set[str]) -> None:
         return
     for config in repo.glob("*/config.pbtxt"):
         if config.parent.name not in keep:
-            print(f"[export] removing stale model {config.parent}", flush=True)
+            log.warning("removing stale model %s", config.parent)
             shutil.rmtree(config.parent)

@@ -148,9 +148,15 @@ class GenerationEngine:
                 self._set_active([])
 
     def _set_active(self, sequences: list[_Active]) -> None:
-        """Every change of the active set goes through here, so the reported count never goes stale."""
+        """Every change of the active set goes through here, so the reported count never goes stale.
+
+        Reported only when the count changes: a decode step sets the set twice, and the Triton
+        metric behind on_active is a round trip to the server.
+        """
+        changed = len(sequences) != len(self._active)
         self._active = sequences
-        self.stats.on_active(len(sequences))
+        if changed:
+            self.stats.on_active(len(sequences))
 
     def _admit_waiting(self, block: bool) -> None:
         rows = sum(s.rows for s in self._active)

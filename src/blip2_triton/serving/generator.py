@@ -78,10 +78,23 @@ class GeneratorService:
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> GenerationRequest:
         """Build a validated engine request; raises InvalidInput before any work is done."""
+        return self.build(query_embeds, prompt_ids, self.validate(prompt_ids, controls), stream, on_tokens, on_error,
+                          is_cancelled)
+
+    def build(
+        self,
+        query_embeds: np.ndarray,
+        prompt_ids: np.ndarray,
+        params: "generation.GenerationParams",
+        stream: bool = False,
+        on_tokens: Callable[[list[int], int, bool], None] = lambda ids, new, final: None,
+        on_error: Callable[[BaseException], None] = lambda e: None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> GenerationRequest:
+        """The engine request for params that `validate` returned for these prompt ids."""
         expected = (self.num_query_tokens, self.decoder.embed_dim)
         if query_embeds.shape != expected:
             raise InvalidInput(f"query_embeds: expected shape {list(expected)}, got {list(query_embeds.shape)}")
-        params = self.validate(prompt_ids, controls)
         # transformers' OPT generate sees the image placeholders and the prompt as its input_ids:
         # repetition penalty and n-gram blocking count them too.
         history = np.concatenate([np.full(self.num_query_tokens, self.image_token_id, np.int64), prompt_ids])

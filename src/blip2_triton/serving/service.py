@@ -95,10 +95,10 @@ class Blip2Service:
         """
         controls = {k: v for k, v in controls.items() if v is not None}
         pixels, prompt_ids = self.stages.preprocess(image, prompt)
-        self.generator.validate(prompt_ids, controls)
+        params = self.generator.validate(prompt_ids, controls)
         query = self.stages.query_embeds(pixels)
-        return self.generator.request(
-            query, prompt_ids, controls, stream=stream, on_tokens=self._pieces(emit), on_error=on_error,
+        return self.generator.build(
+            query, prompt_ids, params, stream=stream, on_tokens=self._pieces(emit), on_error=on_error,
             is_cancelled=is_cancelled,
         )
 
