@@ -217,3 +217,20 @@ def test_cancelling_the_last_sequence_reports_zero_active(pipeline):
     engine._step()
     assert engine.stats.active == 0 and not engine._active
     assert len(errors) == 1 and isinstance(errors[0], Cancelled)
+
+
+def test_a_sequence_is_counted_active_before_its_first_token_goes_out(pipeline):
+    """A client holding its first token must find its sequence in the gauge: the last CI failure was
+    a cancelled stream whose gauge went 0 -> 1 -> 0 because the count was raised after that token."""
+    from blip2_triton.serving.engine import GenerationEngine
+
+    engine = GenerationEngine(pipeline.generator.decoder)
+    pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
+    query = pipeline.stages.query_embeds(pixels)
+    seen = []
+    for max_new in (1, 5):
+        request = pipeline.generator.request(query, ids, {"max_new_tokens": max_new, "min_new_tokens": max_new},
+                                             stream=True, on_tokens=lambda i, n, f: seen.append(engine.stats.active))
+        engine.generate(request)
+        assert engine.stats.active == 0 and not engine._active
+    assert seen and all(active == 1 for active in seen)

@@ -88,9 +88,6 @@ class EngineStats:
     def on_active(self, sequences: int) -> None:
         self.active = sequences
 
-    def on_idle(self) -> None:
-        """Called about every 50 ms while no sequence is active."""
-
 
 class GenerationEngine:
     def __init__(self, decoder: DecoderGraph, max_rows: int = 64, stats: EngineStats | None = None):
@@ -139,8 +136,6 @@ class GenerationEngine:
                 self._admit_waiting(block=not self._active)
                 if self._active:
                     self._step()
-                else:
-                    self.stats.on_idle()
             except BaseException as e:  # a bug must cost the active requests, never the model
                 log.exception("generation loop error")
                 for seq in self._active:
@@ -170,7 +165,12 @@ class GenerationEngine:
             rows = sum(s.rows for s in self._active)
 
     def _admit(self, request: GenerationRequest) -> None:
-        """Prefill one request and take its first token."""
+        """Prefill one request and take its first token.
+
+        The sequence counts as active before its first token goes out: a client that has a token
+        in hand must see its sequence in the active count (it is reported synchronously).
+        """
+        seq = None
         try:
             if request.is_cancelled():
                 raise Cancelled("cancelled before start")
@@ -180,11 +180,14 @@ class GenerationEngine:
             logits, present = self.decoder(ids, prefix, mask, self.decoder.empty_past(1))
             seq = _Active(request, present, mask, pending=np.zeros(0, np.int64))
             self.stats.on_prefill()
+            self._set_active([*self._active, seq])
             self._advance(seq, logits)
-            if not seq.finished:
-                self._set_active([*self._active, seq])
         except BaseException as e:  # reported to this request only; the engine keeps serving
             self._fail(request, e)
+            if seq is not None:
+                seq.finished = True
+        if seq is not None and seq.finished:
+            self._set_active([s for s in self._active if s is not seq])
 
     def _step(self) -> None:
         """One batched decoder call for every active sequence's rows."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Iterable
 
@@ -19,7 +18,6 @@ from .errors import Cancelled, InvalidInput
 
 log = logging.getLogger("blip2_triton.serving")
 INVALID_PREFIX = "invalid argument: "
-IDLE_REFRESH_S = 0.5
 
 
 def pb():
@@ -215,7 +213,6 @@ class GeneratorMetrics(EngineStats):
         self._ttft_sum = counter("blip2_time_to_first_token_seconds_sum", "Sum of times to first token", labels)
         self._ttft_count = counter("blip2_time_to_first_token_seconds_count", "Sequences timed to first token", labels)
         self._active = gauge("blip2_active_sequences", "Sequences being generated", labels)
-        self._published = time.monotonic()
 
     def on_prefill(self) -> None:
         super().on_prefill()
@@ -236,20 +233,7 @@ class GeneratorMetrics(EngineStats):
 
     def on_active(self, sequences: int) -> None:
         super().on_active(sequences)
-        self._publish_active()
-
-    def on_idle(self) -> None:
-        # Re-publish while idle: an update sent just after another one (a sequence admitted, then
-        # cancelled 2 ms later) is sometimes lost between the stub and the server, in both set()
-        # and increment() form, which left the gauge at 1 for good. Setting the engine's own count
-        # again heals that within IDLE_REFRESH_S.
-        if time.monotonic() - self._published > IDLE_REFRESH_S:
-            self._publish_active()
-
-    def _publish_active(self) -> None:
-        self._active.set(self.active)
-        self._published = time.monotonic()
-
+        self._active.set(sequences)  # synchronous: done before the engine sends a token
 
 def piece_sender(sender):
     """Blip2Service emit callback -> one decoupled response per piece, the last one flagged final."""
