@@ -175,10 +175,13 @@ def decode_floor(weights: dict, caps: Capabilities) -> dict:
     """Lower bounds (ms) of one batch-1 decode step from bandwidth and from compute."""
     bandwidth_ms = weights["bytes_read_per_step"] / (caps.read_gbps * 1e9) * 1e3
     compute_ms = 2 * weights["matmul_params"] / (caps.matmul_gflops * 1e9) * 1e3
+    # Significant digits, not decimals: the tiny model's int8 floor is well under a microsecond,
+    # and rounding it to 0 made every ratio over it a division by zero.
+    sig = lambda x: float(f"{x:.4g}")  # noqa: E731
     return {
-        "bandwidth_floor_ms": round(bandwidth_ms, 3),
-        "compute_floor_ms": round(compute_ms, 3),
-        "floor_ms": round(max(bandwidth_ms, compute_ms), 3),
+        "bandwidth_floor_ms": sig(bandwidth_ms),
+        "compute_floor_ms": sig(compute_ms),
+        "floor_ms": sig(max(bandwidth_ms, compute_ms)),
         "bound_by": "memory bandwidth" if bandwidth_ms >= compute_ms else "compute",
     }
 
