@@ -158,6 +158,35 @@ def test_training_loop_reduces_loss(micro):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
+
+def test_a_continued_run_records_both_stages(tmp_path):
+    """`--init-from` (the bundled model's stage 3): new weights, and a card and log that say how
+    both runs were made, so the chain stays reproducible."""
+    import json
+
+    from blip2_triton.training import train_main
+
+    small = ["--batch-size", "8", "--train-scenes", "16", "--eval-scenes", "2", "--warmup-steps", "1",
+             "--threads", "1", "--no-progress"]
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    train_main(["--output", str(first), "--stage1-steps", "1", "--steps", "2", *small])
+    train_main(["--output", str(second), "--init-from", str(first), "--stage1-steps", "0", "--aux-weight", "0",
+                "--steps", "3", "--caption-fraction", "0.25", *small])
+    log = json.loads((second / "training_log.json").read_text())
+    assert log["previous"]["config"]["steps"] == 2 and len(log["previous"]["losses"]) == 2 and len(log["losses"]) == 3
+    card = (second / "README.md").read_text()
+    assert "--output STAGE2_DIR" in card and "--init-from STAGE2_DIR" in card
+    assert "stage 3, continued from those weights: 3 steps" in card and "25% captions" in card
+    assert (second / "loss_curve.png").stat().st_size > 0
+    a = (first / "model.safetensors").read_bytes()
+    assert a != (second / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="itself continued"):
+        train_main(["--output", str(third), "--init-from", str(second), "--stage1-steps", "0", "--aux-weight", "0",
+                    "--steps", "1", *small])
+    with pytest.raises(SystemExit, match="architecture differs"):
+        train_main(["--output", str(third), "--init-from", str(first), "--patch-size", "16", "--stage1-steps", "0",
+                    "--aux-weight", "0", "--steps", "1", *small])
+
 # --- metric code ---------------------------------------------------------------------------------
 
 def test_evaluate_counts_a_stub_answerer():

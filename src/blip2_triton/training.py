@@ -124,6 +124,9 @@ class TrainConfig:
     # initializer_range of the vision tower (the rest keeps the preset's init_std).
     vision_init_std: float = 0.1
     preset: TinyPreset = SCENES_PRESET
+    # Continue from this checkpoint (written by this script) instead of a fresh initialisation:
+    # the bundled model's stage 3 (see the model card).
+    init_from: str | None = None
 
 
 def build_model_and_processor(preset: TinyPreset, seed: int, qformer_dropout: float = 0.1,
@@ -471,8 +474,10 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
     return model, processor, losses, aux_losses, seconds
 
 
-def plot_losses(losses: list[float], path: Path, title: str, aux_losses: list[float] | None = None) -> None:
-    """Per-step and smoothed LM loss (after the auxiliary-only stage) and auxiliary loss (all steps)."""
+def plot_losses(losses: list[float], path: Path, title: str, aux_losses: list[float] | None = None,
+                stage3_start: int | None = None, aux_only_steps: int | None = None) -> None:
+    """Per-step and smoothed LM loss (after the auxiliary-only stage) and auxiliary loss (the steps
+    that had one); `stage3_start` marks where a continued run (`--init-from`) began."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,7 +489,9 @@ def plot_losses(losses: list[float], path: Path, title: str, aux_losses: list[fl
         return [sum(v[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(v))]
 
     aux_losses = aux_losses or []
-    first = len(aux_losses) - len(losses) if aux_losses else 0  # steps of the auxiliary-only stage
+    if aux_only_steps is None:  # a single run: its auxiliary losses cover every step
+        aux_only_steps = len(aux_losses) - len(losses) if aux_losses else 0
+    first = aux_only_steps
     lm_x = list(range(first, first + len(losses)))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(lm_x, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="LM loss per step")
@@ -493,6 +500,8 @@ def plot_losses(losses: list[float], path: Path, title: str, aux_losses: list[fl
         ax.plot(smooth(aux_losses), color="tab:orange", linewidth=1.5, label=f"auxiliary loss, mean of last {window}")
     if first:
         ax.axvline(first, color="gray", linestyle="--", linewidth=0.8, label="end of the auxiliary-only stage")
+    if stage3_start is not None:
+        ax.axvline(stage3_start, color="black", linestyle=":", linewidth=0.8, label="stage 3 (continued run) begins")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -514,12 +523,11 @@ def count_parameters(model) -> dict[str, int]:
     return out
 
 
-def write_model_card(output: Path, cfg: TrainConfig, command: str, seconds: float, params: dict[str, int],
-                     report, machine: dict, final_loss: float) -> None:
+def recipe_text(cfg: TrainConfig, seconds: float, machine: dict) -> str:
+    """The bullets of the model card that say how a from-scratch run trained (stages 1 and 2)."""
     p = cfg.preset
     shared = (" about the same scenes: each image is encoded once per step for a caption and a question"
               if cfg.shared_images else "")
-    size_mb = (output / "model.safetensors").stat().st_size / 1e6
     aux_on = cfg.aux_weight > 0 and (cfg.slot_aux or cfg.shape_count_aux)
     aux_text = ""
     if aux_on:
@@ -536,6 +544,44 @@ def write_model_card(output: Path, cfg: TrainConfig, command: str, seconds: floa
         if cfg.stage1_steps:
             aux_text += (f"- stage 1: {cfg.stage1_steps} steps of the auxiliary loss alone (vision tower, Q-Former, heads; "
                          f"{cfg.batch_size} images a step)\n")
+    return f"""- seed {cfg.seed} (weights init and batch sampling), `torch.use_deterministic_algorithms(True)`,
+  {cfg.threads} intra-op threads; training scenes are seeds {TRAIN_SEED}..{TRAIN_SEED + cfg.train_scenes - 1}
+{aux_text}- {"stage 2: " if aux_on and cfg.stage1_steps else ""}{cfg.steps} steps{" of LM + auxiliary loss" if aux_on else ""}, batch {cfg.batch_size} ({int(round(cfg.caption_fraction * 100))}% captions, the rest VQA{shared}),
+  AdamW (betas 0.9/0.98, weight decay {cfg.weight_decay}), peak lr {cfg.lr} after {cfg.warmup_steps} warm-up steps,
+  cosine decay to {cfg.min_lr_ratio:g}x, gradient clipping {cfg.grad_clip}; Q-Former dropout {cfg.qformer_dropout:g}
+  (vision and OPT dropout 0)
+- loss: BLIP-2's language-model loss, labels only on the target (caption or answer) and its
+  `</s>`; -100 on the `<image>` query positions, the BOS, the prompt and padding{" (+ the auxiliary loss)" if aux_on else ""}
+- initialisation: transformers' normal init, std {p.init_std} for the Q-Former and OPT, {cfg.vision_init_std} for the
+  vision tower (`vision_config.initializer_range`); learned queries drawn from N(0, {p.init_std}), not zeros
+- training time: {seconds / 60:.1f} min ({seconds:.0f} s) on {machine["cpu"]} ({machine["threads"]} threads,
+  machine shared with other jobs), torch {machine["torch"]}, transformers {machine["transformers"]}
+"""
+
+
+def finetune_text(cfg: TrainConfig, seconds: float, machine: dict) -> str:
+    """The model-card bullet of a run that continued from a checkpoint (`--init-from`)."""
+    shared = ", each image encoded once per step" if cfg.shared_images else ""
+    aux = "" if cfg.aux_weight == 0 else f" + auxiliary loss (weight {cfg.aux_weight:g}, fresh heads)"
+    return f"""- stage 3, continued from those weights: {cfg.steps} steps of the LM loss{aux}, batch {cfg.batch_size}
+  ({int(round(cfg.caption_fraction * 100))}% captions, the rest VQA{shared}), fresh AdamW state, a new lr cycle:
+  peak {cfg.lr} after {cfg.warmup_steps} warm-up steps, cosine decay to {cfg.min_lr_ratio:g}x; seed {cfg.seed},
+  {cfg.threads} intra-op threads; {seconds / 60:.1f} min ({seconds:.0f} s) on {machine["cpu"]}
+"""
+
+
+def write_model_card(output: Path, cfg: TrainConfig, command: str, seconds: float, params: dict[str, int],
+                     report, machine: dict, final_loss: float, previous: dict | None = None) -> None:
+    """README.md of the checkpoint; `previous` is the training log of the `--init-from` checkpoint."""
+    p = cfg.preset
+    size_mb = (output / "model.safetensors").stat().st_size / 1e6
+    if previous is None:
+        commands, recipe = command, recipe_text(cfg, seconds, machine)
+    else:
+        base = TrainConfig(**{**previous["config"], "preset": TinyPreset(**previous["config"]["preset"])})
+        commands = f"{previous['command'].replace(' --output ' + str(base.output), ' --output STAGE2_DIR')}\n" \
+                   f"{command.replace(' --init-from ' + str(cfg.init_from), ' --init-from STAGE2_DIR')}"
+        recipe = recipe_text(base, previous["seconds"], previous["machine"]) + finetune_text(cfg, seconds, machine)
     card = f"""# blip2-tiny-scenes
 
 A tiny BLIP-2 OPT (`Blip2ForConditionalGeneration`, the standard transformers class) trained from
@@ -578,22 +624,10 @@ Captions list the objects left to right: "a red circle", "a red circle and an or
 ## How it was made
 
 ```
-{command}
+{commands}
 ```
 
-- seed {cfg.seed} (weights init and batch sampling), `torch.use_deterministic_algorithms(True)`,
-  {cfg.threads} intra-op threads; training scenes are seeds {TRAIN_SEED}..{TRAIN_SEED + cfg.train_scenes - 1}
-{aux_text}- {cfg.steps} steps{" of LM + auxiliary loss" if aux_on else ""}, batch {cfg.batch_size} ({int(round(cfg.caption_fraction * 100))}% captions, the rest VQA{shared}),
-  AdamW (betas 0.9/0.98, weight decay {cfg.weight_decay}), peak lr {cfg.lr} after {cfg.warmup_steps} warm-up steps,
-  cosine decay to {cfg.min_lr_ratio:g}x, gradient clipping {cfg.grad_clip}; Q-Former dropout {cfg.qformer_dropout:g}
-  (vision and OPT dropout 0)
-- loss: BLIP-2's language-model loss, labels only on the target (caption or answer) and its
-  `</s>`; -100 on the `<image>` query positions, the BOS, the prompt and padding{" (+ the auxiliary loss)" if aux_on else ""}
-- initialisation: transformers' normal init, std {p.init_std} for the Q-Former and OPT, {cfg.vision_init_std} for the
-  vision tower (`vision_config.initializer_range`); learned queries drawn from N(0, {p.init_std}), not zeros
-- training time: {seconds / 60:.1f} min ({seconds:.0f} s) on {machine["cpu"]} ({machine["threads"]} threads,
-  machine shared with other jobs), torch {machine["torch"]}, transformers {machine["transformers"]}
-- final loss (mean of the last 50 steps): {final_loss:.4f}; curve: `loss_curve.png`, raw numbers: `training_log.json`
+{recipe}- final loss (mean of the last 50 steps): {final_loss:.4f}; curve: `loss_curve.png`, raw numbers: `training_log.json`
 
 ## Architecture
 
@@ -680,8 +714,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-query-tokens", type=int, default=d.preset.num_query_tokens)
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
     p.add_argument("--eval-scenes", type=int, default=d.eval_scenes, help="held-out scenes to evaluate; 0 skips")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="continue from a checkpoint this script wrote (its architecture; fresh optimizer and lr cycle)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def load_for_finetuning(cfg: TrainConfig):
+    """(model, processor, the checkpoint's own training log without its evaluation) for `--init-from`.
+
+    Only checkpoints this script wrote: the log says how they were made (the model card needs it),
+    and their architecture must be the one `cfg.preset` describes.
+    """
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    source = Path(cfg.init_from)
+    log_path = source / "training_log.json"
+    if not log_path.is_file():
+        raise SystemExit(f"--init-from {source}: no training_log.json; give a checkpoint this script wrote")
+    previous = json.loads(log_path.read_text())
+    if previous.get("previous") is not None:
+        raise SystemExit(f"--init-from {source}: that checkpoint was itself continued; start from a from-scratch run")
+    if previous["config"]["preset"] != asdict(cfg.preset):
+        raise SystemExit(f"--init-from {source}: its architecture differs from the one the flags describe")
+    previous.pop("evaluation", None)
+    model = Blip2ForConditionalGeneration.from_pretrained(source)
+    processor = AutoProcessor.from_pretrained(source)
+    return model, processor, previous
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -695,7 +754,7 @@ def train_main(argv: list[str] | None = None) -> int:
         eval_scenes=args.eval_scenes, qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
         aux_weight=args.aux_weight, vision_init_std=args.vision_init_std, slot_aux=args.slot_aux,
         shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps, slot_per_query=args.slot_per_query,
-        preset=dataclasses.replace(
+        init_from=args.init_from, preset=dataclasses.replace(
             SCENES_PRESET, patch_size=args.patch_size, vision_hidden=args.vision_hidden,
             vision_layers=args.vision_layers, num_query_tokens=args.num_query_tokens,
         ),
@@ -706,15 +765,26 @@ def train_main(argv: list[str] | None = None) -> int:
     command = "python -m blip2_triton.training " + " ".join(argv_shown)
     output = Path(cfg.output)
 
-    model, processor, losses, aux_losses, seconds = train(cfg, progress=not args.no_progress)
+    model = processor = previous = None
+    if cfg.init_from:
+        model, processor, previous = load_for_finetuning(cfg)
+    model, processor, losses, aux_losses, seconds = train(cfg, progress=not args.no_progress, model=model,
+                                                          processor=processor)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     processor.save_pretrained(output)
     final_loss = sum(losses[-50:]) / len(losses[-50:])
     print(f"trained {cfg.steps} steps in {seconds:.0f} s, final loss {final_loss:.4f}; wrote {output}")
-    plot_losses(losses, output / "loss_curve.png",
-                f"blip2-tiny-scenes: {cfg.stage1_steps} + {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}",
-                aux_losses)
+    if previous is None:
+        plot_losses(losses, output / "loss_curve.png",
+                    f"blip2-tiny-scenes: {cfg.stage1_steps} + {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}",
+                    aux_losses)
+    else:
+        base = previous["config"]
+        plot_losses(previous["losses"] + losses, output / "loss_curve.png",
+                    f"blip2-tiny-scenes: {base['stage1_steps']} + {base['steps']} + {cfg.steps} steps, seed {cfg.seed}",
+                    previous["aux_losses"], stage3_start=base["stage1_steps"] + base["steps"],
+                    aux_only_steps=base["stage1_steps"])
 
     report = None
     if cfg.eval_scenes > 0:
@@ -726,10 +796,10 @@ def train_main(argv: list[str] | None = None) -> int:
                                         "image_token_index": model.config.image_token_index}
     log = {"config": asdict(cfg), "command": command, "seconds": seconds,
            "machine": machine, "parameters": params, "losses": losses, "aux_losses": aux_losses,
-           "evaluation": report.to_dict() if report else None}
+           "evaluation": report.to_dict() if report else None, "previous": previous}
     (output / "training_log.json").write_text(json.dumps(log) + "\n")
     if report is not None:
-        write_model_card(output, cfg, command, seconds, params, report, machine, final_loss)
+        write_model_card(output, cfg, command, seconds, params, report, machine, final_loss, previous)
     return 0
 
 
