@@ -52,12 +52,5 @@ def test_served_answers_are_transformers_answers(reports):
     assert served.misses == reference.misses
 
 
-def test_served_captions_and_counts_meet_the_targets(reports):
-    _check(reports[0], (CAPTION, "count"))
-
-
-# The committed model is below the VQA target on these kinds (see its README.md): non-strict, so a
-# checkpoint that meets them shows up as XPASS.
-@pytest.mark.xfail(reason="bundled blip2-tiny-scenes is below target on VQA color, shape and position", strict=False)
-def test_served_color_shape_position_meet_the_targets(reports):
-    _check(reports[0], ("color", "shape", "position"))
+def test_served_accuracy_meets_the_targets(reports):
+    _check(reports[0], (CAPTION, *QA_KINDS))
