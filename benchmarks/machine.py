@@ -218,6 +218,11 @@ class CpuMeter:
 
     def others_cores(self, before, after) -> float:
         """Average number of cores other users' processes kept busy between two snapshots."""
-        (t0, busy0, ours0), (t1, busy1, ours1) = before, after
-        ours = sum(v - ours0.get(pid, 0.0) for pid, v in ours1.items())
-        return round(max(0.0, (busy1 - busy0 - ours) / max(t1 - t0, 1e-9)), 3)
+        (t0, busy0, _), (t1, busy1, _) = before, after
+        return round(max(0.0, (busy1 - busy0) / max(t1 - t0, 1e-9) - self.our_cores(before, after)), 3)
+
+    @staticmethod
+    def our_cores(before, after) -> float:
+        """Average number of cores this process tree (the bench, its workers, the server) kept busy."""
+        (t0, _, ours0), (t1, _, ours1) = before, after
+        return round(sum(v - ours0.get(pid, 0.0) for pid, v in ours1.items()) / max(t1 - t0, 1e-9), 3)

@@ -208,12 +208,13 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
     out.append(f"### Throughput vs concurrency ({caption}, through the server)\n")
     batch = lambda t, k: t.get("server", {}).get("models", {}).get(k, {}).get("mean_batch")  # noqa: E731
     out.append(_table(["streams", "requests", "requests/s", "tokens/s", "latency p50", "latency p90",
-                       "vision batch", "decode rows / step", "others' cores"],
+                       "vision batch", "decode rows / step", "our cores busy", "others' cores"],
                       [[t["streams"], t["requests"], t["requests_per_s"], t["tokens_per_s"], t["latency_ms"]["p50"],
                         t["latency_ms"]["p90"], batch(t, "vision_encoder"), t.get("server", {}).get("decode_rows_per_step"),
-                        t.get("others_cores")] for t in m["throughput"]]))
+                        t.get("our_cores"), t.get("others_cores")] for t in m["throughput"]]))
     out.append("vision batch: mean batch the dynamic batcher formed for the vision encoder; decode rows / step: "
-               "mean sequences per batched decoder call (the continuous batcher).\n")
+               "mean sequences per batched decoder call (the continuous batcher); our cores busy: CPU time of the "
+               "server, the client and the benchmark's idle workers over the phase's wall time.\n")
     tb = m.get("throughput_bound")
     if tb:
         out.append(f"Bound from the per-request CPU cost: {tb['once_ms']:.0f} ms of preprocess + vision + Q-Former + "

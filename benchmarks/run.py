@@ -296,8 +296,10 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         bar = progress.phase(f"throughput vs concurrent streams {list(settings.concurrency)}", total)
         for streams_n in settings.concurrency:
             stats0, metrics0 = stages.triton_statistics(server.grpc_url), stages.blip2_metrics(server.metrics_url)
+            before = meter.snapshot()
             r = measured(lambda: run(end_to_end.closed_loop(server.grpc_url, streams_n, settings.requests_per_stream,
                                                             pictures, caption)))
+            r["our_cores"] = meter.our_cores(before, meter.snapshot())
             level = stages.server_stages(stats0, stages.triton_statistics(server.grpc_url),
                                          metrics0, stages.blip2_metrics(server.metrics_url))
             r["server"] = _batching(level)

@@ -56,7 +56,7 @@ def test_every_section_is_present_with_sane_numbers(results):
     assert stages["server"]["generator_metrics"]["generated_tokens"] > 0
     assert all(d["step_ms"] > 0 for d in stages["decode_step_vs_rows"])
     assert [t["streams"] for t in m["throughput"]] == list(r["settings"]["concurrency"])
-    assert all(t["requests_per_s"] > 0 and t["tokens_per_s"] > 0 for t in m["throughput"])
+    assert all(t["requests_per_s"] > 0 and t["tokens_per_s"] > 0 and t["our_cores"] > 0 for t in m["throughput"])
     assert all(b["tokens_per_s"] > 0 for b in m["baseline_batches"])
     mem = m["memory"]
     assert mem["server_peak_rss_mib"] > 0 and mem["transformers_peak_rss_mib"] > 0 and mem["in_process_peak_rss_mib"] > 0

@@ -9,10 +9,21 @@ import numpy as np
 ORT_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
-def make_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+def make_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 spinning: bool = True):
+    """An onnxruntime session; `spinning=False` for graphs run once per request.
+
+    onnxruntime's intra-op threads spin for a while after each run, waiting for more work. That
+    pays off for the decoder, whose steps follow each other, but the vision encoder's and the
+    Q-Former's threads then spin while the next stage (another session, another process in the
+    server) needs those cores: with spinning on everywhere, the Q-Former and the prefill ran ~2x
+    slower in-process on base-opt (benchmarks/README.md).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -21,7 +32,7 @@ def make_session(path: str | Path, threads: int | None = None, providers: list[s
 
 class OnnxGraph:
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
-        self.session = make_session(path, threads, providers)
+        self.session = make_session(path, threads, providers, spinning=False)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # Float inputs are cast to the graph's own precision: an fp16 export takes fp16 tensors.
