@@ -202,8 +202,11 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
                f"{_f(g['decode_steps'], 0)} decode steps for {_f(g['generated_tokens'], 0)} tokens.\n")
 
     out.append("### Decode step vs batch rows (in-process, ms)\n")
-    out.append(_table(["rows", "step", "per token"], [[d["rows"], d["step_ms"], d["ms_per_token"]]
-                                                      for d in st["decode_step_vs_rows"]]))
+    by_rows = {d["rows"]: d for d in st["decode_step_vs_rows"]}
+    out.append(_table(["rows", "step", "per token", "tokens/s vs 1 row"],
+                      [[d["rows"], d["step_ms"], d["ms_per_token"],
+                        by_rows[1]["ms_per_token"] / d["ms_per_token"] if 1 in by_rows else None]
+                       for d in st["decode_step_vs_rows"]]))
 
     out.append(f"### Throughput vs concurrency ({caption}, through the server)\n")
     batch = lambda t, k: t.get("server", {}).get("models", {}).get(k, {}).get("mean_batch")  # noqa: E731

@@ -288,7 +288,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         past = settings.caption_tokens // 2 + 40
         progress.say(f"  decode step vs rows {list(settings.decode_rows)} (in-process)")
         decode_rows = workers["in_process"].call("decode_vs_rows", rows=list(settings.decode_rows), past_length=past,
-                                                 repeats=5)
+                                                 repeats=15)
 
         caption = loads[0]
         throughput = []
