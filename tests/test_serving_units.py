@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -204,7 +205,7 @@ def test_cancelling_the_last_sequence_reports_zero_active(pipeline):
     from blip2_triton.serving.engine import GenerationEngine
     from blip2_triton.serving.errors import Cancelled
 
-    engine = GenerationEngine(pipeline.generator.decoder)
+    engine = GenerationEngine(pipeline.generator.decoder, cancel_poll_s=0)
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
     cancelled, errors = threading.Event(), []
@@ -234,3 +235,27 @@ def test_a_sequence_is_counted_active_before_its_first_token_goes_out(pipeline):
         engine.generate(request)
         assert engine.stats.active == 0 and not engine._active
     assert seen and all(active == 1 for active in seen)
+
+
+def test_cancellation_is_polled_at_most_every_cancel_poll_s(pipeline):
+    """In Triton each is_cancelled() is a round trip to the server: asked once per interval, not
+    once per step, and a cancelled sequence still stops within one interval plus a step."""
+    from blip2_triton.serving.engine import GenerationEngine
+    from blip2_triton.serving.errors import Cancelled
+
+    engine = GenerationEngine(pipeline.generator.decoder, cancel_poll_s=0.05)
+    pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
+    query = pipeline.stages.query_embeds(pixels)
+    asked, errors = [], []
+    request = pipeline.generator.request(query, ids, {"max_new_tokens": 100, "min_new_tokens": 100},
+                                         on_error=errors.append, is_cancelled=lambda: asked.append(1) or len(asked) > 3)
+    engine._admit(request)
+    steps, start = 0, time.monotonic()
+    while engine._active:
+        engine._step()
+        steps += 1
+        time.sleep(0.005)  # a tiny-model step is far shorter than a real one
+    elapsed = time.monotonic() - start
+    assert len(errors) == 1 and isinstance(errors[0], Cancelled)
+    assert len(asked) == 4  # at admission, then once per 0.05 s until the answer was yes
+    assert steps > len(asked) and elapsed >= 3 * 0.05
