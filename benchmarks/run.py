@@ -233,10 +233,12 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
     phase_start = time.perf_counter()
 
     def measured(fn):
-        """fn()'s result plus how many cores other users' processes took meanwhile."""
+        """fn()'s result plus how many cores other users' processes, and ours, kept busy meanwhile."""
         before = meter.snapshot()
         r = fn()
-        r["others_cores"] = meter.others_cores(before, meter.snapshot())
+        after = meter.snapshot()
+        r["others_cores"] = meter.others_cores(before, after)
+        r["our_cores"] = meter.our_cores(before, after)
         return r
 
     def call(system: str, workload, image: int) -> dict:
@@ -296,10 +298,8 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         bar = progress.phase(f"throughput vs concurrent streams {list(settings.concurrency)}", total)
         for streams_n in settings.concurrency:
             stats0, metrics0 = stages.triton_statistics(server.grpc_url), stages.blip2_metrics(server.metrics_url)
-            before = meter.snapshot()
             r = measured(lambda: run(end_to_end.closed_loop(server.grpc_url, streams_n, settings.requests_per_stream,
                                                             pictures, caption)))
-            r["our_cores"] = meter.our_cores(before, meter.snapshot())
             level = stages.server_stages(stats0, stages.triton_statistics(server.grpc_url),
                                          metrics0, stages.blip2_metrics(server.metrics_url))
             r["server"] = _batching(level)

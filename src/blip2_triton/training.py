@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import platform
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -499,9 +499,8 @@ def plot_losses(losses: list[float], path: Path, title: str, aux_losses: list[fl
         return [sum(v[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(v))]
 
     aux_losses = aux_losses or []
-    if aux_only_steps is None:  # a single run: its auxiliary losses cover every step
-        aux_only_steps = len(aux_losses) - len(losses) if aux_losses else 0
-    first = aux_only_steps
+    # steps of the auxiliary-only stage; in a single run its auxiliary losses cover every step
+    first = aux_only_steps if aux_only_steps is not None else len(aux_losses) - len(losses) if aux_losses else 0
     lm_x = list(range(first, first + len(losses)))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(lm_x, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="LM loss per step")
