@@ -55,24 +55,22 @@ def _decoder_input(vocab_size: int):
         if t.name == specs.INPUT_IDS:
             return torch.randint(3, vocab_size, shape, generator=gen)
         if t.name == specs.ATTENTION_MASK:
-            # Row 0 is left-padded, the way batched prompts and batched decode steps arrive.
+            # At a decode step (one new position) row 0 is shorter than the others, right-padded,
+            # the way sequences of different lengths share a step. The cache buffers beyond each
+            # row's length hold random values, which must not matter.
             mask = torch.ones(shape, dtype=torch.int64)
-            if shape[0] > 1 and shape[1] > 2:
-                mask[0, : shape[1] // 3] = 0
+            if axes[specs.SEQUENCE] + axes[specs.PREFIX] == 1 and shape[0] > 1 and shape[1] > 2:
+                mask[0, shape[1] - shape[1] // 3 :] = 0
             return mask
         return _random_float(t, axes, gen)
 
     return make
 
 
-def _decoder_axes(batch: int, seq: int, prefix: int, past: int) -> Axes:
-    return {
-        specs.BATCH: batch,
-        specs.SEQUENCE: seq,
-        specs.PREFIX: prefix,
-        specs.PAST: past,
-        specs.TOTAL: past + prefix + seq,
-    }
+def _decoder_axes(batch: int, seq: int, prefix: int, past: int, spare: int = 3) -> Axes:
+    """`past` cached positions (of the longest row), `spare` unused positions at the buffers' end."""
+    total = past + prefix + seq
+    return {specs.BATCH: batch, specs.SEQUENCE: seq, specs.PREFIX: prefix, specs.TOTAL: total, specs.CACHE: total + spare}
 
 
 def opt_graphs(model, float_dtype: str) -> list[GraphExport]:
@@ -89,9 +87,10 @@ def opt_graphs(model, float_dtype: str) -> list[GraphExport]:
             OPTDecoderWithCache(model.language_model),
             trace_axes=_decoder_axes(batch=2, seq=3, prefix=q, past=2),
             validation_axes=(
-                _decoder_axes(batch=1, seq=5, prefix=q, past=0),  # prefill, one prompt
-                _decoder_axes(batch=3, seq=4, prefix=q, past=0),  # prefill, padded batch
-                _decoder_axes(batch=3, seq=1, prefix=0, past=9),  # decode step with a cache
+                _decoder_axes(batch=1, seq=5, prefix=q, past=0, spare=0),  # prefill, buffer just long enough
+                _decoder_axes(batch=3, seq=4, prefix=q, past=0),  # prefill, 3 rows (beams)
+                _decoder_axes(batch=3, seq=1, prefix=0, past=9),  # decode step, rows of different lengths
+                _decoder_axes(batch=1, seq=2, prefix=0, past=4),  # several new tokens onto a cache (batch 1 only)
             ),
             make_input=_decoder_input(config.text_config.vocab_size),
         ),

@@ -36,6 +36,7 @@ def export_module(module: torch.nn.Module, spec: GraphSpec, sample: dict[str, to
             output_names=spec.output_names,
             dynamic_axes=spec.dynamic_axes,
             opset_version=OPSET,
+            custom_opsets={"com.microsoft": 1},  # GroupQueryAttention in the decoder
             do_constant_folding=True,
             dynamo=False,
         )

@@ -85,12 +85,13 @@ def _float_dtype(export: GraphExport) -> str:
 
 
 def _attended(out_spec, inputs: dict, array: np.ndarray) -> np.ndarray:
-    """Zero the cache slots of padding positions: no query ever reads them, and a padding
-    position attends to nothing, so its values are arbitrary (they differ in fp16)."""
-    if specs.ATTENTION_MASK not in inputs or len(out_spec.dims) != 4 or out_spec.dims[2] != specs.TOTAL:
+    """Zero the cache positions past each row's length: no query reads them, and the graph leaves
+    them as they were (in place) or zero (onnxruntime's copying path), so either is right."""
+    if specs.ATTENTION_MASK not in inputs or len(out_spec.dims) != 4 or out_spec.dims[2] != specs.CACHE:
         return array
-    mask = inputs[specs.ATTENTION_MASK].numpy().astype(array.dtype)
-    return array * mask[:, None, :, None]
+    lengths = inputs[specs.ATTENTION_MASK].numpy().sum(axis=1)
+    kept = np.arange(array.shape[2])[None, :] < lengths[:, None]  # [B, M]
+    return array * kept[:, None, :, None].astype(array.dtype)
 
 
 def _used_axes(export: GraphExport) -> set[str]:

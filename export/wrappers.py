@@ -5,6 +5,8 @@ the plumbing around them (explicit KV tensors, masks, the query-embedding prefix
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -64,62 +66,96 @@ class QFormerProjection(nn.Module):
         return projected
 
 
-class _ExplicitCache:
-    """The part of transformers' Cache API that attention layers call: concatenate past and new K/V.
+class GroupQueryAttention(torch.autograd.Function):
+    """onnxruntime's com.microsoft GroupQueryAttention (all heads for keys and values), in PyTorch.
 
-    Holding the past as plain tensors keeps the cache an explicit graph input/output.
+    Exported as that one node, which writes the new keys/values into the cache buffers and attends
+    over each row's own length; forward() is the same computation in PyTorch, which the validation
+    gate and the parity tests hold the onnxruntime kernel to.
+
+    query/key/value [B, S, H*D]; past_key/value [B, H, M, D]; seqlens_k [B] int32 (row length after
+    this call, minus one); total_length int32 scalar (the longest row). -> (output [B, S, H*D],
+    present_key, present_value [B, H, M, D]: past with positions seqlens_k+1-S .. seqlens_k written).
     """
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.past = past
-        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+    @staticmethod
+    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int, scale: float):
+        batch, new, _ = query.shape
+        head_dim = past_key.shape[-1]
+
+        def heads(x):
+            return x.view(batch, new, num_heads, head_dim).transpose(1, 2)
+
+        positions = (seqlens_k.long() + 1 - new)[:, None] + torch.arange(new)  # [B, S]
+        index = positions[:, None, :, None].expand(batch, num_heads, new, head_dim)
+        present_key = past_key.clone().scatter_(2, index, heads(key))
+        present_value = past_value.clone().scatter_(2, index, heads(value))
+        scores = torch.matmul(heads(query), present_key.transpose(2, 3)) * scale  # [B, H, S, M]
+        visible = torch.arange(past_key.shape[2])[None, None, :] <= positions[:, :, None]  # causal, own row
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+        output = torch.matmul(probs, present_value).transpose(1, 2).reshape(batch, new, num_heads * head_dim)
+        return output, present_key, present_value
+
+    @staticmethod
+    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, scale):
+        return g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k,
+                    total_length, num_heads_i=num_heads, kv_num_heads_i=num_heads, scale_f=scale, outputs=3)
+
+
+GQA_ATTENTION = "blip2_triton_gqa"
+
+
+@dataclass
+class _CacheBuffers:
+    """What one decoder call's attention layers share: the buffers, row lengths, and their updates."""
+
+    past: list[torch.Tensor]  # per layer key, value [B, H, M, Dk]
+    seqlens_k: torch.Tensor
+    total_length: torch.Tensor
+    present: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        past_k, past_v = self.past[layer_idx]
-        k = torch.cat([past_k, key_states], dim=2)
-        v = torch.cat([past_v, value_states], dim=2)
-        self.present.append((k, v))
-        return k, v
+        """transformers' Cache API, as the attention layers call it: the buffers are written by
+        the attention function (one GroupQueryAttention node), so the new states pass through."""
+        return key_states, value_states
 
 
-def opt_position_ids(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """OPT's positions, as transformers derives them: cumulative count of attended tokens minus one.
+def _gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_buffers=None, **kwargs):
+    """A transformers attention function: [B, H, S, D] states -> [B, S, H, D], via GroupQueryAttention."""
+    cache: _CacheBuffers = kv_buffers
+    batch, _, new, _ = query.shape
+    heads, head_dim = module.num_heads, module.head_dim  # Python ints: attributes of the node
+    pad = int(cache.past[0].shape[-1]) - head_dim
 
-    attention_mask [B, T] covers past and new tokens; returns [B, new_tokens] for the new ones.
-    Masked slots (padding) never advance the count, so left padding, in the prompt or in a cache
-    that was padded to share a batch, leaves every real token at its unpadded position.
-    """
-    positions = torch.cumsum(attention_mask, dim=1) * attention_mask - 1
-    return positions[:, attention_mask.shape[1] - new_tokens :]
+    def packed(x):  # [B, H, S, D] -> [B, S, H*Dk], zero-padded to the cache's head width
+        x = x.transpose(1, 2)
+        return (nn.functional.pad(x, (0, pad)) if pad else x).reshape(batch, new, heads * (head_dim + pad))
 
-
-def causal_additive_mask(attention_mask: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T] 0/1 mask -> [B, 1, new_tokens, T] additive mask (0 = attend, dtype min = blocked).
-
-    Blocked entries use the dtype's minimum rather than -inf so that a row with nothing to attend
-    to (a left-padding position) gives a finite uniform softmax instead of NaN, which would otherwise
-    leak into the cache through the masked slots.
-    """
-    total = attention_mask.shape[1]
-    past = total - new_tokens
-    key_pos = torch.arange(total, device=attention_mask.device)
-    query_pos = torch.arange(new_tokens, device=attention_mask.device) + past
-    causal = key_pos[None, :] <= query_pos[:, None]  # [S, T]
-    allowed = causal[None, None, :, :] & attention_mask[:, None, None, :].bool()
-    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
-    return torch.where(allowed, zero, blocked)
+    i = module.layer_idx
+    output, present_key, present_value = GroupQueryAttention.apply(
+        packed(query), packed(key), packed(value), cache.past[2 * i], cache.past[2 * i + 1],
+        cache.seqlens_k, cache.total_length, heads, float(1.0 if scaling is None else scaling),
+    )
+    cache.present[i] = (present_key, present_value)
+    output = output.view(batch, new, heads, head_dim + pad)
+    return (output[..., :head_dim] if pad else output), None
 
 
 class OPTDecoderWithCache(nn.Module):
-    """OPTForCausalLM as one prefill/decode graph with an explicit KV cache.
+    """OPTForCausalLM as one prefill/decode graph whose KV cache is updated in place (specs.decoder_spec).
 
-    forward(input_ids [B,S], prefix_embeds [B,P,E], attention_mask [B,past+P+S], *past (key, value per
-    layer, [B,H,past,Dh])) -> (logits [B,1,V] float32 for the last position, *present per layer).
+    forward(input_ids [B,S], prefix_embeds [B,P,E], attention_mask [B,T] (right-padded), *past (key,
+    value per layer, [B,H,M,Dk])) -> (logits [B,1,V] float32 for the last position, *present).
+    transformers' own decoder layers run unchanged; only their attention function is swapped for
+    GroupQueryAttention (registered with transformers' AttentionInterface for the duration of a call).
     """
 
     def __init__(self, language_model):
         super().__init__()
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(GQA_ATTENTION, _gqa_attention)
         self.lm = language_model
         self.decoder = language_model.model.decoder
         self.num_layers = len(self.decoder.layers)
@@ -130,19 +166,28 @@ class OPTDecoderWithCache(nn.Module):
         inputs_embeds = torch.cat([prefix_embeds.to(token_embeds.dtype), token_embeds], dim=1)
         new_tokens = inputs_embeds.shape[1]
 
-        positions = opt_position_ids(attention_mask, new_tokens)
+        lengths = attention_mask.sum(dim=1)  # each row's length after this call
+        positions = (lengths - new_tokens)[:, None] + torch.arange(new_tokens)
         # OPTLearnedPositionalEmbedding is an nn.Embedding with an offset of 2.
         pos_embeds = nn.Embedding.forward(dec.embed_positions, positions + dec.embed_positions.offset)
         if dec.project_in is not None:
             inputs_embeds = dec.project_in(inputs_embeds)
         hidden = inputs_embeds + pos_embeds.to(inputs_embeds.dtype)
 
-        mask = causal_additive_mask(attention_mask, new_tokens, hidden.dtype)
-        cache = _ExplicitCache([(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.num_layers)])
-        for layer in dec.layers:
-            hidden = layer(hidden, attention_mask=mask, cache=cache, position_ids=positions)
-            if isinstance(hidden, tuple):
-                hidden = hidden[0]
+        cache = _CacheBuffers(
+            list(past_flat),
+            seqlens_k=(lengths - 1).to(torch.int32),
+            total_length=torch._shape_as_tensor(attention_mask)[1].to(torch.int32),
+        )
+        config = self.lm.config
+        saved, config._attn_implementation = config._attn_implementation, GQA_ATTENTION
+        try:
+            for layer in dec.layers:
+                hidden = layer(hidden, attention_mask=None, cache=cache, position_ids=positions, kv_buffers=cache)
+                if isinstance(hidden, tuple):
+                    hidden = hidden[0]
+        finally:
+            config._attn_implementation = saved
 
         hidden = hidden[:, -1:, :]
         if dec.final_layer_norm is not None:
@@ -150,5 +195,5 @@ class OPTDecoderWithCache(nn.Module):
         if dec.project_out is not None:
             hidden = dec.project_out(hidden)
         logits = self.lm.lm_head(hidden).float()
-        present = [t for kv in cache.present for t in kv]
+        present = [t for i in range(self.num_layers) for t in cache.present[i]]
         return (logits, *present)

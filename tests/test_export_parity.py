@@ -1,7 +1,7 @@
 """Export gate and token-for-token parity of the ONNX graphs with transformers' generate().
 
 Greedy decoding runs directly on the exported graphs with the KV cache (prefill once, then one
-decoder call per token), batched and left-padded like transformers, and must reproduce
+decoder call per token), batched over rows of different lengths, and must reproduce
 Blip2ForConditionalGeneration.generate() exactly, for every tiny preset.
 """
 from __future__ import annotations
@@ -58,7 +58,8 @@ def reference_tokens(model, processor, images, prompts) -> list[list[int]]:
 
 
 def onnx_greedy(repo, processor, config, images, prompts) -> list[list[int]]:
-    """Greedy decoding on the exported graphs: one batched, left-padded prefill, then cached steps."""
+    """Greedy decoding on the exported graphs: each row prefilled at its own length into one shared
+    KV cache, then one decoder call per token for all rows, each masked to its own length."""
     vision = OnnxGraph(repository.graph_path(repo, specs.VISION_ENCODER))
     qformer = OnnxGraph(repository.graph_path(repo, specs.QFORMER))
     decoder = DecoderGraph(repository.graph_path(repo, specs.LLM_DECODER), config)
@@ -66,12 +67,13 @@ def onnx_greedy(repo, processor, config, images, prompts) -> list[list[int]]:
     image_embeds = vision(pixel_values=pixels)[specs.IMAGE_EMBEDS]
     query = qformer(image_embeds=image_embeds)[specs.QUERY_EMBEDS]
     batch = len(images)
-    tok = processor.tokenizer
-    tok.padding_side = "left"
-    enc = tok([p or "" for p in (prompts or [""] * batch)], padding=True, return_tensors="np")
-    ids, text_mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-    mask = np.concatenate([np.ones((batch, query.shape[1]), np.int64), text_mask], axis=1)
-    logits, past = decoder(ids, query, mask, decoder.empty_past(batch))
+    rows = [processor.tokenizer(p or "", return_tensors="np")["input_ids"].astype(np.int64) for p in prompts or [""] * batch]
+    lengths = np.array([query.shape[1] + r.shape[1] for r in rows])
+    cache = decoder.new_cache(slots=batch, capacity=int(lengths.max()) + MAX_NEW)
+    logits = np.concatenate([
+        decoder(ids, query[b : b + 1], np.ones((1, lengths[b]), np.int64), cache.rows(b, b + 1))
+        for b, ids in enumerate(rows)
+    ])
     eos, pad = config.text_config.eos_token_id, config.text_config.pad_token_id
     out = [[] for _ in range(batch)]
     done = np.zeros(batch, bool)
@@ -82,8 +84,9 @@ def onnx_greedy(repo, processor, config, images, prompts) -> list[list[int]]:
         done |= nxt == eos
         if done.all():
             break
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        logits, past = decoder(nxt[:, None].astype(np.int64), None, mask, past)
+        lengths += 1
+        mask = (np.arange(lengths.max())[None, :] < lengths[:, None]).astype(np.int64)
+        logits = decoder(nxt[:, None].astype(np.int64), None, mask, cache.rows(0, batch))
     return out
 
 

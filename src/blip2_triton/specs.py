@@ -17,8 +17,8 @@ Dim = Union[int, str]
 BATCH = "batch_size"
 SEQUENCE = "sequence_length"
 PREFIX = "prefix_length"
-PAST = "past_sequence_length"
 TOTAL = "total_sequence_length"
+CACHE = "max_sequence_length"  # positions a KV-cache buffer holds (>= TOTAL)
 
 # Graph names; they are also the ONNX file stems and the Triton model names.
 VISION_ENCODER = "vision_encoder"
@@ -130,18 +130,32 @@ def lm_embed_dim(config) -> int:
     return getattr(t, "word_embed_proj_dim", None) or t.hidden_size
 
 
+def kv_head_dim(config) -> int:
+    """Head width in the KV cache: the LM's, rounded up to a multiple of 8.
+
+    onnxruntime's GroupQueryAttention needs a multiple of 8. Real OPT heads are 64, 80 or 128 wide;
+    a narrower or odd one is zero-padded, which leaves every attention score and output unchanged.
+    """
+    t = config.text_config
+    return -(-(t.hidden_size // t.num_attention_heads) // 8) * 8
+
+
 def decoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
-    """One graph for prefill and decode steps of a decoder-only LM (OPT).
+    """One graph for prefill and decode steps of a decoder-only LM (OPT), with a KV cache updated in place.
 
     Inputs: input_ids [B, S]; prefix_embeds [B, P, E] (the query embeddings at prefill, P=0 at
-    decode steps; they precede the tokens); attention_mask [B, past+P+S] (1 = attend, left padding);
-    past_key_values.{i}.key/.value [B, heads, past, head_dim].
-    Outputs: logits [B, 1, vocab] for the last position only (all that generation reads),
-    present.{i}.key/.value [B, heads, past+P+S, head_dim].
+    decode steps; they precede the tokens); attention_mask [B, T]: row b is 1 on its first n_b
+    positions, n_b = its length after this call (cached + P + S), and 0 after (right padding), so
+    rows of different lengths share a call; past_key_values.{i}.key/.value [B, heads, M, Dk]:
+    buffers holding each row's cached positions 0..n_b-P-S-1, M >= T (Dk: kv_head_dim).
+    Outputs: logits [B, 1, vocab] for the last position only (all that generation reads);
+    present.{i}.key/.value [B, heads, M, Dk]: the buffers with the new positions written. Bound to
+    the same memory as the inputs (onnxruntime IO binding), the update happens in place: a decode
+    step writes one position per row instead of copying the whole cache.
+    Rows of a call with S + P > 1 (prefill) must all have that many new positions (no padding).
     """
     t = config.text_config
     heads = t.num_attention_heads
-    head_dim = t.hidden_size // heads
     inputs = [
         TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
         TensorSpec(PREFIX_EMBEDS, float_dtype, (BATCH, PREFIX, lm_embed_dim(config))),
@@ -150,9 +164,9 @@ def decoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
     outputs = [TensorSpec(LOGITS, "float32", (BATCH, 1, t.vocab_size))]
     for i in range(t.num_hidden_layers):
         for name in (past_key(i), past_value(i)):
-            inputs.append(TensorSpec(name, float_dtype, (BATCH, heads, PAST, head_dim)))
+            inputs.append(TensorSpec(name, float_dtype, (BATCH, heads, CACHE, kv_head_dim(config))))
         for name in (present_key(i), present_value(i)):
-            outputs.append(TensorSpec(name, float_dtype, (BATCH, heads, TOTAL, head_dim)))
+            outputs.append(TensorSpec(name, float_dtype, (BATCH, heads, CACHE, kv_head_dim(config))))
     return GraphSpec(LLM_DECODER, tuple(inputs), tuple(outputs))
 
 

@@ -1,4 +1,4 @@
-"""The LLM-decoder ONNX graph as a callable with explicit KV-cache arrays (names from its spec)."""
+"""The LLM-decoder ONNX graph as a callable over a shared, in-place KV cache (names from its spec)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,7 @@ import numpy as np
 
 from blip2_triton import specs
 
+from .kv_cache import KVCache
 from .onnx_graph import ORT_FLOATS, make_session
 
 
@@ -24,24 +25,41 @@ class DecoderGraph:
         self.float_dtype = np.dtype(float_dtype)
         self.embed_dim = self.spec.input(specs.PREFIX_EMBEDS).dims[2]
         self._past_names = [n for i in range(self.layers) for n in (specs.past_key(i), specs.past_value(i))]
-        self._outputs = self.spec.output_names
+        self._present_names = [n for i in range(self.layers) for n in (specs.present_key(i), specs.present_value(i))]
+        self._ort_float = np.float16 if self.float_dtype == np.float16 else np.float32
 
-    def empty_past(self, rows: int) -> list[np.ndarray]:
-        """Per layer key and value (2 * layers arrays) of length 0, [rows, heads, 0, head_dim]."""
-        shape = (rows, self.heads, 0, self.head_dim)
-        return [np.zeros(shape, self.float_dtype) for _ in range(2 * self.layers)]
+    def new_cache(self, slots: int = 1, capacity: int = 64) -> KVCache:
+        return KVCache(self.layers, self.heads, self.head_dim, self.float_dtype, slots, capacity)
 
     def __call__(self, input_ids: np.ndarray, prefix_embeds: np.ndarray | None, attention_mask: np.ndarray,
-                 past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """-> (logits [rows, vocab] float32 for the last position, present (2 * layers arrays))."""
+                 cache_rows: list[np.ndarray]) -> np.ndarray:
+        """-> logits [rows, vocab] float32 for the last position; the new positions' keys and values
+        are written into `cache_rows` (KVCache.rows views, one per past input), in place.
+
+        attention_mask [rows, T]: 1 on each row's first n positions (its length after this call).
+        """
         rows = input_ids.shape[0]
         if prefix_embeds is None:
             prefix_embeds = np.zeros((rows, 0, self.embed_dim), self.float_dtype)
-        feed = {
-            specs.INPUT_IDS: input_ids.astype(np.int64, copy=False),
-            specs.PREFIX_EMBEDS: prefix_embeds.astype(self.float_dtype, copy=False),
-            specs.ATTENTION_MASK: attention_mask.astype(np.int64, copy=False),
+        if cache_rows[0].shape[2] < attention_mask.shape[1]:
+            raise ValueError(f"KV cache holds {cache_rows[0].shape[2]} positions, the call needs {attention_mask.shape[1]}")
+        binding = self.session.io_binding()
+        # Held in a local until the run ends: the binding may point at their memory.
+        feeds = {
+            specs.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
+            specs.PREFIX_EMBEDS: np.ascontiguousarray(prefix_embeds, self.float_dtype),
+            specs.ATTENTION_MASK: np.ascontiguousarray(attention_mask, np.int64),
         }
-        feed.update(zip(self._past_names, past))
-        logits, *present = self.session.run(self._outputs, feed)
-        return logits[:, -1, :], present
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(specs.LOGITS, "cpu")  # first bound, so get_outputs()[0]
+        for past, present, buffer in zip(self._past_names, self._present_names, cache_rows):
+            if not buffer.flags.c_contiguous or buffer.dtype != self.float_dtype:
+                raise ValueError("KV-cache rows must be contiguous views of the decoder's dtype")
+            shape = list(buffer.shape)
+            # Past and present share the memory: GroupQueryAttention writes the new positions in place.
+            binding.bind_input(past, "cpu", 0, self._ort_float, shape, buffer.ctypes.data)
+            binding.bind_output(present, "cpu", 0, self._ort_float, shape, buffer.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()  # only the logits: the cache is already in place
+        return logits[:, -1, :]

@@ -5,9 +5,10 @@ step makes ONE decoder call for the rows of all active sequences (one row per se
 num_beams rows for beam search). Sequences join and leave between steps, so a new request waits
 at most one step, not a whole generation. The KV cache never leaves this process.
 
-Rows of different lengths share a call by left-padding their caches to the longest one; padded
-slots are masked out (attention_mask 0), and the decoder derives positions from the mask, so every
-sequence sees exactly the computation it would see alone.
+All sequences share one KVCache, packed from slot 0 in admission order; the decoder writes each
+step's keys and values into it in place. Rows of different lengths share a call: each row's
+attention mask covers its own length (right padding), from which the graph takes its positions
+and the positions it attends to, so every sequence sees exactly the computation it would see alone.
 """
 from __future__ import annotations
 
@@ -50,21 +51,14 @@ class GenerationRequest:
 @dataclass
 class _Active:
     request: GenerationRequest
-    past: list[np.ndarray]  # per layer key/value [rows, heads, T, head_dim]
-    mask: np.ndarray  # [rows, T]
+    rows: int  # beams are rows
+    length: int  # positions cached per row
+    start: int  # first KV-cache slot (the engine keeps sequences packed: see _set_active)
     pending: np.ndarray  # [rows] tokens to feed at the next step
     emitted: int = 0  # tokens already sent to the client
     next_cancel_check: float = 0.0  # time.monotonic() from which to ask is_cancelled() again
     steps: int = 0
     finished: bool = False
-
-    @property
-    def rows(self) -> int:
-        return self.mask.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
 
 
 class EngineStats:
@@ -107,6 +101,7 @@ class GenerationEngine:
         self.max_rows = max_rows
         self.stats = stats or EngineStats()
         self.cancel_poll_s = cancel_poll_s
+        self.cache = decoder.new_cache()
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
         self._active: list[_Active] = []
         self._stop = threading.Event()
@@ -156,13 +151,23 @@ class GenerationEngine:
                 self._set_active([])
 
     def _set_active(self, sequences: list[_Active]) -> None:
-        """Every change of the active set goes through here, so the reported count never goes stale.
+        """Every change of the active set goes through here, so the reported count never goes stale
+        and the cache stays packed: sequences move down over the slots of those that left (in
+        admission order, so a move never overwrites a sequence not yet moved).
 
-        Reported only when the count changes: a decode step sets the set twice, and the Triton
-        metric behind on_active is a round trip to the server.
+        The count is reported only when it changes: a decode step sets the set twice, and the
+        Triton metric behind on_active is a round trip to the server.
         """
         changed = len(sequences) != len(self._active)
+        start = 0
+        for seq in sequences:
+            if seq.start != start:
+                self.cache.move(seq.start, start, seq.rows, seq.length)
+                seq.start = start
+            start += seq.rows
         self._active = sequences
+        if not sequences:
+            self.cache.release()
         if changed:
             self.stats.on_active(len(sequences))
 
@@ -189,9 +194,11 @@ class GenerationEngine:
                 raise Cancelled("cancelled before start")
             ids = request.prompt_ids[None, :]
             prefix = request.query_embeds[None, :, :]
-            mask = np.ones((1, prefix.shape[1] + ids.shape[1]), np.int64)
-            logits, present = self.decoder(ids, prefix, mask, self.decoder.empty_past(1))
-            seq = _Active(request, present, mask, pending=np.zeros(0, np.int64),
+            length = prefix.shape[1] + ids.shape[1]
+            start = sum(s.rows for s in self._active)
+            self.cache.reserve(start + 1, length)
+            logits = self.decoder(ids, prefix, np.ones((1, length), np.int64), self.cache.rows(start, start + 1))
+            seq = _Active(request, rows=1, length=length, start=start, pending=np.zeros(0, np.int64),
                           next_cancel_check=time.monotonic() + self.cancel_poll_s)
             self.stats.on_prefill()
             self._set_active([*self._active, seq])
@@ -218,7 +225,7 @@ class GenerationEngine:
         if not live:
             return
         try:
-            logits, present, total = self._batched_call(live)
+            logits = self._batched_call(live)
         except BaseException as e:
             log.exception("decoder step failed")
             for seq in live:
@@ -226,17 +233,11 @@ class GenerationEngine:
             self._set_active([])
             return
         self.stats.on_step(len(live))
-        start = 0
         still = []
         for seq in live:
-            rows = slice(start, start + seq.rows)
-            start += seq.rows
-            # Drop this sequence's left padding: keep its own length + the new token.
-            keep = seq.length + 1
-            seq.past = [p[rows, :, total - keep :, :] for p in present]
-            seq.mask = np.concatenate([seq.mask, np.ones((seq.rows, 1), np.int64)], axis=1)
+            seq.length += 1
             try:
-                self._advance(seq, logits[rows])
+                self._advance(seq, logits[seq.start : seq.start + seq.rows])
             except BaseException as e:
                 self._fail(seq.request, e)
                 continue
@@ -244,40 +245,28 @@ class GenerationEngine:
                 still.append(seq)
         self._set_active(still)
 
-    def _batched_call(self, live: list[_Active]):
-        total = max(s.length for s in live) + 1
+    def _batched_call(self, live: list[_Active]) -> np.ndarray:
+        """One decoder call over cache slots [0:rows): each row's pending token at its own position."""
         rows = sum(s.rows for s in live)
+        total = max(s.length for s in live) + 1
+        self.cache.reserve(rows, total)
         mask = np.zeros((rows, total), np.int64)
-        ids = np.concatenate([s.pending for s in live])[:, None]
-        past = []
-        for layer_tensor in range(len(live[0].past)):
-            parts = [s.past[layer_tensor] for s in live]
-            if all(p.shape[2] == total - 1 for p in parts):
-                past.append(np.concatenate(parts) if len(parts) > 1 else parts[0])
-                continue
-            h, d = parts[0].shape[1], parts[0].shape[3]
-            buf = np.zeros((rows, h, total - 1, d), parts[0].dtype)
-            r = 0
-            for p in parts:
-                buf[r : r + p.shape[0], :, total - 1 - p.shape[2] :, :] = p
-                r += p.shape[0]
-            past.append(buf)
-        r = 0
         for s in live:
-            mask[r : r + s.rows, total - 1 - s.length : total - 1] = s.mask
-            mask[r : r + s.rows, total - 1] = 1
-            r += s.rows
-        logits, present = self.decoder(ids, None, mask, past)
-        return logits, present, total
+            mask[s.start : s.start + s.rows, : s.length + 1] = 1
+        ids = np.concatenate([s.pending for s in live])[:, None]
+        return self.decoder(ids, None, mask, self.cache.rows(0, rows))
 
     def _advance(self, seq: _Active, logits: np.ndarray) -> None:
         """Feed one step's logits to the request's search; reorder rows for beams; emit tokens."""
         request = seq.request
         result = request.search.step(logits)
         parents = np.asarray(result.parent_rows, dtype=np.int64)
-        if parents.shape[0] != seq.rows or np.any(parents != np.arange(seq.rows)):
-            seq.past = [p[parents] for p in seq.past]
-            seq.mask = seq.mask[parents]
+        if not result.finished and (parents.shape[0] != seq.rows or np.any(parents != np.arange(seq.rows))):
+            if parents.shape[0] != seq.rows and seq is not self._active[-1]:
+                raise RuntimeError("only the newest sequence can change its number of rows")
+            self.cache.reserve(seq.start + parents.shape[0], seq.length)
+            self.cache.gather(seq.start, parents, seq.length)
+            seq.rows = parents.shape[0]
         seq.pending = np.asarray(result.tokens, dtype=np.int64)
         seq.finished = bool(result.finished)
         seq.steps += 1
