@@ -59,7 +59,7 @@ class Blip2Client:
 
     def close(self) -> None:
         if self._loop.is_running():
-            self._run(self._async.close())
+            self._run(_close_and_drain(self._async))
             self._stop_loop()
 
     def __enter__(self) -> "Blip2Client":
@@ -116,6 +116,17 @@ class Blip2Client:
                 yield item
         finally:  # closed early, or interrupted: cancels the async stream, which ends the gRPC call
             future.cancel()
+
+
+async def _close_and_drain(client: AsyncBlip2Client) -> None:
+    """Close the channel, then finish what gRPC still has scheduled on the loop (a call's status
+    handler can outlive the call briefly): a loop stopped under a pending task makes asyncio print
+    "Task was destroyed but it is pending!" when the task is collected."""
+    await client.close()
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _make_async(url, model, timeout) -> AsyncBlip2Client:

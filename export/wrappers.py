@@ -99,8 +99,12 @@ class GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, scale):
-        return g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k,
-                    total_length, num_heads_i=num_heads, kv_num_heads_i=num_heads, scale_f=scale, outputs=3)
+        outputs = g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k,
+                       total_length, num_heads_i=num_heads, kv_num_heads_i=num_heads, scale_f=scale, outputs=3)
+        # The exporter cannot infer a contrib op's output types: output is like query, present like past.
+        for out, like in zip(outputs, (query, past_key, past_value)):
+            out.setType(like.type())
+        return outputs
 
 
 GQA_ATTENTION = "blip2_triton_gqa"
