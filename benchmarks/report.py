@@ -202,11 +202,15 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
                f"{_f(g['decode_steps'], 0)} decode steps for {_f(g['generated_tokens'], 0)} tokens.\n")
 
     out.append("### Decode step vs batch rows (in-process, ms)\n")
-    by_rows = {d["rows"]: d for d in st["decode_step_vs_rows"]}
-    out.append(_table(["rows", "step", "per token", "tokens/s vs 1 row"],
-                      [[d["rows"], d["step_ms"], d["ms_per_token"],
-                        by_rows[1]["ms_per_token"] / d["ms_per_token"] if 1 in by_rows else None]
-                       for d in st["decode_step_vs_rows"]]))
+    precisions = [(k, p) for k, p in (("decode_step_vs_rows", ""), ("decode_step_vs_rows_int8", "int8 ")) if st.get(k)]
+    header, columns = ["rows"], []
+    for key, prefix in precisions:
+        by_rows = {d["rows"]: d for d in st[key]}
+        header += [f"{prefix}step", f"{prefix}per token", f"{prefix}tokens/s vs 1 row"]
+        columns.append([[d["step_ms"], d["ms_per_token"],
+                         by_rows[1]["ms_per_token"] / d["ms_per_token"] if 1 in by_rows else None] for d in st[key]])
+    out.append(_table(header, [[d["rows"], *[c for col in columns for c in col[i]]]
+                               for i, d in enumerate(st["decode_step_vs_rows"])]))
 
     out.append(f"### Throughput vs concurrency ({caption}, through the server)\n")
     batch = lambda t, k: t.get("server", {}).get("models", {}).get(k, {}).get("mean_batch")  # noqa: E731

@@ -288,9 +288,12 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         bar.close()
 
         past = settings.caption_tokens // 2 + 40
-        progress.say(f"  decode step vs rows {list(settings.decode_rows)} (in-process)")
-        decode_rows = workers["in_process"].call("decode_vs_rows", rows=list(settings.decode_rows), past_length=past,
-                                                 repeats=15)
+        decode_rows = {}
+        for system in ("in_process", INT8):
+            if system in workers:
+                progress.say(f"  decode step vs rows {list(settings.decode_rows)} ({system})")
+                decode_rows[system] = workers[system].call("decode_vs_rows", rows=list(settings.decode_rows),
+                                                           past_length=past, repeats=15)
 
         caption = loads[0]
         throughput = []
@@ -326,15 +329,17 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
     stage_medians = _stage_medians(loads, samples)
     return {
         "systems": systems,
-        "throughput_bound": _throughput_bound(stage_medians[caption.name], caption.max_new_tokens, decode_rows, throughput),
+        "throughput_bound": _throughput_bound(stage_medians[caption.name], caption.max_new_tokens,
+                                              decode_rows["in_process"], throughput),
         "raw": _raw(loads, samples, streams),
         "end_to_end": _end_to_end(loads, samples, streams, systems, settings.quiet_cores),
         "tokens_identical": _identical(loads, samples, streams, systems),
         **({"int8_agreement": _int8_agreement(loads, samples)} if INT8 in systems else {}),
         "stages": {"in_process": stage_medians, "server": server_stages,
-                   "decode_step_vs_rows": [{"rows": d["rows"], "step_ms": round(d["step_seconds"] * 1e3, 3),
-                                            "ms_per_token": round(d["step_seconds"] * 1e3 / d["rows"], 3)}
-                                           for d in decode_rows],
+                   **{"decode_step_vs_rows" + ("_int8" if system == INT8 else ""):
+                      [{"rows": d["rows"], "step_ms": round(d["step_seconds"] * 1e3, 3),
+                        "ms_per_token": round(d["step_seconds"] * 1e3 / d["rows"], 3)} for d in rows]
+                      for system, rows in decode_rows.items()},
                    "decode_step_past_length": past},
         "throughput": throughput,
         "baseline_batches": baseline_batches,

@@ -88,7 +88,7 @@ def export_checkpoint(
         t0 = time.perf_counter()
         final = repository.graph_path(output, graph.spec.name)
         full = final if quantize is None else Path(scratch.name) / graph.spec.name / final.name
-        path = export_module(graph.module, graph.spec, graph.sample(graph.trace_axes), full)
+        path = export_module(graph.module, graph.spec, graph.sample(graph.trace_axes), full, graph.custom_opsets)
         fold_reshape_shapes(path)  # before validation: the gate checks the graph as it ships
         graph_checks = []
         if validate:

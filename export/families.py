@@ -7,7 +7,7 @@ its own LM graphs, reusing the vision encoder and Q-Former exports unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -34,6 +34,7 @@ class GraphExport:
     trace_axes: Axes
     validation_axes: tuple[Axes, ...]
     make_input: Callable[[TensorSpec, Axes, torch.Generator], torch.Tensor]
+    custom_opsets: dict[str, int] = field(default_factory=dict)  # domains of non-standard ops the module emits
 
     def __post_init__(self):
         # torch.onnx.export restores the module's training flag afterwards, recursively: a wrapper
@@ -93,6 +94,7 @@ def opt_graphs(model, float_dtype: str) -> list[GraphExport]:
                 _decoder_axes(batch=1, seq=2, prefix=0, past=4),  # several new tokens onto a cache (batch 1 only)
             ),
             make_input=_decoder_input(config.text_config.vocab_size),
+            custom_opsets={"com.microsoft": 1},  # GroupQueryAttention
         ),
     ]
 

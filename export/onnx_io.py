@@ -14,7 +14,8 @@ OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 1
 
 
-def export_module(module: torch.nn.Module, spec: GraphSpec, sample: dict[str, torch.Tensor], path: Path) -> Path:
+def export_module(module: torch.nn.Module, spec: GraphSpec, sample: dict[str, torch.Tensor], path: Path,
+                  custom_opsets: dict[str, int] | None = None) -> Path:
     """Trace `module` on `sample` (keyed by the spec's input names) and write `path` per `spec`.
 
     The TorchScript exporter is used: it takes the spec's dynamic axes as they are declared and
@@ -36,7 +37,7 @@ def export_module(module: torch.nn.Module, spec: GraphSpec, sample: dict[str, to
             output_names=spec.output_names,
             dynamic_axes=spec.dynamic_axes,
             opset_version=OPSET,
-            custom_opsets={"com.microsoft": 1},  # GroupQueryAttention in the decoder
+            custom_opsets=custom_opsets or {},
             do_constant_folding=True,
             dynamo=False,
         )

@@ -135,7 +135,8 @@ def test_decoder_logits_equal_transformers_for_a_head_width_gqa_cannot_take(tmp_
     model = _narrow_head_model()
     assert specs.kv_head_dim(model.config) == 8
     graph = family_graphs(model)[2]
-    path = export_module(graph.module, graph.spec, graph.sample(graph.trace_axes), tmp_path / "decoder.onnx")
+    path = export_module(graph.module, graph.spec, graph.sample(graph.trace_axes), tmp_path / "decoder.onnx",
+                         graph.custom_opsets)
     checks = check_graph(graph, path)
     assert checks and all(c.ok for c in checks), [str(c) for c in checks if not c.ok]
 
