@@ -1,6 +1,7 @@
 """The LLM-decoder ONNX graph as a callable over a shared, in-place KV cache (names from its spec)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,33 @@ class DecoderGraph:
         self._past_names = [n for i in range(self.layers) for n in (specs.past_key(i), specs.past_value(i))]
         self._present_names = [n for i in range(self.layers) for n in (specs.present_key(i), specs.present_value(i))]
         self._ort_float = np.float16 if self.float_dtype == np.float16 else np.float32
+        self._binding, self._bound_key = None, None
+        self._lock = threading.Lock()  # the kept binding is per call: one call at a time
 
     def new_cache(self, slots: int = 1, capacity: int = 64) -> KVCache:
         return KVCache(self.layers, self.heads, self.head_dim, self.float_dtype, slots, capacity)
+
+    def _cache_binding(self, cache_rows: list[np.ndarray]):
+        """An IO binding with `cache_rows` bound as both past and present.
+
+        Kept while the same views come back (same memory, same shape: every step between a
+        sequence joining or leaving and the cache growing), since binding 2 x layers buffers
+        costs more than a tiny model's whole step.
+        """
+        key = tuple((b.ctypes.data, b.shape) for b in cache_rows)
+        if key == self._bound_key:
+            return self._binding
+        binding = self.session.io_binding()
+        binding.bind_output(specs.LOGITS, "cpu")  # first bound, so get_outputs()[0]
+        for past, present, buffer in zip(self._past_names, self._present_names, cache_rows):
+            if not buffer.flags.c_contiguous or buffer.dtype != self.float_dtype:
+                raise ValueError("KV-cache rows must be contiguous views of the decoder's dtype")
+            shape = list(buffer.shape)
+            # Past and present share the memory: GroupQueryAttention writes the new positions in place.
+            binding.bind_input(past, "cpu", 0, self._ort_float, shape, buffer.ctypes.data)
+            binding.bind_output(present, "cpu", 0, self._ort_float, shape, buffer.ctypes.data)
+        self._binding, self._bound_key = binding, key
+        return binding
 
     def __call__(self, input_ids: np.ndarray, prefix_embeds: np.ndarray | None, attention_mask: np.ndarray,
                  cache_rows: list[np.ndarray]) -> np.ndarray:
@@ -43,23 +68,16 @@ class DecoderGraph:
             prefix_embeds = np.zeros((rows, 0, self.embed_dim), self.float_dtype)
         if cache_rows[0].shape[2] < attention_mask.shape[1]:
             raise ValueError(f"KV cache holds {cache_rows[0].shape[2]} positions, the call needs {attention_mask.shape[1]}")
-        binding = self.session.io_binding()
         # Held in a local until the run ends: the binding may point at their memory.
         feeds = {
             specs.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
             specs.PREFIX_EMBEDS: np.ascontiguousarray(prefix_embeds, self.float_dtype),
             specs.ATTENTION_MASK: np.ascontiguousarray(attention_mask, np.int64),
         }
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        binding.bind_output(specs.LOGITS, "cpu")  # first bound, so get_outputs()[0]
-        for past, present, buffer in zip(self._past_names, self._present_names, cache_rows):
-            if not buffer.flags.c_contiguous or buffer.dtype != self.float_dtype:
-                raise ValueError("KV-cache rows must be contiguous views of the decoder's dtype")
-            shape = list(buffer.shape)
-            # Past and present share the memory: GroupQueryAttention writes the new positions in place.
-            binding.bind_input(past, "cpu", 0, self._ort_float, shape, buffer.ctypes.data)
-            binding.bind_output(present, "cpu", 0, self._ort_float, shape, buffer.ctypes.data)
-        self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()  # only the logits: the cache is already in place
+        with self._lock:
+            binding = self._cache_binding(cache_rows)
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)  # replaces the previous step's
+            self.session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy()  # only the logits: the cache is already in place
         return logits[:, -1, :]
