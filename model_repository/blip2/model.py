@@ -20,7 +20,7 @@ class TritonPythonModel:
         self.args.require_io([t.name for t in api.PUBLIC_INPUTS], [t.name for t in api.PUBLIC_OUTPUTS])
         self.service = Blip2Service(
             assets_dir(self.args.repository), self.args.version_dir / self.args.parameter("onnx_file"),
-            stages=io.BlsStages(), stats=io.GeneratorMetrics(self.args.name),
+            stages=io.BlsStages(), stats=io.GeneratorMetrics(self.args.name), compute_lock=self.args.compute_lock(),
         )
         self.service.engine.start()
         # BLS calls block: enough workers for a full batch of requests to wait in the stages together.

@@ -42,6 +42,10 @@ MAX_BATCH_SIZE = 16
 # arrive while one batch runs queue up and form the next batch anyway (mean vision batch 3.4 at 8
 # streams), while a delay only adds latency to a lone request (2 ms per stage, measured).
 QUEUE_DELAY_US = 0
+# Model parameter: "true" makes the model's onnxruntime runs take turns with the other models'
+# (serving/compute_lock.py). Right for a CPU server, where every run uses all cores; set it to
+# "false" in config.pbtxt where runs should overlap (a GPU, or a host with cores to spare).
+EXCLUSIVE_COMPUTE = "exclusive_compute"
 
 
 def graph_path(repo: Path | str, graph: str) -> Path:
@@ -78,7 +82,7 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
             return ModelConfig(**common, backend=None, platform="onnxruntime_onnx")
         if stateless_backend != "python":
             raise ValueError(f"stateless_backend must be 'python' or 'onnxruntime', got {stateless_backend!r}")
-        return ModelConfig(**common, parameters={"onnx_file": GRAPH_LOCATIONS[spec.name][1]})
+        return ModelConfig(**common, parameters={"onnx_file": GRAPH_LOCATIONS[spec.name][1], EXCLUSIVE_COMPUTE: "true"})
 
     preprocess = ModelConfig(
         name=api.PREPROCESS,
@@ -94,7 +98,7 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         inputs=api.PUBLIC_INPUTS,
         outputs=api.PUBLIC_OUTPUTS,
         decoupled=True,
-        parameters={"onnx_file": GRAPH_LOCATIONS[specs.LLM_DECODER][1]},
+        parameters={"onnx_file": GRAPH_LOCATIONS[specs.LLM_DECODER][1], EXCLUSIVE_COMPUTE: "true"},
     )
     return [preprocess, stateless(vision), stateless(qformer), pipeline]
 

@@ -1,6 +1,7 @@
 """The LLM-decoder ONNX graph as a callable over a shared, in-place KV cache (names from its spec)."""
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -13,9 +14,13 @@ from .onnx_graph import ORT_FLOATS, make_session
 
 
 class DecoderGraph:
-    """The graph's float dtype (fp32 or fp16) is read from the file itself, so no caller can get it wrong."""
+    """The graph's float dtype (fp32 or fp16) is read from the file itself, so no caller can get it wrong.
 
-    def __init__(self, path: str | Path, config, threads: int | None = None, providers: list[str] | None = None):
+    `compute_lock`: held around every run (see compute_lock.py); None runs freely.
+    """
+
+    def __init__(self, path: str | Path, config, threads: int | None = None, providers: list[str] | None = None,
+                 compute_lock=None):
         self.session = make_session(path, threads, providers)
         prefix = next(i for i in self.session.get_inputs() if i.name == specs.PREFIX_EMBEDS)
         float_dtype = ORT_FLOATS[prefix.type]
@@ -30,6 +35,7 @@ class DecoderGraph:
         self._ort_float = np.float16 if self.float_dtype == np.float16 else np.float32
         self._binding, self._bound_key = None, None
         self._lock = threading.Lock()  # the kept binding is per call: one call at a time
+        self._compute = compute_lock or contextlib.nullcontext()
 
     def new_cache(self, slots: int = 1, capacity: int = 64) -> KVCache:
         return KVCache(self.layers, self.heads, self.head_dim, self.float_dtype, slots, capacity)
@@ -78,6 +84,7 @@ class DecoderGraph:
             binding = self._cache_binding(cache_rows)
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, array)  # replaces the previous step's
-            self.session.run_with_iobinding(binding)
+            with self._compute:
+                self.session.run_with_iobinding(binding)
             logits = binding.get_outputs()[0].numpy()  # only the logits: the cache is already in place
         return logits[:, -1, :]

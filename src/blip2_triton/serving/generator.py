@@ -25,12 +25,12 @@ MAX_BEAMS = 16
 
 class GeneratorService:
     def __init__(self, assets: str | Path, decoder_path: str | Path, threads: int | None = None,
-                 max_rows: int = 64, stats: EngineStats | None = None):
+                 max_rows: int = 64, stats: EngineStats | None = None, compute_lock=None):
         from transformers import AutoConfig, GenerationConfig
 
         self.config = AutoConfig.from_pretrained(assets)
         self.generation_config = GenerationConfig.from_pretrained(assets)
-        self.decoder = DecoderGraph(decoder_path, self.config, threads=threads)
+        self.decoder = DecoderGraph(decoder_path, self.config, threads=threads, compute_lock=compute_lock)
         self.engine = GenerationEngine(self.decoder, max_rows=max_rows, stats=stats)
         self.num_query_tokens = self.config.num_query_tokens
         self.max_positions = self.config.text_config.max_position_embeddings

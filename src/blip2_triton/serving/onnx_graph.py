@@ -1,6 +1,7 @@
 """A stateless ONNX graph (vision encoder, Q-Former) run by onnxruntime with named inputs/outputs."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,12 @@ def make_session(path: str | Path, threads: int | None = None, providers: list[s
 
 
 class OnnxGraph:
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    """`compute_lock`: held around every run (see compute_lock.py); None runs freely."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 compute_lock=None):
         self.session = make_session(path, threads, providers, spinning=False)
+        self._compute = compute_lock or contextlib.nullcontext()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # Float inputs are cast to the graph's own precision: an fp16 export takes fp16 tensors.
@@ -43,5 +48,6 @@ class OnnxGraph:
         if missing:
             raise KeyError(f"missing graph inputs {sorted(missing)}")
         feed = {n: inputs[n].astype(self._casts[n], copy=False) if n in self._casts else inputs[n] for n in self.input_names}
-        outputs = self.session.run(self.output_names, feed)
+        with self._compute:
+            outputs = self.session.run(self.output_names, feed)
         return dict(zip(self.output_names, outputs))

@@ -65,9 +65,9 @@ class Piece:
 
 class Blip2Service:
     def __init__(self, assets: str | Path, decoder_path: str | Path, stages: Stages, tokenizer=None,
-                 threads: int | None = None, stats: EngineStats | None = None):
+                 threads: int | None = None, stats: EngineStats | None = None, compute_lock=None):
         self.stages = stages
-        self.generator = GeneratorService(assets, decoder_path, threads=threads, stats=stats)
+        self.generator = GeneratorService(assets, decoder_path, threads=threads, stats=stats, compute_lock=compute_lock)
         if tokenizer is None:
             from transformers import AutoTokenizer
 

@@ -47,6 +47,17 @@ class ModelArgs:
             raise ValueError(f"model {self.name!r}: config.pbtxt lacks parameter {key!r}")
         return default
 
+    def compute_lock(self):
+        """The repository's ComputeLock if config.pbtxt asks for exclusive compute, else None."""
+        from blip2_triton.repository import EXCLUSIVE_COMPUTE
+
+        from .compute_lock import ComputeLock
+
+        value = self.parameter(EXCLUSIVE_COMPUTE, "false").lower()
+        if value not in ("true", "false"):
+            raise ValueError(f"model {self.name!r}: parameter {EXCLUSIVE_COMPUTE!r} must be \"true\" or \"false\", got {value!r}")
+        return ComputeLock.for_repository(self.repository) if value == "true" else None
+
     def output_dtype(self, name: str) -> np.dtype:
         """An output's numpy dtype, read back from the config rather than repeated in code."""
         cfg = pb().get_output_config_by_name(self.config, name)
