@@ -125,6 +125,31 @@ def _read_bandwidth(array_mib: int, repeats: int) -> tuple[float, float]:
     return numpy_read, torch_read
 
 
+class BandwidthProbe:
+    """The read bandwidth of this moment, for a ratio measured side by side: the machine's memory
+    bandwidth moves with other users' traffic (45-77 GB/s within one run), so a floor probed
+    minutes apart from the step it bounds can be off by more than the target's margin."""
+
+    def __init__(self, array_mib: int):
+        import torch
+
+        self.data = torch.ones(array_mib * 2**20 // 4)
+
+    def read_gbps(self, repeats: int = 2) -> float:
+        return self.data.numel() * 4 / _best_seconds(lambda: float(self.data.sum()), repeats) / 1e9
+
+
+def side_by_side(weights: dict, rounds: list[dict], rows: int = 1) -> dict:
+    """Median over rounds of (decode step / bandwidth floor of the same round) at `rows` rows."""
+    import statistics
+
+    ratios = [r["step_ms"][rows] / (weights["bytes_read_per_step"] / (r["read_gbps"] * 1e9) * 1e3) for r in rounds]
+    return {"rounds": len(rounds), "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+            "step_ms_median": round(statistics.median(r["step_ms"][rows] for r in rounds), 3),
+            "read_gbps_min": min(r["read_gbps"] for r in rounds), "read_gbps_max": max(r["read_gbps"] for r in rounds)}
+
+
 def measure(threads: int, array_mib: int = 512, matmul_n: int = 2048, repeats: int = 8) -> Capabilities:
     """Memory read bandwidth and fp32 matmul rate (best of `repeats`: the least disturbed run)."""
     import torch

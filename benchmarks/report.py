@@ -183,6 +183,17 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
                "measurement at the start and one at the end of the run). The server's streamed tokens can arrive "
                "bunched (gRPC may coalesce them), which shortens first-to-last; "
                "for the tiny model that, not the decoder, is what this row measures.\n")
+    side = m.get("floor_side_by_side", {})
+    if side:
+        out.append("Side by side: each round of the decode-vs-rows measurement (below) follows a bandwidth probe of "
+                   "its own, and the ratio is taken per round, so a change in the machine's memory bandwidth during "
+                   "the run moves the step and its floor together.\n")
+        out.append(_table(["decoder call, 1 row", "rounds", "ms per step (median)", "read GB/s (min-max)",
+                           "× floor of its round: median", "min", "max"],
+                          [[name, r["rounds"], r["step_ms_median"], f"{r['read_gbps_min']:.1f}-{r['read_gbps_max']:.1f}",
+                            r["ratio_median"], r["ratio_min"], r["ratio_max"]]
+                           for name, r in (("ours in-process, fp32" if k == "in_process" else "ours in-process, int8", v)
+                                           for k, v in side.items())]))
 
     out.append("### Where the time goes, in process (median ms per request)\n")
     keys = [*STAGES, "total"]

@@ -52,6 +52,7 @@ class Settings:
     requests_per_stream: int = 3
     baseline_batches: tuple[int, ...] = (1, 4, 16)
     decode_rows: tuple[int, ...] = (1, 2, 4, 8, 16)
+    decode_rounds: int = 15  # rounds of the decode-vs-rows measurement, each next to a bandwidth probe
     bandwidth_mib: int = 512
     matmul_n: int = 2048
     # Also the same graphs with int8 weights (`export --quantize int8`), in process, in the same turns.
@@ -63,7 +64,7 @@ class Settings:
     @classmethod
     def quick(cls, **overrides) -> "Settings":
         base = dict(warmup=1, reps=2, stream_reps=1, extra_baseline_threads=(), concurrency=(1, 2), requests_per_stream=1,
-                    baseline_batches=(2,), decode_rows=(1, 2), bandwidth_mib=128, matmul_n=1024, caption_tokens=8, vqa_tokens=4,
+                    baseline_batches=(2,), decode_rows=(1, 2), decode_rounds=3, bandwidth_mib=128, matmul_n=1024, caption_tokens=8, vqa_tokens=4,
                     images=2)
         return cls(**(base | overrides))
 
@@ -214,7 +215,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
     from blip2_triton import interface as api
     from blip2_triton.client import AsyncBlip2Client
 
-    from . import end_to_end, stages
+    from . import end_to_end, machine, stages
     from .machine import CpuMeter
 
     run = loop.run_until_complete
@@ -288,12 +289,25 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         bar.close()
 
         past = settings.caption_tokens // 2 + 40
-        decode_rows = {}
+        decode_rows, decode_rounds = {}, {}
+        probe = machine.BandwidthProbe(settings.bandwidth_mib)
         for system in ("in_process", INT8):
             if system in workers:
-                progress.say(f"  decode step vs rows {list(settings.decode_rows)} ({system})")
-                decode_rows[system] = workers[system].call("decode_vs_rows", rows=list(settings.decode_rows),
-                                                           past_length=past, repeats=15)
+                bar = progress.phase(f"decode step vs rows {list(settings.decode_rows)}, next to a bandwidth probe "
+                                     f"({system})", settings.decode_rounds)
+                rounds = []
+                for _ in range(settings.decode_rounds):
+                    gbps = probe.read_gbps()
+                    steps = workers[system].call("decode_vs_rows", rows=list(settings.decode_rows), past_length=past,
+                                                 repeats=1)
+                    rounds.append({"read_gbps": round(gbps, 2),
+                                   "step_ms": {d["rows"]: round(d["step_seconds"] * 1e3, 4) for d in steps}})
+                    bar.update()
+                bar.close()
+                decode_rounds[system] = rounds
+                decode_rows[system] = [{"rows": n, "step_seconds": statistics.median(r["step_ms"][n] for r in rounds) / 1e3}
+                                       for n in settings.decode_rows]
+        del probe
 
         caption = loads[0]
         throughput = []
@@ -340,6 +354,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
                       [{"rows": d["rows"], "step_ms": round(d["step_seconds"] * 1e3, 3),
                         "ms_per_token": round(d["step_seconds"] * 1e3 / d["rows"], 3)} for d in rows]
                       for system, rows in decode_rows.items()},
+                   "decode_step_rounds": decode_rounds,
                    "decode_step_past_length": past},
         "throughput": throughput,
         "baseline_batches": baseline_batches,
@@ -603,6 +618,10 @@ def run_from_args(args) -> int:
         result["floor"] = machine.decode_floor(result["decoder_weights"], caps)
         if "decoder_weights_int8" in result:
             result["floor_int8"] = machine.decode_floor(result["decoder_weights_int8"], caps)
+        rounds = result["stages"]["decode_step_rounds"]
+        result["floor_side_by_side"] = {
+            system: machine.side_by_side(result["decoder_weights_int8" if system == INT8 else "decoder_weights"], r)
+            for system, r in rounds.items()}
     results["facts"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["run_seconds"] = round(time.perf_counter() - start, 1)
     progress.say("writing results")

@@ -112,19 +112,21 @@ class LocalRunner:
         """
         decoder = self.pipe.generator.decoder
         rng = np.random.default_rng(0)
-        feeds = {}
+        feeds = self.__dict__.setdefault("_row_feeds", {})  # kept: the benchmark calls this round by round
         for n in rows:
-            # Every call writes position past_length of each row again: the cache stays the same size.
-            cache = decoder.new_cache(slots=n, capacity=past_length + 1)
-            for buffer in cache.buffers:
-                buffer[...] = rng.standard_normal(buffer.shape)
-            feeds[n] = (np.full((n, 1), 4, np.int64), None, np.ones((n, past_length + 1), np.int64), cache.rows(0, n))
-            decoder(*feeds[n])  # warm-up for this shape
+            if (n, past_length) not in feeds:
+                # Every call writes position past_length of each row again: the cache stays the same size.
+                cache = decoder.new_cache(slots=n, capacity=past_length + 1)
+                for buffer in cache.buffers:
+                    buffer[...] = rng.standard_normal(buffer.shape)
+                feeds[n, past_length] = (np.full((n, 1), 4, np.int64), None, np.ones((n, past_length + 1), np.int64),
+                                         cache.rows(0, n))
+            decoder(*feeds[n, past_length])  # warm-up for this shape
         times = {n: [] for n in rows}
         for _ in range(repeats):
             for n in rows:
                 start = time.perf_counter()
-                decoder(*feeds[n])
+                decoder(*feeds[n, past_length])
                 times[n].append(time.perf_counter() - start)
         return [{"rows": n, "step_seconds": statistics.median(times[n])} for n in rows]
 

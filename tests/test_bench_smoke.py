@@ -67,6 +67,10 @@ def test_every_section_is_present_with_sane_numbers(results):
     assert m["int8_agreement"]["compared"] > 0 and m["floor_int8"]["floor_ms"] > 0
     assert m["decoder_weights_int8"]["bytes_read_per_step"] < m["decoder_weights"]["bytes_read_per_step"]
     assert m["throughput_bound"]["bound_requests_per_s"] > 0
+    # the decode step next to a bandwidth probe of its own, round by round, for fp32 and int8
+    side = m["floor_side_by_side"]
+    assert set(side) == {"in_process", "in_process_int8"}
+    assert all(r["rounds"] == 3 and 0 < r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] for r in side.values())
 
 
 def test_generated_tokens_are_identical_to_transformers(results):
