@@ -4,6 +4,9 @@ Per layer, a key and a value buffer [slots, heads, capacity, head_dim]. A sequen
 consecutive slots (one per row: beams are rows) and its positions 0..length-1 in them. The engine
 keeps its sequences packed from slot 0, so one decoder call covers the prefix [0:rows) of every
 buffer: a contiguous view, bound to the graph's past input and present output alike.
+
+Memory: slots x the longest sequence's length (rounded up to a power of two), where separate
+caches held the sum of the lengths; the engine releases it all whenever it goes idle.
 """
 from __future__ import annotations
 
