@@ -151,3 +151,17 @@ def test_decoder_logits_equal_transformers_for_a_head_width_gqa_cannot_take(tmp_
         expected = lm(inputs_embeds=embeds).logits
     torch.testing.assert_close(logits[:, -1], expected[:, 6], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(step[:, -1], expected[:, 7], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_refuses_to_share_a_running_engine(pipeline_tiny):
+    """The cache belongs to one thread: a synchronous generate() beside the loop would corrupt it."""
+    from blip2_triton.serving.engine import GenerationEngine
+
+    pixels, prompt_ids = pipeline_tiny.stages.preprocess(random_image(30), b"")
+    request = pipeline_tiny.generator.request(pipeline_tiny.stages.query_embeds(pixels), prompt_ids, {})
+    engine = GenerationEngine(pipeline_tiny.generator.decoder).start()
+    try:
+        with pytest.raises(RuntimeError, match="submit"):
+            engine.generate(request)
+    finally:
+        engine.stop()

@@ -132,6 +132,8 @@ class GenerationEngine:
 
     def generate(self, request: GenerationRequest) -> list[int]:
         """Run one request to completion on the calling thread (tests, benchmarks, no server)."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("generate() runs the engine on the calling thread; this engine's loop is running: submit()")
         self._admit(request)
         while self._active:
             self._step()
