@@ -24,7 +24,8 @@ from pathlib import Path
 class ComputeLock:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+        # Read-only is enough for flock, and opens a lock file that another user created.
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDONLY, 0o666)
         self._threads = threading.Lock()
 
     @classmethod
