@@ -44,6 +44,45 @@ def exported(tiny_checkpoints, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def pipeline(exported):
+    """The served pipeline of tiny-opt in process (LocalPipeline), for engine and cache tests."""
+    from blip2_triton.serving.pipeline import LocalPipeline
+
+    _, repo, _ = exported("tiny-opt")
+    return LocalPipeline(repo)
+
+
+def run_together(pipeline, jobs, timeout: float = 60):
+    """Submit every (image, prompt, controls) job to a fresh GenerationEngine before it starts, so
+    they decode side by side; -> (each job's final token ids, in job order; the stopped engine)."""
+    import threading
+
+    from blip2_triton.serving.engine import GenerationEngine
+
+    engine = GenerationEngine(pipeline.generator.decoder)
+    results, done = {}, threading.Event()
+
+    def on_tokens(index):
+        def callback(ids, new, final):
+            if final:
+                results[index] = [int(t) for t in ids]
+                if len(results) == len(jobs):
+                    done.set()
+        return callback
+
+    for i, (image, prompt, controls) in enumerate(jobs):
+        pixels, prompt_ids = pipeline.stages.preprocess(image, prompt.encode())
+        engine.submit(pipeline.generator.request(pipeline.stages.query_embeds(pixels), prompt_ids, controls,
+                                                 on_tokens=on_tokens(i)))
+    engine.start()
+    try:
+        assert done.wait(timeout), f"{len(results)} of {len(jobs)} jobs finished in {timeout} s"
+    finally:
+        engine.stop()
+    return [results[i] for i in range(len(jobs))], engine
+
+
 def random_image(seed: int, size=(40, 52)) -> bytes:
     """A PNG of random pixels (deterministic per seed)."""
     from PIL import Image

@@ -2,7 +2,6 @@
 sequences packed in one cache, and the GroupQueryAttention decoder computes what transformers does."""
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from blip2_triton import repository, specs
 from blip2_triton.serving.decoder import DecoderGraph
 from blip2_triton.serving.kv_cache import KVCache
 
-from .conftest import random_image
+from .conftest import random_image, run_together
 
 
 @pytest.fixture(scope="module")
@@ -71,47 +70,17 @@ def test_cache_growth_and_moves_keep_contents():
     assert cache.rows(1, 3)[0].flags.c_contiguous
 
 
-def test_sequences_leaving_at_different_steps_keep_the_others_tokens(pipeline_tiny):
+def test_sequences_leaving_at_different_steps_keep_the_others_tokens(pipeline):
     """Short and long requests share steps; every departure moves the others down in the cache."""
-    from blip2_triton.serving.engine import GenerationEngine
-
-    pipeline = pipeline_tiny
     lengths = [3, 12, 1, 7, 12, 2]
-    jobs = [(random_image(20 + i), "a photo of" if i % 2 else "", n) for i, n in enumerate(lengths)]
-    controls = [{"max_new_tokens": n, "min_new_tokens": n} for _, _, n in jobs]
-    alone = [pipeline(image, prompt, **c).token_ids for (image, prompt, _), c in zip(jobs, controls)]
+    jobs = [(random_image(20 + i), "a photo of" if i % 2 else "", {"max_new_tokens": n, "min_new_tokens": n})
+            for i, n in enumerate(lengths)]
+    alone = [pipeline(image, prompt, **c).token_ids for image, prompt, c in jobs]
 
-    engine = GenerationEngine(pipeline.generator.decoder)
-    results, done = {}, threading.Event()
-
-    def on_tokens(index):
-        def callback(ids, new, final):
-            if final:
-                results[index] = [int(t) for t in ids]
-                if len(results) == len(jobs):
-                    done.set()
-        return callback
-
-    for i, ((image, prompt, _), c) in enumerate(zip(jobs, controls)):
-        pixels, prompt_ids = pipeline.stages.preprocess(image, prompt.encode())
-        engine.submit(pipeline.generator.request(pipeline.stages.query_embeds(pixels), prompt_ids, c,
-                                                 on_tokens=on_tokens(i)))
-    engine.start()
-    try:
-        assert done.wait(60)
-    finally:
-        engine.stop()
-    assert [results[i] for i in range(len(jobs))] == alone
+    together, engine = run_together(pipeline, jobs)
+    assert together == alone
     assert [len(r) for r in alone] == lengths
     assert engine.cache.slots == 1, "an idle engine gives its cache memory back"
-
-
-@pytest.fixture(scope="module")
-def pipeline_tiny(exported):
-    from blip2_triton.serving.pipeline import LocalPipeline
-
-    _, repo, _ = exported("tiny-opt")
-    return LocalPipeline(repo)
 
 
 def _narrow_head_model():
@@ -153,13 +122,13 @@ def test_decoder_logits_equal_transformers_for_a_head_width_gqa_cannot_take(tmp_
     torch.testing.assert_close(step[:, -1], expected[:, 7], rtol=1e-4, atol=1e-4)
 
 
-def test_generate_refuses_to_share_a_running_engine(pipeline_tiny):
+def test_generate_refuses_to_share_a_running_engine(pipeline):
     """The cache belongs to one thread: a synchronous generate() beside the loop would corrupt it."""
     from blip2_triton.serving.engine import GenerationEngine
 
-    pixels, prompt_ids = pipeline_tiny.stages.preprocess(random_image(30), b"")
-    request = pipeline_tiny.generator.request(pipeline_tiny.stages.query_embeds(pixels), prompt_ids, {})
-    engine = GenerationEngine(pipeline_tiny.generator.decoder).start()
+    pixels, prompt_ids = pipeline.stages.preprocess(random_image(30), b"")
+    request = pipeline.generator.request(pipeline.stages.query_embeds(pixels), prompt_ids, {})
+    engine = GenerationEngine(pipeline.generator.decoder).start()
     try:
         with pytest.raises(RuntimeError, match="submit"):
             engine.generate(request)

@@ -12,7 +12,7 @@ from blip2_triton import repository, specs
 from blip2_triton.pbtxt import ConfigError, ModelConfig, Tensor, render
 from blip2_triton.serving.errors import InvalidInput
 
-from .conftest import random_image
+from .conftest import random_image, run_together
 
 
 # ---- config.pbtxt generation ----------------------------------------------------------------------
@@ -104,47 +104,15 @@ def test_pieces_concatenate_even_across_split_characters(preprocessor):
 
 
 # ---- the engine: continuous batching ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pipeline(exported):
-    from blip2_triton.serving.pipeline import LocalPipeline
-
-    _, repo, _ = exported("tiny-opt")
-    return LocalPipeline(repo)
-
-
 def test_concurrent_sequences_share_decoder_calls_and_keep_their_tokens(pipeline):
     """8 sequences submitted together finish in far fewer decoder calls than 8 alone, token-identical."""
-    from blip2_triton.serving.engine import GenerationEngine
-
     prompts = ["", "a photo of", "Question: what color is the square? Answer:", "this is"]
-    jobs = [(random_image(seed), prompts[seed % 4]) for seed in range(8)]
-    alone = [pipeline(image, prompt, max_new_tokens=12, min_new_tokens=12).token_ids for image, prompt in jobs]
+    controls = {"max_new_tokens": 12, "min_new_tokens": 12}
+    jobs = [(random_image(seed), prompts[seed % 4], controls) for seed in range(8)]
+    alone = [pipeline(image, prompt, **c).token_ids for image, prompt, c in jobs]
 
-    engine = GenerationEngine(pipeline.generator.decoder)
-    results, done = {}, threading.Event()
-
-    def on_tokens(index):
-        def callback(ids, new, final):
-            if final:
-                results[index] = [int(t) for t in ids]
-                if len(results) == len(jobs):
-                    done.set()
-        return callback
-
-    requests = []
-    for i, (image, prompt) in enumerate(jobs):
-        pixels, prompt_ids = pipeline.stages.preprocess(image, prompt.encode())
-        query = pipeline.stages.query_embeds(pixels)
-        requests.append(pipeline.generator.request(query, prompt_ids, {"max_new_tokens": 12, "min_new_tokens": 12},
-                                                   on_tokens=on_tokens(i)))
-    for r in requests:
-        engine.submit(r)
-    engine.start()
-    try:
-        assert done.wait(60)
-    finally:
-        engine.stop()
-    assert [results[i] for i in range(len(jobs))] == alone
+    together, engine = run_together(pipeline, jobs)
+    assert together == alone
     # 8 x 12 tokens; batched, about 12 steps (+ a few while sequences were still joining).
     assert engine.stats.steps < 8 * 11 // 2
     assert engine.stats.tokens == 8 * 12

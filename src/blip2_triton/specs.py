@@ -155,7 +155,7 @@ def decoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
     Rows of a call with S + P > 1 (prefill) must all have that many new positions (no padding).
     """
     t = config.text_config
-    heads = t.num_attention_heads
+    heads, head_dim = t.num_attention_heads, kv_head_dim(config)
     inputs = [
         TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
         TensorSpec(PREFIX_EMBEDS, float_dtype, (BATCH, PREFIX, lm_embed_dim(config))),
@@ -164,9 +164,9 @@ def decoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
     outputs = [TensorSpec(LOGITS, "float32", (BATCH, 1, t.vocab_size))]
     for i in range(t.num_hidden_layers):
         for name in (past_key(i), past_value(i)):
-            inputs.append(TensorSpec(name, float_dtype, (BATCH, heads, CACHE, kv_head_dim(config))))
+            inputs.append(TensorSpec(name, float_dtype, (BATCH, heads, CACHE, head_dim)))
         for name in (present_key(i), present_value(i)):
-            outputs.append(TensorSpec(name, float_dtype, (BATCH, heads, CACHE, kv_head_dim(config))))
+            outputs.append(TensorSpec(name, float_dtype, (BATCH, heads, CACHE, head_dim)))
     return GraphSpec(LLM_DECODER, tuple(inputs), tuple(outputs))
 
 

@@ -32,7 +32,6 @@ class DecoderGraph:
         self.embed_dim = self.spec.input(specs.PREFIX_EMBEDS).dims[2]
         self._past_names = [n for i in range(self.layers) for n in (specs.past_key(i), specs.past_value(i))]
         self._present_names = [n for i in range(self.layers) for n in (specs.present_key(i), specs.present_value(i))]
-        self._ort_float = np.float16 if self.float_dtype == np.float16 else np.float32
         self._binding, self._bound_key = None, None
         self._lock = threading.Lock()  # the kept binding is per call: one call at a time
         self._compute = compute_lock or contextlib.nullcontext()
@@ -57,8 +56,8 @@ class DecoderGraph:
                 raise ValueError("KV-cache rows must be contiguous views of the decoder's dtype")
             shape = list(buffer.shape)
             # Past and present share the memory: GroupQueryAttention writes the new positions in place.
-            binding.bind_input(past, "cpu", 0, self._ort_float, shape, buffer.ctypes.data)
-            binding.bind_output(present, "cpu", 0, self._ort_float, shape, buffer.ctypes.data)
+            binding.bind_input(past, "cpu", 0, self.float_dtype.type, shape, buffer.ctypes.data)
+            binding.bind_output(present, "cpu", 0, self.float_dtype.type, shape, buffer.ctypes.data)
         self._binding, self._bound_key = binding, key
         return binding
 
