@@ -265,6 +265,10 @@ CONTROL_CASES = {
     "min_new_tokens": (6, "a photo of", dict(repetition_penalty=0.5, max_new_tokens=10, min_new_tokens=8)),
     "beam 3, min_new_tokens": (3, "a photo of", dict(num_beams=3, repetition_penalty=0.3, max_new_tokens=10,
                                                      min_new_tokens=8)),
+    "beam 3, no_repeat_ngram_size 2": (4, "", dict(num_beams=3, no_repeat_ngram_size=2, max_new_tokens=12)),
+    "beam 3, repetition_penalty 1.5": (1, "", dict(num_beams=3, repetition_penalty=1.5, max_new_tokens=10)),
+    "beam 3, every control at once": (5, "a photo of", dict(num_beams=3, repetition_penalty=0.3, no_repeat_ngram_size=2,
+                                                            min_new_tokens=5, length_penalty=-1.0, max_new_tokens=10)),
 }
 
 
@@ -291,6 +295,13 @@ def test_the_control_cases_exercise_their_controls(served):
     assert ids("repetition_penalty 1.5") != ids("greedy")
     assert ids("no_repeat_ngram_size 2") != ids("no_repeat_ngram_size 2", no_repeat_ngram_size=0)
     assert ids("beam 3") != ids("beam 3", num_beams=1)
+    assert ids("beam 3, no_repeat_ngram_size 2") != ids("beam 3, no_repeat_ngram_size 2", no_repeat_ngram_size=0)
+    assert ids("beam 3, repetition_penalty 1.5") != ids("beam 3, repetition_penalty 1.5", repetition_penalty=1.0)
+    every = "beam 3, every control at once"
+    assert ids(every)[-1] == eos
+    for neutral in (dict(repetition_penalty=1.0), dict(no_repeat_ngram_size=0), dict(min_new_tokens=0),
+                    dict(length_penalty=1.0)):
+        assert ids(every) != ids(every, **neutral), neutral
 
 
 def test_sampling_is_reproducible_with_a_seed(client):
