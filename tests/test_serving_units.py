@@ -34,12 +34,53 @@ def test_missing_values_fail_at_generation_time():
     tensor = Tensor("x", "float32", (3,))
     with pytest.raises(ConfigError, match="backend / platform"):
         render(ModelConfig("m", 1, (tensor,), (tensor,), backend=None))
-    with pytest.raises(ConfigError, match="dims"):
+    with pytest.raises(ConfigError, match="'x': dims"):
         render(ModelConfig("m", 1, (Tensor("x", "float32", ()),), (tensor,)))
     with pytest.raises(ConfigError, match="no value"):
         render(ModelConfig("m", 1, (tensor,), (tensor,), parameters={"onnx_file": None}))
     with pytest.raises(ConfigError, match="no Triton type"):
         render(ModelConfig("m", 1, (Tensor("x", "complex64", (1,)),), (tensor,)))
+
+
+MISSING = [
+    ("name", dict(name=None), "missing name"),
+    ("empty name", dict(name=""), "missing name"),
+    ("max_batch_size", dict(max_batch_size=None), "missing max_batch_size"),
+    ("inputs None", dict(inputs=None), "missing inputs"),
+    ("inputs empty", dict(inputs=()), "missing inputs"),
+    ("outputs empty", dict(outputs=()), "missing outputs"),
+    ("queue delay", dict(max_queue_delay_us=None), "missing max_queue_delay_us"),
+    ("instance count", dict(instance_count=None), "missing instance_count"),
+    ("decoupled", dict(decoupled=None), "missing decoupled"),
+    ("dynamic batching", dict(dynamic_batching=None), "missing dynamic_batching"),
+    ("parameters", dict(parameters=None), "missing parameters"),
+    ("backend and platform", dict(backend=None, platform=None), "backend / platform"),
+    ("tensor name", dict(inputs=(Tensor(None, "float32", (3,)),)), "missing name"),
+    ("tensor dtype", dict(inputs=(Tensor("x", None, (3,)),)), "'x': no Triton type for dtype None"),
+    ("tensor dims", dict(inputs=(Tensor("x", "float32", None),)), "'x': dims"),
+    ("a None dim", dict(outputs=(Tensor("y", "float32", (3, None)),)), "'y': dims"),
+    ("a zero dim", dict(outputs=(Tensor("y", "float32", (0,)),)), "'y': dims"),
+    ("tensor optional", dict(inputs=(Tensor("x", "float32", (3,), optional=None),)), "'x': optional"),
+]
+
+
+@pytest.mark.parametrize("field,overrides,message", MISSING, ids=[m[0] for m in MISSING])
+def test_every_missing_value_fails_generation_naming_the_field(field, overrides, message):
+    import dataclasses
+
+    tensor = Tensor("x", "float32", (3,))
+    good = ModelConfig("m", 1, (tensor,), (tensor,), parameters={"onnx_file": "model.onnx"})
+    assert 'string_value: "model.onnx"' in render(good)
+    with pytest.raises(ConfigError, match=message):
+        render(dataclasses.replace(good, **overrides))
+
+
+def test_a_spec_with_a_missing_dim_fails_generation_naming_the_tensor():
+    from blip2_triton.specs import TensorSpec
+
+    assert Tensor.from_spec(TensorSpec("x", "float32", ("batch", 3, "seq"))).dims == (3, -1)
+    with pytest.raises(ConfigError, match="'x': dims"):
+        Tensor.from_spec(TensorSpec("x", "float32", ("batch", None)))
 
 
 def test_onnxruntime_backend_variant(exported):

@@ -5,11 +5,20 @@ placeholder can survive into a served config.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from .specs import TensorSpec
+
+
+class ConfigError(ValueError):
+    """A model config cannot be rendered (a missing or contradictory value)."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
 
 TRITON_DTYPES = {
     "bool": "TYPE_BOOL",
@@ -33,7 +42,11 @@ class Tensor:
 
     @classmethod
     def from_spec(cls, spec: TensorSpec, batched: bool = True, optional: bool = False) -> "Tensor":
+        """Symbolic axes become -1; any other dim must be an int (ConfigError naming the tensor)."""
         dims = spec.dims[1:] if batched else spec.dims
+        bad = [d for d in dims if not isinstance(d, str) and not _is_int(d)]
+        if bad:
+            raise ConfigError(f"tensor {spec.name!r}: dims must be ints or axis names, got {tuple(spec.dims)!r}")
         return cls(spec.name, spec.dtype, tuple(-1 if isinstance(d, str) else int(d) for d in dims), optional)
 
     @property
@@ -57,8 +70,6 @@ class ModelConfig:
     default_model_filename: str | None = None
 
 
-class ConfigError(ValueError):
-    """A model config cannot be rendered (a missing or contradictory value)."""
 
 
 def _q(s: str) -> str:
@@ -66,10 +77,16 @@ def _q(s: str) -> str:
 
 
 def _tensor(t: Tensor, indent: str) -> str:
+    if not isinstance(t, Tensor):
+        raise ConfigError(f"expected a Tensor, got {t!r}")
+    if not isinstance(t.name, str) or not t.name:
+        raise ConfigError(f"tensor {t!r}: missing name")
     if t.dtype not in TRITON_DTYPES:
-        raise ConfigError(f"{t.name}: no Triton type for dtype {t.dtype!r}")
-    if not t.dims or any(not isinstance(d, int) for d in t.dims):
-        raise ConfigError(f"{t.name}: dims must be a non-empty list of ints, got {t.dims!r}")
+        raise ConfigError(f"tensor {t.name!r}: no Triton type for dtype {t.dtype!r}")
+    if not isinstance(t.dims, tuple) or not t.dims or not all(_is_int(d) and (d > 0 or d == -1) for d in t.dims):
+        raise ConfigError(f"tensor {t.name!r}: dims must be a non-empty tuple of positive ints or -1, got {t.dims!r}")
+    if not isinstance(t.optional, bool):
+        raise ConfigError(f"tensor {t.name!r}: optional must be a bool, got {t.optional!r}")
     lines = [f"name: {_q(t.name)}", f"data_type: {TRITON_DTYPES[t.dtype]}", f"dims: [ {', '.join(map(str, t.dims))} ]"]
     if t.optional:
         lines.append("optional: true")
@@ -77,12 +94,46 @@ def _tensor(t: Tensor, indent: str) -> str:
     return indent + "{\n" + "".join(f"{inner}{line}\n" for line in lines) + indent + "}"
 
 
-def render(cfg: ModelConfig) -> str:
-    for attr in ("name", "max_batch_size", "inputs", "outputs"):
-        if getattr(cfg, attr) in (None, ""):
-            raise ConfigError(f"model config {cfg.name!r}: missing {attr}")
+# The only fields that may be None: a model has a backend or a platform, and maybe a file name.
+_MAY_BE_NONE = {"backend", "platform", "default_model_filename"}
+
+
+def _check(cfg: ModelConfig) -> None:
+    """Every value present and of its type, so nothing like `None` or `[]` reaches a config file."""
+    label = f"model config {cfg.name!r}"
+    for f in fields(cfg):
+        if getattr(cfg, f.name) is None and f.name not in _MAY_BE_NONE:
+            raise ConfigError(f"{label}: missing {f.name}")
+    if not isinstance(cfg.name, str) or not cfg.name:
+        raise ConfigError(f"{label}: missing name")
+    for key in ("max_batch_size", "max_queue_delay_us", "instance_count"):
+        value = getattr(cfg, key)
+        if not _is_int(value) or value < (1 if key == "instance_count" else 0):
+            raise ConfigError(f"{label}: {key} must be an int >= {1 if key == 'instance_count' else 0}, got {value!r}")
+    for key in ("dynamic_batching", "decoupled"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise ConfigError(f"{label}: {key} must be a bool, got {getattr(cfg, key)!r}")
+    for key in ("inputs", "outputs"):
+        if not isinstance(getattr(cfg, key), tuple) or not getattr(cfg, key):
+            raise ConfigError(f"{label}: missing {key} (a non-empty tuple of Tensors), got {getattr(cfg, key)!r}")
     if (cfg.backend is None) == (cfg.platform is None):
-        raise ConfigError(f"model config {cfg.name!r}: set exactly one of backend / platform")
+        raise ConfigError(f"{label}: set exactly one of backend / platform")
+    for key in ("backend", "platform", "default_model_filename"):
+        value = getattr(cfg, key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{label}: {key} must be a non-empty string or None, got {value!r}")
+    if not isinstance(cfg.parameters, dict):
+        raise ConfigError(f"{label}: parameters must be a dict, got {cfg.parameters!r}")
+    for key, value in cfg.parameters.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{label}: parameter key {key!r} is not a non-empty string")
+        if value is None:
+            raise ConfigError(f"{label}: parameter {key!r} has no value")
+
+
+def render(cfg: ModelConfig) -> str:
+    """config.pbtxt text; ConfigError naming the field for any missing or ill-typed value."""
+    _check(cfg)
     parts = [f"name: {_q(cfg.name)}"]
     parts.append(f"backend: {_q(cfg.backend)}" if cfg.backend else f"platform: {_q(cfg.platform)}")
     parts.append(f"max_batch_size: {cfg.max_batch_size}")
@@ -96,7 +147,5 @@ def render(cfg: ModelConfig) -> str:
         parts.append(f"dynamic_batching {{ max_queue_delay_microseconds: {cfg.max_queue_delay_us} }}")
     parts.append(f"instance_group [ {{ count: {cfg.instance_count} kind: KIND_CPU }} ]")
     for key, value in cfg.parameters.items():
-        if value is None:
-            raise ConfigError(f"model config {cfg.name!r}: parameter {key!r} has no value")
         parts.append(f"parameters {{ key: {_q(key)} value: {{ string_value: {_q(str(value))} }} }}")
     return "\n".join(parts) + "\n"

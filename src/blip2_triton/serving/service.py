@@ -24,6 +24,9 @@ from .generator import GeneratorService
 from .onnx_graph import OnnxGraph
 from .preprocess import Preprocessor
 
+# Only its length matters to validation: the fewest ids a prompt tokenizes to (BOS).
+SHORTEST_PROMPT = np.zeros(1, np.int64)
+
 
 class Stages(Protocol):
     def preprocess(self, image: bytes, prompt: bytes | None) -> tuple[np.ndarray, np.ndarray]:
@@ -90,10 +93,13 @@ class Blip2Service:
     ) -> GenerationRequest:
         """Run the stateless stages on the calling thread and return the engine request.
 
-        Raises InvalidInput for a bad image, prompt or control; controls are checked right after
-        tokenization, before the vision encoder runs.
+        Raises InvalidInput for a bad image, prompt or control. Controls are checked before any
+        stage runs, against the shortest prompt (BOS alone): that leaves the most room in the
+        context, so a request refused here is refused whatever its prompt. The prompt's own
+        length is checked once it is tokenized, still before the vision encoder runs.
         """
         controls = {k: v for k, v in controls.items() if v is not None}
+        self.generator.validate(SHORTEST_PROMPT, controls)
         pixels, prompt_ids = self.stages.preprocess(image, prompt)
         params = self.generator.validate(prompt_ids, controls)
         query = self.stages.query_embeds(pixels)
