@@ -350,6 +350,10 @@ REJECTED = [
     ("negative top_k", dict(do_sample=True, top_k=-1), "top_k"),
     ("negative seed", dict(do_sample=True, seed=-1), "seed"),
     ("zero beams", dict(num_beams=0), "num_beams"),
+    # out of range even where the mode that would read them is off (transformers only warns then)
+    ("negative temperature, greedy", dict(do_sample=False, temperature=-1.0), "temperature must be > 0"),
+    ("top_p above 1, beam search", dict(num_beams=2, top_p=1.5), r"top_p must be in \(0, 1\]"),
+    ("negative top_k, greedy", dict(top_k=-1), "top_k must be >= 0"),
 ]
 
 
@@ -359,6 +363,12 @@ def test_out_of_range_or_contradictory_controls_are_rejected(client, name, contr
         client.generate(random_image(1), **controls)
     assert info.value.message.count("\n") == 0 and "Traceback" not in info.value.message
     assert client.caption(random_image(1), max_new_tokens=2).token_ids  # still serving
+
+
+def test_in_range_controls_of_a_mode_that_is_off_are_accepted_and_unused(client):
+    greedy = client.generate(random_image(1), max_new_tokens=MAX_NEW)
+    assert client.generate(random_image(1), max_new_tokens=MAX_NEW, temperature=0.5, top_k=3, top_p=0.5,
+                           length_penalty=2.0, early_stopping=True) == greedy
 
 
 @pytest.mark.parametrize("controls,message", [

@@ -108,9 +108,37 @@ def test_bad_values_name_the_parameter(name, kwargs, allowed):
     assert isinstance(err.value, InvalidInput) and isinstance(err.value, ValueError)
 
 
-def test_greedy_ignores_sampling_only_values():
-    # transformers only warns about a temperature without sampling; a greedy request may send 0
-    assert GenerationParams(temperature=0.0).temperature == 0.0
+# transformers validates these only when the mode that reads them builds its logits processor
+# (sampling: temperature, top_k, top_p; repetition_penalty and no_repeat_ngram_size when set), so
+# with that mode off it accepts them and at most warns. Here they are refused in every mode.
+OUT_OF_RANGE_WHEN_UNUSED = [
+    ("temperature", dict(temperature=-1.0), "> 0"),
+    ("temperature", dict(temperature=0.0), "> 0"),
+    ("top_p", dict(top_p=0.0), "(0, 1]"),
+    ("top_p", dict(top_p=1.01), "(0, 1]"),
+    ("top_k", dict(top_k=-5), ">= 0"),
+    ("repetition_penalty", dict(repetition_penalty=-1.0), "> 0"),
+    ("no_repeat_ngram_size", dict(no_repeat_ngram_size=-1), ">= 0"),
+    ("length_penalty", dict(length_penalty=float("nan")), "finite"),
+    ("early_stopping", dict(early_stopping="yes"), "never"),
+    ("seed", dict(seed=-3), ">= 0"),
+]
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3), dict(do_sample=True)], ids=["greedy", "beam", "sample"])
+@pytest.mark.parametrize("name, kwargs, allowed", OUT_OF_RANGE_WHEN_UNUSED,
+                         ids=[f"{n}={list(k.values())}" for n, k, _ in OUT_OF_RANGE_WHEN_UNUSED])
+def test_out_of_range_values_are_rejected_in_every_mode(mode, name, kwargs, allowed):
+    with pytest.raises(InvalidGenerationParams) as err:
+        GenerationParams.from_generation_config({}, **mode, **kwargs)
+    assert str(err.value).startswith(name) and allowed in str(err.value)
+
+
+def test_in_range_values_that_go_unused_are_accepted():
+    greedy = GenerationParams(temperature=0.5, top_k=10, top_p=0.9, length_penalty=2.0, early_stopping=True, seed=4)
+    assert (greedy.do_sample, greedy.num_beams, greedy.temperature, greedy.top_k) == (False, 1, 0.5, 10)
+    beams = GenerationParams(num_beams=2, temperature=0.7, top_p=0.5)
+    assert (beams.temperature, beams.top_p) == (0.7, 0.5)
 
 
 def test_validate_context():

@@ -157,6 +157,12 @@ class GenerationParams:
     transformers does; see `effective_pad_token_id`.
 
     Beam search with sampling (transformers' beam-sample) is not implemented and is rejected.
+
+    Every range is checked whether or not the mode that reads the control is on: transformers
+    checks one only when it builds that mode's logits processor and merely warns otherwise, so a
+    greedy request with temperature=-1 would decode and a later switch to sampling would fail.
+    In-range values that go unused (top_k=10 without sampling, length_penalty without beams) are
+    accepted, as transformers accepts them.
     """
 
     max_new_tokens: int = TRANSFORMERS_DEFAULTS["max_new_tokens"]
@@ -188,10 +194,10 @@ class GenerationParams:
         if not isinstance(self.do_sample, bool):
             raise InvalidGenerationParams(f"do_sample must be true or false, got {self.do_sample!r}")
         put("temperature", _float("temperature", self.temperature, "> 0"))
-        if self.do_sample and self.temperature <= 0.0:
+        if self.temperature <= 0.0:
             raise InvalidGenerationParams(
-                f"temperature must be > 0 when do_sample is true, got {self.temperature}; "
-                "for deterministic decoding set do_sample=false"
+                f"temperature must be > 0, got {self.temperature} (checked whether or not do_sample is on); "
+                "for deterministic decoding leave temperature unset and set do_sample=false"
             )
         put("top_k", _int("top_k", self.top_k, minimum=0, allowed=">= 0 (0 disables top-k)"))
         put("top_p", _float("top_p", self.top_p, "in (0, 1]"))
