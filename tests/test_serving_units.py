@@ -138,10 +138,34 @@ def test_pieces_concatenate_even_across_split_characters(preprocessor):
 
     tok = preprocessor.tokenizer
     detok = Detokenizer(tok)
+    assert detok.incremental  # byte-level BPE, no clean-up: text streams token by token
     ids = tok("a red circle é ü and 日本", add_special_tokens=False)["input_ids"]
     pieces = [detok.piece(ids[: i + 1], 1, final=i == len(ids) - 1) for i in range(len(ids))]
     assert "".join(pieces) == tok.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
+    assert sum(1 for p in pieces if p) > len(ids) // 2
+
+
+def test_a_cleaning_tokenizer_still_streams_pieces_that_concatenate(exported):
+    """transformers' clean-up rewrites earlier text ("it '" + "s" -> "it's"), so nothing it could
+    change may go out early: such a tokenizer sends its text with the final piece."""
+    from transformers import AutoTokenizer
+
+    from blip2_triton.serving.detokenize import Detokenizer
+
+    _, repo, _ = exported("tiny-opt")
+    tok = AutoTokenizer.from_pretrained(repository.assets_dir(repo), clean_up_tokenization_spaces=True,
+                                        clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
+    ids = tok("it 's a red circle , do n't you see ?", add_special_tokens=False)["input_ids"]
+    prefixes = [tok.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1)]
+    assert any(not b.startswith(a) for a, b in zip(prefixes, prefixes[1:]))  # the case is real
+    detok = Detokenizer(tok)
+    assert not detok.incremental
+    for step in (1, 3):
+        pieces = [detok.piece(ids[:end], min(step, end), final=end == len(ids)) for end in range(step, len(ids) + 1, step)]
+        if len(ids) % step:
+            pieces.append(detok.piece(ids, len(ids) % step, final=True))
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == "it's a red circle, don't you see?"
 
 
 # ---- the engine: continuous batching ----------------------------------------------------------------

@@ -1,38 +1,59 @@
 """Incremental detokenization without state between calls.
 
-The postprocess model sees each streamed response on its own, so it is given every token generated
-so far and how many are new; it returns the text those new tokens add. Text is emitted only up to
-the last complete character: a byte-level BPE token can end inside a multi-byte UTF-8 character,
-which decodes to U+FFFD until the next token completes it.
+The engine calls back with every token generated so far and how many are new; `piece` returns
+the text those new tokens add. The rule streaming clients rely on: the pieces of a request
+concatenate to `tokenizer.decode(all ids, skip_special_tokens=True)`, the one-shot text.
+
+That holds by construction when decoding is prefix-stable: the text of ids[:k] (without a trailing
+U+FFFD) is a prefix of the text of ids[:k+m]. A byte-level BPE decoder (GPT-2/OPT, the only family
+exported) only concatenates the tokens' bytes and decodes them as UTF-8, so it is, except for a
+token that ends inside a multi-byte character: that decodes to U+FFFD until the next token
+completes it, hence the trailing U+FFFD is held back. transformers' `clean_up_tokenization` (which
+turns "it '" + "s" into "it's") would break it; transformers 5 skips it for BPE tokenizers unless
+forced. For any other decoder, or when decode does clean up, no text is sent before the final
+piece (streaming still answers per token, with empty text), so the rule holds there too.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 REPLACEMENT = "\ufffd"
+# Every pattern transformers' clean_up_tokenization rewrites: decode applies it iff these change.
+_CLEANUP_PROBE = "a . b ? c ! d , e ' f n't g 'm h 's i 've j 're"
+
+
+def prefix_stable(tokenizer) -> bool:
+    """Whether decode(ids[:k]) minus a trailing U+FFFD is always a prefix of decode(ids[:k+m])."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.decoder).__name__ != "ByteLevel":
+        return False
+    ids = tokenizer(_CLEANUP_PROBE, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(
+        ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class Detokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.incremental = prefix_stable(tokenizer)
 
-    def stable_text(self, ids: Sequence[int]) -> str:
-        """Decoded text of `ids`, without a trailing incomplete character."""
-        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
-        return text.rstrip(REPLACEMENT)
+    def text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def settled_text(self, ids: Sequence[int]) -> str:
+        """The part of ids' text that no later token can change (all of it but an incomplete last
+        character, or nothing when decoding is not prefix-stable)."""
+        return self.text(ids).rstrip(REPLACEMENT) if self.incremental else ""
 
     def piece(self, ids: Sequence[int], new_count: int, final: bool = False) -> str:
         """Text added by the last `new_count` of `ids` since the previous piece.
 
-        With `final`, a trailing incomplete character is flushed as U+FFFD (it will not be completed).
+        With `final`, everything left goes out, a trailing incomplete character as U+FFFD (it
+        will not be completed).
         """
-        before = self.stable_text(ids[: len(ids) - new_count])
-        after = self.tokenizer.decode(list(ids), skip_special_tokens=True) if final else self.stable_text(ids)
+        before = self.settled_text(ids[: len(ids) - new_count])
+        after = self.text(ids) if final else self.settled_text(ids)
         if not after.startswith(before):
-            # Decoding is not prefix-stable for this token pair (rare, tokenizer clean-up rules);
-            # fall back to the difference after the common prefix so pieces still concatenate.
-            common = 0
-            while common < min(len(before), len(after)) and before[common] == after[common]:
-                common += 1
-            return after[common:]
+            # Cannot happen for the decoders `prefix_stable` admits; an error beats a wrong stream.
+            raise RuntimeError(f"decoding is not prefix-stable here: {before!r} -> {after!r}")
         return after[len(before) :]
