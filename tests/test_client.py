@@ -304,6 +304,77 @@ def test_the_control_cases_exercise_their_controls(served):
         assert ids(every) != ids(every, **neutral), neutral
 
 
+# ---- defaults from the checkpoint's generation config ------------------------------------------
+# Both served test checkpoints keep transformers' own defaults, so a server ignoring the config
+# would pass every test above; this one sets its own. Each value changes transformers' answer on
+# these images (checked below), so none can be ignored unnoticed.
+CHECKPOINT_DEFAULTS = dict(num_beams=2, max_new_tokens=10, no_repeat_ngram_size=2, repetition_penalty=1.3)
+DEFAULTS_CASES = [(6, ""), (12, "a photo of")]
+
+
+@pytest.fixture(scope="module")
+def served_with_own_defaults(tiny_checkpoints, tmp_path_factory):
+    """(checkpoint, running server) of tiny-opt whose generation_config.json sets CHECKPOINT_DEFAULTS."""
+    import json
+    import shutil
+
+    from blip2_triton.export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("own-defaults")
+    ckpt = Path(shutil.copytree(tiny_checkpoints(PRESET), root / "checkpoint"))
+    config_file = ckpt / "generation_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **CHECKPOINT_DEFAULTS}))
+    export_checkpoint(ckpt, root / "repo", progress=False)
+    server = TritonServer(root / "repo", grpc_port=None, http_port=None, metrics_port=None,
+                          log_file=root / "tritonserver.log").start()
+    try:
+        yield ckpt, server
+    finally:
+        server.stop()
+
+
+def reference_with_checkpoint_config(ckpt, image_seed: int, prompt: str, **overrides) -> list[int]:
+    """transformers' generate() with the checkpoint's generation config (plus `overrides`): new ids.
+
+    Blip2ForConditionalGeneration.generate() hands over to its language model, whose generation
+    config is built from the text config, not generation_config.json: without
+    `generation_config=model.generation_config`, transformers 5 itself decodes with its global
+    defaults (greedy, 20 tokens) on this checkpoint.
+    """
+    import copy
+
+    import torch
+
+    model, processor = _reference_model(str(ckpt))
+    config = copy.deepcopy(model.generation_config)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    if prompt:
+        inputs = processor(images=pil(image_seed), text=prompt, return_tensors="pt")
+        start = inputs["input_ids"].shape[1]
+    else:
+        inputs = {"pixel_values": processor(images=pil(image_seed), return_tensors="pt")["pixel_values"]}
+        start = model.config.num_query_tokens + 1
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=config)
+    return strip_after_eos(out[0, start:].tolist(), model.generation_config.eos_token_id)
+
+
+@pytest.mark.parametrize("seed,prompt", DEFAULTS_CASES)
+def test_absent_controls_take_the_checkpoint_generation_config(served_with_own_defaults, seed, prompt):
+    ckpt, server = served_with_own_defaults
+    expected = reference_with_checkpoint_config(ckpt, seed, prompt)
+    assert len(expected) == CHECKPOINT_DEFAULTS["max_new_tokens"]
+    assert expected != reference(ckpt, seed, prompt, max_new_tokens=20)[0]  # transformers' global defaults
+    for name, neutral in [("num_beams", 1), ("no_repeat_ngram_size", 0), ("repetition_penalty", 1.0)]:
+        assert reference_with_checkpoint_config(ckpt, seed, prompt, **{name: neutral}) != expected, name
+    with Blip2Client(server.grpc_url, timeout=60) as c:
+        assert c.generate(random_image(seed), prompt).token_ids == expected
+        # a request's own control wins over the checkpoint's; the other defaults stay
+        assert c.generate(random_image(seed), prompt, num_beams=1).token_ids == \
+            reference_with_checkpoint_config(ckpt, seed, prompt, num_beams=1)
+
+
 def test_sampling_is_reproducible_with_a_seed(client):
     image = random_image(20)
     sample = dict(do_sample=True, temperature=0.9, top_k=40, top_p=0.95, max_new_tokens=MAX_NEW)
