@@ -1,9 +1,6 @@
-"""Which graphs a BLIP-2 checkpoint exports to, per language-model family.
-
-A family turns a loaded Blip2ForConditionalGeneration into `GraphExport`s: a spec, the torch module
-that computes it, and a way to draw inputs of any size for tracing and validation. OPT
-(decoder-only) is implemented; Flan-T5 (encoder-decoder) plugs in beside it as another family with
-its own LM graphs, reusing the vision encoder and Q-Former exports unchanged.
+"""The graphs to trace for each family: a spec, the torch module that computes it, and a way to
+draw inputs of any size for tracing and validation (`GraphExport`). Families (export/families.py)
+name their builder here; the image stages are shared by every family (`image_stage_graphs`).
 """
 from __future__ import annotations
 
@@ -16,10 +13,6 @@ from blip2_triton import specs
 from blip2_triton.specs import GraphSpec, TensorSpec
 
 from .wrappers import OPTDecoderWithCache, QFormerProjection, VisionEncoder
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's language model has no export family (yet)."""
 
 
 Axes = dict[str, int]
@@ -74,17 +67,24 @@ def _decoder_axes(batch: int, seq: int, prefix: int, past: int, spare: int = 3) 
     return {specs.BATCH: batch, specs.SEQUENCE: seq, specs.PREFIX: prefix, specs.TOTAL: total, specs.CACHE: total + spare}
 
 
-def opt_graphs(model, float_dtype: str) -> list[GraphExport]:
-    """Vision encoder, Q-Former and the KV-cached OPT decoder of one BLIP-2 OPT model."""
-    config = model.config
-    q = config.num_query_tokens
-    graph_specs = specs.graph_specs(config, float_dtype)
+def image_stage_graphs(model, float_dtype: str) -> list[GraphExport]:
+    """Vision encoder and Q-Former: the same for every language-model family."""
+    graph_specs = {s.name: s for s in specs.image_stage_specs(model.config, float_dtype)}
     vision_axes = ({specs.BATCH: 1}, {specs.BATCH: 3})
     return [
         GraphExport(graph_specs[specs.VISION_ENCODER], VisionEncoder(model), {specs.BATCH: 2}, vision_axes, _random_float),
         GraphExport(graph_specs[specs.QFORMER], QFormerProjection(model), {specs.BATCH: 2}, vision_axes, _random_float),
+    ]
+
+
+def opt_graphs(model, float_dtype: str) -> list[GraphExport]:
+    """The image stages and the KV-cached OPT decoder of one BLIP-2 OPT model."""
+    config = model.config
+    q = config.num_query_tokens
+    return [
+        *image_stage_graphs(model, float_dtype),
         GraphExport(
-            graph_specs[specs.LLM_DECODER],
+            specs.decoder_spec(config, float_dtype),
             OPTDecoderWithCache(model.language_model),
             trace_axes=_decoder_axes(batch=2, seq=3, prefix=q, past=2),
             validation_axes=(
@@ -97,15 +97,3 @@ def opt_graphs(model, float_dtype: str) -> list[GraphExport]:
             custom_opsets={"com.microsoft": 1},  # GroupQueryAttention
         ),
     ]
-
-
-FAMILIES: dict[str, Callable[[object, str], list[GraphExport]]] = {"opt": opt_graphs}
-
-
-def family_graphs(model, float_dtype: str = "float32") -> list[GraphExport]:
-    model_type = model.config.text_config.model_type
-    if model_type not in FAMILIES:
-        raise UnsupportedModelError(
-            f"BLIP-2 with a {model_type!r} language model is not supported yet; supported: {sorted(FAMILIES)}"
-        )
-    return FAMILIES[model_type](model, float_dtype)

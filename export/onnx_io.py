@@ -41,7 +41,6 @@ def export_module(module: torch.nn.Module, spec: GraphSpec, sample: dict[str, to
             do_constant_folding=True,
             dynamo=False,
         )
-    consolidate_external_data(path)
     return path
 
 

@@ -10,7 +10,7 @@ import torch
 from blip2_triton import specs
 from blip2_triton.serving.onnx_graph import make_session
 
-from .families import GraphExport
+from .graphs import GraphExport
 
 # Allowed |onnx - torch| per output by the graph's compute dtype: atol + rtol * max|torch|. fp32 graphs
 # differ from eager PyTorch only by kernel summation order; fp16 ones by the rounding of every
@@ -39,12 +39,28 @@ class OutputCheck:
 
 
 class ValidationError(RuntimeError):
-    """One or more exported outputs differ from PyTorch beyond their tolerance."""
+    """One or more exported outputs differ from PyTorch beyond their tolerance.
 
-    def __init__(self, checks: list[OutputCheck]):
-        self.checks = checks
+    The first line of the message names every mismatching output (with its worst difference and
+    tolerance) and where the failed attempt was kept; the lines after it list every failing case.
+    """
+
+    def __init__(self, checks: list[OutputCheck], output: Path | None = None, kept: Path | None = None):
+        self.checks, self.output, self.kept = checks, output, kept
         bad = [c for c in checks if not c.ok]
-        super().__init__(f"{len(bad)} of {len(checks)} outputs differ from PyTorch:\n" + "\n".join(map(str, bad)))
+        worst: dict[str, OutputCheck] = {}
+        for c in bad:
+            key = f"{c.graph}.{c.output}"
+            if key not in worst or c.max_abs_diff > worst[key].max_abs_diff:
+                worst[key] = c
+        summary = (f"export validation failed: {len(bad)} of {len(checks)} outputs differ from PyTorch: "
+                   + ", ".join(f"{k} (max|diff|={c.max_abs_diff:.2e} > {c.allowed:.1e})" for k, c in worst.items()))
+        if output is not None:
+            summary += f"; {output} was not changed"
+        if kept is not None:
+            summary += f"; report and graphs of the failed attempt (no config.pbtxt): {kept}"
+        self.summary = summary
+        super().__init__(summary + "\n" + "\n".join(map(str, bad)))
 
 
 def check_graph(export: GraphExport, onnx_path: Path, providers: list[str] | None = None,

@@ -7,7 +7,9 @@ import sys
 
 
 def _export(args) -> int:
+    from blip2_triton.export.checkpoint import ProcessorMismatchError
     from blip2_triton.export.exporter import export_checkpoint
+    from blip2_triton.export.families import UnsupportedModelError
     from blip2_triton.export.validate import ValidationError
 
     try:
@@ -16,9 +18,14 @@ def _export(args) -> int:
             providers=args.providers.split(",") if args.providers else None, quantize=args.quantize,
         )
     except ValidationError as e:
-        print(f"export validation failed: {e}", file=sys.stderr)
+        print(f"error: {e.summary}", file=sys.stderr)  # every failing case: the kept report
+        return 2
+    except (UnsupportedModelError, ProcessorMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.model} -> {args.output} in {report.seconds:.1f}s, peak RSS {report.peak_rss_mib:.0f} MiB")
+    if not report.validated:
+        print("  not validated (--no-validate): no output was compared with PyTorch")
     for graph, diff in report.max_abs_diff.items():
         print(f"  {graph:<15} max |onnx - torch| = {diff:.2e}")
     return 0

@@ -24,12 +24,9 @@ from .pbtxt import ModelConfig, Tensor, render
 
 log = logging.getLogger("blip2_triton.export")
 
-# Where each graph's ONNX file lives, relative to the repository: (model directory, file name).
-GRAPH_LOCATIONS = {
-    specs.VISION_ENCODER: (specs.VISION_ENCODER, "model.onnx"),
-    specs.QFORMER: (specs.QFORMER, "model.onnx"),
-    specs.LLM_DECODER: (api.PIPELINE, "llm_decoder.onnx"),
-}
+# The image stages are Triton models of their own (batched across requests); every other graph is
+# a language-model graph, held by the `blip2` model that owns the KV caches.
+STAGE_GRAPHS = (specs.VISION_ENCODER, specs.QFORMER)
 # Which model.py source (under model_repository/) serves each model.
 MODEL_SOURCES = {
     api.PREPROCESS: "preprocess",
@@ -48,8 +45,13 @@ QUEUE_DELAY_US = 0
 EXCLUSIVE_COMPUTE = "exclusive_compute"
 
 
+def graph_location(graph: str) -> tuple[str, str]:
+    """(model directory, file name) of a graph in the repository."""
+    return (graph, "model.onnx") if graph in STAGE_GRAPHS else (api.PIPELINE, f"{graph}.onnx")
+
+
 def graph_path(repo: Path | str, graph: str) -> Path:
-    model_dir, filename = GRAPH_LOCATIONS[graph]
+    model_dir, filename = graph_location(graph)
     return Path(repo) / model_dir / "1" / filename
 
 
@@ -59,15 +61,17 @@ def assets_dir(repo: Path | str) -> Path:
 
 
 def model_configs(config, float_dtype: str = "float32", stateless_backend: str = "python") -> list[ModelConfig]:
-    """All model configs of the repository for a Blip2Config.
+    """All model configs of the repository for a Blip2Config, from its family's graphs (export/families.py).
 
     stateless_backend: "python" serves the vision encoder and Q-Former with onnxruntime inside the
     Python backend (works everywhere); "onnxruntime" uses Triton's onnxruntime backend (NVIDIA's
     containers only).
     """
-    graphs = specs.graph_specs(config, float_dtype)
-    vision, qformer = graphs[specs.VISION_ENCODER], graphs[specs.QFORMER]
-    pixel_values = Tensor.from_spec(vision.input(specs.PIXEL_VALUES))
+    from blip2_triton.export.families import family_of
+
+    family = family_of(config)
+    graphs = {s.name: s for s in family.graph_specs(config, float_dtype)}
+    pixel_values = Tensor.from_spec(graphs[specs.VISION_ENCODER].input(specs.PIXEL_VALUES))
 
     def stateless(spec: specs.GraphSpec) -> ModelConfig:
         common = dict(
@@ -82,7 +86,7 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
             return ModelConfig(**common, backend=None, platform="onnxruntime_onnx")
         if stateless_backend != "python":
             raise ValueError(f"stateless_backend must be 'python' or 'onnxruntime', got {stateless_backend!r}")
-        return ModelConfig(**common, parameters={"onnx_file": GRAPH_LOCATIONS[spec.name][1], EXCLUSIVE_COMPUTE: "true"})
+        return ModelConfig(**common, parameters={"onnx_file": graph_location(spec.name)[1], EXCLUSIVE_COMPUTE: "true"})
 
     preprocess = ModelConfig(
         name=api.PREPROCESS,
@@ -98,9 +102,10 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         inputs=api.PUBLIC_INPUTS,
         outputs=api.PUBLIC_OUTPUTS,
         decoupled=True,
-        parameters={"onnx_file": GRAPH_LOCATIONS[specs.LLM_DECODER][1], EXCLUSIVE_COMPUTE: "true"},
+        parameters={**{param: graph_location(graphs[graph].name)[1] for param, graph in family.pipeline_parameters.items()},
+                    EXCLUSIVE_COMPUTE: "true"},
     )
-    return [preprocess, stateless(vision), stateless(qformer), pipeline]
+    return [preprocess, *(stateless(graphs[name]) for name in STAGE_GRAPHS), pipeline]
 
 
 def write_repository(
@@ -115,7 +120,7 @@ def write_repository(
 
     repo = Path(repo)
     configs = model_configs(config, float_dtype, stateless_backend)
-    _remove_stale_models(repo, {cfg.name for cfg in configs})
+    remove_stale_models(repo, {cfg.name for cfg in configs})
     for cfg in configs:
         model_dir = repo / cfg.name
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
@@ -128,7 +133,7 @@ def write_repository(
     return repo
 
 
-def _remove_stale_models(repo: Path, keep: set[str]) -> None:
+def remove_stale_models(repo: Path, keep: set[str]) -> None:
     """Delete models an earlier export (or an older layout) left in `repo`: Triton loads every
     folder with a config.pbtxt, and a stale one would fail the server's start."""
     if not repo.is_dir():

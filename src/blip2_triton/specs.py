@@ -174,13 +174,17 @@ def num_decoder_layers(spec: GraphSpec) -> int:
     return sum(1 for t in spec.inputs if t.name.startswith("past_key_values.") and t.name.endswith(".key"))
 
 
+def image_stage_specs(config, float_dtype: str = "float32") -> tuple[GraphSpec, GraphSpec]:
+    """The vision encoder and Q-Former: the image stages every language-model family shares."""
+    return (
+        vision_encoder_spec(config, float_dtype),
+        qformer_spec(config, float_dtype),  # computes in fp32 inside, like transformers
+    )
+
+
 def graph_specs(config, float_dtype: str = "float32") -> dict[str, GraphSpec]:
-    """All graphs of one BLIP-2 OPT checkpoint, by name."""
-    return {
-        s.name: s
-        for s in (
-            vision_encoder_spec(config, float_dtype),
-            qformer_spec(config, float_dtype),  # computes in fp32 inside, like transformers
-            decoder_spec(config, float_dtype),
-        )
-    }
+    """All graphs of one BLIP-2 checkpoint, by name, in export order: those of its language
+    model's family (export/families.py; UnsupportedModelError for an unregistered one)."""
+    from blip2_triton.export.families import family_of
+
+    return {s.name: s for s in family_of(config).graph_specs(config, float_dtype)}

@@ -106,9 +106,10 @@ PRESETS: dict[str, TinyPreset] = {
         image_size=48, patch_size=16, vision_heads=2, num_query_tokens=6, text_hidden=48, text_heads=6,
         text_layers=3, word_embed_proj_dim=24,
     ),
-    # Post-layernorm with project_in/out, like OPT-350m.
+    # Post-layernorm with project_in/out, like OPT-350m; heads 12 wide, which GroupQueryAttention
+    # cannot take (multiples of 8): the decoder zero-pads them to 16 in the cache.
     "tiny-opt-postln": TinyPreset(
-        image_size=24, patch_size=6, qformer_heads=2, num_query_tokens=3, text_hidden=40, text_heads=5,
+        image_size=24, patch_size=6, qformer_heads=2, num_query_tokens=3, text_hidden=60, text_heads=5,
         word_embed_proj_dim=20, do_layer_norm_before=False,
     ),
 }
