@@ -13,7 +13,7 @@ STAGES = ("preprocess", "vision_encoder", "qformer", "prefill", "decode", "engin
 STAGE_COLORS = {
     "preprocess": "#8dd3c7", "vision_encoder": "#80b1d3", "qformer": "#bebada", "prefill": "#fdb462",
     "decode": "#fb8072", "engine_overhead": "#d9d9d9", "postprocess": "#b3de69",
-    "batcher queue": "#ffed6f", "decode, detokenize, BLS, gRPC": "#f4a6a0",
+    "batcher queue": "#ffed6f", "BLS, gRPC, engine": "#f4a6a0",
     "transformers to first token": "#a6cee3", "transformers decode": "#1f78b4",
 }
 SYSTEM_COLORS = {"server": "#d95f02", "in_process": "#fdae6b", "in_process_int8": "#7570b3", "transformers": "#1f78b4"}
@@ -83,11 +83,13 @@ def markdown(results: dict) -> str:
         f"Machine: {facts['cpu']}, {facts['usable_cores']} usable cores, {facts['memory_gib']} GiB; load average "
         f"{facts['load_average_at_start']} at start, {facts.get('load_average_at_end')} at end (the machine is shared: "
         "systems are measured in turns, never one after the other in blocks). "
-        f"Threads: {s['threads']} (torch.set_num_threads, in-process onnxruntime); the server's onnxruntime sessions "
-        "use onnxruntime's default (one per physical core).\n",
+        f"Threads: {s['threads']} (torch.set_num_threads, in-process onnxruntime); "
+        + "; ".join(f"{k}: {v}" for k, v in facts["threads"].items() if k.startswith("onnxruntime intra_op (server"))
+        + ".\n",
         f"Measured: memory read {caps['read_gbps']} GB/s (numpy 1 thread {caps['read_gbps_numpy_1thread']}, "
         f"torch {caps['read_gbps_torch']}), fp32 matmul {caps['matmul_gflops']} GFLOP/s "
-        f"(torch {caps['matmul_gflops_torch']}, numpy {caps['matmul_gflops_numpy']}).\n",
+        f"(torch {caps['matmul_gflops_torch']}, numpy {caps['matmul_gflops_numpy']}"
+        f"{', onnxruntime %s' % caps['matmul_gflops_onnxruntime'] if 'matmul_gflops_onnxruntime' in caps else ''}).\n",
         f"Versions: {versions}, Python {facts['python']}.\n",
         f"Workloads: greedy, min_new_tokens = max_new_tokens (every request generates the same number of tokens); "
         f"{s['reps']} interleaved requests per workload and system after {s['warmup']} warm-up rounds; "
@@ -118,11 +120,12 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
             ttft = w["server_stream"]["ttft_ms"] if system == "server" else w[system]["ttft_ms"]
             quiet = w[system]["latency_ms_quiet"]
             rows.append([f"{wname} ({n_tokens} tokens)", label(system, threads), lat["p50"], lat["p90"], lat["p99"],
-                         ttft.get("p50"), w[system]["tokens_per_s"], w[system]["others_cores_mean"],
-                         f"{quiet['n']}/{lat['n']}", quiet.get("p50")])
-    out.append(_table(["workload", "system", "p50", "p90", "p99", "TTFT p50", "tokens/s", "others' cores",
-                       "quiet", "quiet p50"], rows))
-    out.append("TTFT of the server: streaming requests (time to the first streamed response); of the others: time "
+                         lat["n"], ttft.get("p50"), ttft.get("n"), w[system]["tokens_per_s"],
+                         w[system]["others_cores_mean"], f"{quiet['n']}/{lat['n']}", quiet.get("p50")])
+    out.append(_table(["workload", "system", "p50", "p90", "p99", "n", "TTFT p50", "TTFT n", "tokens/s",
+                       "others' cores", "quiet", "quiet p50"], rows))
+    out.append("n: requests behind the percentiles (p99 of n requests is their slowest but (n - 1) / 100). "
+               "TTFT of the server: streaming requests (time to the first streamed response); of the others: time "
                "to the first token of the same calls. tokens/s = tokens per request / p50 latency. others' cores: "
                "how many cores other users' processes kept busy during this system's requests, on average; quiet: "
                f"requests during which they kept fewer than {quiet_cores} busy, and their p50.\n")
@@ -202,15 +205,36 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
     out.append(f"Decode is {st['in_process'][caption]['decode_steps']} steps after the prefill's first token. "
                "engine_overhead = generation engine time outside decoder calls (search, cache bookkeeping).\n")
 
-    out.append("### Server side (Triton statistics over the latency phase, ms per request)\n")
-    out.append(_table(["model", "requests", "mean batch", "queue", "compute input", "compute infer", "compute output"],
-                      [[k + (" (the public model: execute() only enqueues)" if k == "blip2" else ""), v["requests"], v["mean_batch"],
-                        v["queue_ms"], v["compute_input_ms"], v["compute_infer_ms"], v["compute_output_ms"]]
-                       for k, v in st["server"]["models"].items()]))
-    g = st["server"]["generator_metrics"]
-    out.append(f"`blip2` is decoupled: its compute time is only the hand-off to a worker. Its engine reports "
-               f"{_f(g['engine_ttft_ms'])} ms from submission to first token (prefill + engine queue), "
-               f"{_f(g['decode_steps'], 0)} decode steps for {_f(g['generated_tokens'], 0)} tokens.\n")
+    out.append("### Server side, per workload (the single requests; ms per request unless named)\n")
+    out.append("Triton's statistics of each model, read before and after every request of the workload:\n")
+    out.append(_table(["workload", "model", "requests", "mean batch", "queue", "compute input", "compute infer",
+                       "compute output"],
+                      [[w, k + (" (public model: execute() only enqueues)" if k == "blip2" else ""), v["requests"],
+                        v["mean_batch"], v["queue_ms"], v["compute_input_ms"], v["compute_infer_ms"], v["compute_output_ms"]]
+                       for w, server in st["server"].items() for k, v in server["models"].items()]))
+    out.append("The `blip2` model's engine, from its metrics (blip2_*_seconds_sum / _count) over the same requests:\n")
+    out.append(_table(["workload", "time to first token", "prefill", "decode step (mean)", "decode steps",
+                       "detokenize (mean)", "detokenizations / request", "tokens"],
+                      [[w, g["engine_ttft_ms"], g.get("prefill_ms"), g.get("decode_step_ms"), g["decode_steps"],
+                        g.get("detokenize_ms"), g.get("detokenize_per_request"), g["generated_tokens"]]
+                       for w, g in ((w, server["generator_metrics"]) for w, server in st["server"].items())]))
+    out.append("Time to first token counts from `blip2`'s execute() receiving the request: preprocess, vision "
+               "encoder and Q-Former (BLS calls), the engine's queue and the prefill. The requests are not "
+               "streamed: one detokenization each, of the whole text.\n")
+
+    floors = m.get("stage_floors")
+    if floors:
+        out.append("### How close each stage comes to its floor (batch 1)\n")
+        out.append(_table(["workload", "stage", "MFLOP", "compute floor", "bytes floor", "floor", "bound by",
+                           "in-process", "× floor", "server", "× floor"],
+                          [[w, stage, f["gflops"] * 1e3, f["compute_floor_ms"], f["bytes_floor_ms"], f["floor_ms"], f["bound_by"],
+                            f["in_process_ms"], f["in_process_over_floor"], f["server_ms"], f["server_over_floor"]]
+                           for w, by_stage in floors.items() for stage, f in by_stage.items()]))
+        out.append("FLOPs are counted on the exported ONNX graph at the workload's shapes (MatMul, Gemm, Conv, fused "
+                   "attention; `benchmarks/flops.py`) and divided by the best measured fp32 matmul rate; the bytes "
+                   "floor is the graph's weights at the best measured read bandwidth. In-process: median; server: "
+                   "Triton's compute time (vision encoder, Q-Former) and the engine's prefill metric, means. The "
+                   "decode step's floor is in \"Decode step vs the floor\" above.\n")
 
     out.append("### Decode step vs batch rows (in-process, ms)\n")
     precisions = [(k, p) for k, p in (("decode_step_vs_rows", ""), ("decode_step_vs_rows_int8", "int8 ")) if st.get(k)]
@@ -313,18 +337,20 @@ def stage_plot(name: str, m: dict, out: Path) -> Path:
     rows = 2 + len(baselines)
     fig, axes = plt.subplots(len(workloads), 1, figsize=(10, 1.6 + (0.5 + 0.42 * rows) * len(workloads)), squeeze=False)
     seen: set = set()
-    models = st["server"]["models"]
-    compute = lambda k: (models[k]["compute_input_ms"] + models[k]["compute_infer_ms"] + models[k]["compute_output_ms"]  # noqa: E731
-                         if k in models else None)
-    queue = sum(models[k]["queue_ms"] for k in ("preprocess", "vision_encoder", "qformer") if k in models)
-    engine_ttft = st["server"]["generator_metrics"].get("engine_ttft_ms")
     for ax, w in zip(axes[:, 0], workloads):
         stages = st["in_process"][w]
         inproc = [(k, stages.get(f"{k}_ms")) for k in STAGES]
+        models, g = st["server"][w]["models"], st["server"][w]["generator_metrics"]
+        compute = lambda k: (models[k]["compute_input_ms"] + models[k]["compute_infer_ms"] + models[k]["compute_output_ms"]  # noqa: E731
+                             if k in models else None)
+        queue = sum(models[k]["queue_ms"] for k in ("preprocess", "vision_encoder", "qformer") if k in models)
+        per_request = lambda ms, runs: ms * runs / g["prefills"] if ms is not None and runs and g["prefills"] else None  # noqa: E731
         server_parts = [("preprocess", compute("preprocess")), ("vision_encoder", compute("vision_encoder")),
-                        ("qformer", compute("qformer")), ("batcher queue", queue), ("prefill", engine_ttft)]
+                        ("qformer", compute("qformer")), ("batcher queue", queue), ("prefill", g.get("prefill_ms")),
+                        ("decode", per_request(g.get("decode_step_ms"), g["decode_steps"])),
+                        ("postprocess", per_request(g.get("detokenize_ms"), (g.get("detokenize_per_request") or 0) * g["prefills"]))]
         known = sum(v for _, v in server_parts if v)
-        server_parts.append(("decode, detokenize, BLS, gRPC", e2e[w]["server"]["latency_ms"]["p50"] - known))
+        server_parts.append(("BLS, gRPC, engine", e2e[w]["server"]["latency_ms"]["p50"] - known))
         y = rows - 1
         _stacked(ax, y, server_parts, seen)
         _stacked(ax, y - 1, inproc, seen)
@@ -346,8 +372,8 @@ def stage_plot(name: str, m: dict, out: Path) -> Path:
         handles += h
         labels += lab
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(f"{name}: where the time of one request goes (server parts: Triton statistics, mean over both "
-                 "workloads)", fontsize=10)
+    fig.suptitle(f"{name}: where the time of one request goes (server parts: Triton statistics and the engine's "
+                 "metrics, means over the workload's requests)", fontsize=10)
     fig.tight_layout(rect=(0, 0.13, 1, 0.97))
     path = out / f"{name}_stages.png"
     fig.savefig(path, dpi=110)

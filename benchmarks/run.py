@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from blip2_triton.serving.generator import THREADS_ENV
+
 log = logging.getLogger("blip2_triton.bench")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,13 +45,14 @@ class Settings:
     vqa_tokens: int = 10
     images: int = 4
     warmup: int = 2
-    reps: int = 12  # interleaved requests per workload and system
-    stream_reps: int = 6
+    reps: int = 30  # interleaved requests per workload and system (a p99 of 30 is their 2nd slowest)
+    stream_reps: int = 10
     # transformers at other thread counts too (interleaved with the rest): shows how much of its
     # time is lost to OpenMP threads waiting for cores that other processes hold
     extra_baseline_threads: tuple[int, ...] = (1,)
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
-    requests_per_stream: int = 3
+    # Run time on base-opt, estimated from the run at 1807a3b (248 s with 12 / 6 / 3): ~405 s.
+    requests_per_stream: int = 5
     baseline_batches: tuple[int, ...] = (1, 4, 16)
     decode_rows: tuple[int, ...] = (1, 2, 4, 8, 16)
     decode_rounds: int = 15  # rounds of the decode-vs-rows measurement, each next to a bandwidth probe
@@ -156,8 +159,11 @@ def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict
     if model.int8_repository:
         result["decoder_weights_int8"] = machine.decoder_weights(
             repository.graph_path(model.int8_repository, specs.LLM_DECODER))
+    result["graph_costs"] = graph_costs(model.repository, loads, pictures[0])
 
     progress.say(f"[{spec}] starting workers (transformers, in-process) and tritonserver")
+    # The served decoder runs the benchmark's thread count too (serving.generator.THREADS_ENV).
+    os.environ[THREADS_ENV] = str(settings.threads)
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         # Workers load while tritonserver starts.
@@ -220,6 +226,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
 
     run = loop.run_until_complete
     meter = CpuMeter()
+    per_workload = stages.PerWorkload(server.grpc_url, server.metrics_url)
 
     async def connect():  # a grpc.aio channel belongs to the loop it is created on
         client = AsyncBlip2Client(server.grpc_url, timeout=600)
@@ -245,7 +252,9 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
     def call(system: str, workload, image: int) -> dict:
         started = time.perf_counter() - phase_start
         if system == "server":
+            before = per_workload.snapshot()
             r = measured(lambda: run(end_to_end.request(client, pictures[image], workload)))
+            per_workload.add(workload.name, before, per_workload.snapshot())
         else:
             r = measured(lambda: workers[system].call("generate", image=image, prompt=workload.prompt,
                                                       controls=workload.controls))
@@ -262,10 +271,10 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
                     call(system, w, k % len(pictures))
                     bar.update()
         bar.close()
+        per_workload.reset()  # the warm-up does not count
 
         # Interleaved single requests: the systems take turns (rotating order), so load from other
         # users of the machine falls on all of them alike.
-        before, metrics_before = stages.triton_statistics(server.grpc_url), stages.blip2_metrics(server.metrics_url)
         samples = {w.name: {s: [] for s in systems} for w in loads}
         bar = progress.phase(f"latency ({', '.join(systems)} in turns)", settings.reps * len(loads) * len(systems))
         for rep in range(settings.reps):
@@ -275,8 +284,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
                     samples[w.name][system].append(call(system, w, rep % len(pictures)))
                     bar.update()
         bar.close()
-        after, metrics_after = stages.triton_statistics(server.grpc_url), stages.blip2_metrics(server.metrics_url)
-        server_stages = stages.server_stages(before, after, metrics_before, metrics_after)
+        server_stages = per_workload.result()
 
         streams = {w.name: [] for w in loads}
         bar = progress.phase("streaming through the server (time to first token)", settings.stream_reps * len(loads))
@@ -337,6 +345,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
             bar.update()
         bar.close()
     finally:
+        per_workload.close()
         run(client.close())
         run(streamer.close())
 
@@ -378,6 +387,60 @@ def _throughput_bound(stages_ms: dict, tokens: int, decode_rows: list[dict], thr
             "request_cost_ms": round(cost_ms, 3), "bound_requests_per_s": round(bound, 4),
             "streams": rows, "measured_requests_per_s": level["requests_per_s"] if level else None,
             "measured_over_bound": round(level["requests_per_s"] / bound, 4) if level else None}
+
+
+def graph_costs(repo: Path, loads, image: bytes) -> dict:
+    """FLOPs and weight bytes of the vision encoder, the Q-Former and each workload's prefill, at
+    the shapes one request of that workload feeds them (batch 1; the prompt tokenized here)."""
+    import json
+
+    from blip2_triton import repository, specs
+    from blip2_triton.serving.preprocess import Preprocessor
+
+    from . import flops
+
+    assets = repository.assets_dir(repo)
+    queries = json.loads((assets / "config.json").read_text())["num_query_tokens"]
+    preprocessor = Preprocessor(assets)
+    costs = {}
+    for graph in (specs.VISION_ENCODER, specs.QFORMER):
+        path = repository.graph_path(repo, graph)
+        costs[graph] = flops.graph_cost(path, {"batch_size": 1})
+    decoder = repository.graph_path(repo, specs.LLM_DECODER)
+    for w in loads:
+        prompt = len(preprocessor(image, w.prompt.encode("utf-8"))[1])
+        total = queries + prompt
+        dims = {"batch_size": 1, "sequence_length": prompt, "prefix_length": queries,
+                "total_sequence_length": total, "max_sequence_length": total}
+        costs[f"prefill:{w.name}"] = flops.graph_cost(decoder, dims)
+    return costs
+
+
+STAGE_GRAPHS = {"vision_encoder": "vision_encoder", "qformer": "qformer", "prefill": "prefill:{workload}"}
+
+
+def stage_floors(result: dict, caps) -> dict:
+    """Per workload and stage (vision encoder, Q-Former, prefill): the floor of its graph (FLOPs at
+    the measured matmul rate, weight bytes at the measured bandwidth, the larger of the two), and
+    measured / floor in process (median) and on the server (Triton's compute time, the engine's
+    prefill metric; means over the workload's requests)."""
+    from . import flops
+
+    out = {}
+    for w, inproc in result["stages"]["in_process"].items():
+        server = result["stages"]["server"].get(w, {})
+        models, gen = server.get("models", {}), server.get("generator_metrics", {})
+        served = {"vision_encoder": models.get("vision_encoder", {}).get("compute_infer_ms"),
+                  "qformer": models.get("qformer", {}).get("compute_infer_ms"),
+                  "prefill": gen.get("prefill_ms")}
+        out[w] = {}
+        for stage, graph in STAGE_GRAPHS.items():
+            f = flops.floor(result["graph_costs"][graph.format(workload=w)], caps.read_gbps, caps.matmul_gflops)
+            ours = inproc.get(f"{stage}_ms")
+            out[w][stage] = f | {"in_process_ms": ours, "server_ms": served[stage] and round(served[stage], 3),
+                                 "in_process_over_floor": _ratio(ours, f["floor_ms"]),
+                                 "server_over_floor": _ratio(served[stage], f["floor_ms"])}
+    return out
 
 
 def _batching(level: dict) -> dict:
@@ -556,7 +619,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where bench.json, bench.md and the PNGs go")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="scratch: checkpoints, exported repositories, logs")
     p.add_argument("--quick", action="store_true", help="minimal repetitions (smoke test), small token counts")
-    p.add_argument("--threads", type=int, help="torch and in-process onnxruntime threads (default: usable cores)")
+    p.add_argument("--threads", type=int,
+                   help="torch, in-process onnxruntime and the served decoder's threads (default: usable cores)")
     p.add_argument("--reps", type=int, help="interleaved requests per workload and system")
     p.add_argument("--concurrency", help="comma-separated client stream counts, e.g. 1,2,4,8,16")
     p.add_argument("--requests-per-stream", type=int)
@@ -618,6 +682,7 @@ def run_from_args(args) -> int:
         result["floor"] = machine.decode_floor(result["decoder_weights"], caps)
         if "decoder_weights_int8" in result:
             result["floor_int8"] = machine.decode_floor(result["decoder_weights_int8"], caps)
+        result["stage_floors"] = stage_floors(result, caps)
         rounds = result["stages"]["decode_step_rounds"]
         result["floor_side_by_side"] = {
             system: machine.side_by_side(result["decoder_weights_int8" if system == INT8 else "decoder_weights"], r)

@@ -134,15 +134,18 @@ class LocalRunner:
 
 # ---- server side ---------------------------------------------------------------------------------
 
-def triton_statistics(grpc_url: str) -> dict[str, dict]:
-    """Cumulative per-model statistics (model name -> counts and nanosecond totals)."""
+def triton_statistics(grpc_url: str, client=None) -> dict[str, dict]:
+    """Cumulative per-model statistics (model name -> counts and nanosecond totals); `client`: an
+    open tritonclient.grpc client to reuse (snapshots around every request)."""
     import tritonclient.grpc as grpcclient
 
-    client = grpcclient.InferenceServerClient(grpc_url)
+    own = client is None
+    client = client or grpcclient.InferenceServerClient(grpc_url)
     try:
         stats = client.get_inference_statistics(as_json=True)
     finally:
-        client.close()
+        if own:
+            client.close()
     out = {}
     for model in stats.get("model_stats", []):
         inference = model.get("inference_stats", {})
@@ -169,13 +172,51 @@ def blip2_metrics(metrics_url: str) -> dict[str, float]:
     return values
 
 
+class PerWorkload:
+    """Server-side statistics of single requests, summed per workload: Triton's statistics and the
+    blip2_* metrics are read before and after each request (nothing else runs on the server
+    meanwhile), so caption and VQA get breakdowns of their own instead of one pooled over both."""
+
+    def __init__(self, grpc_url: str, metrics_url: str):
+        import tritonclient.grpc as grpcclient
+
+        self.grpc_url, self.metrics_url = grpc_url, metrics_url
+        self.client = grpcclient.InferenceServerClient(grpc_url)
+        self.stats: dict[str, dict] = {}
+        self.metrics: dict[str, dict] = {}
+
+    def reset(self) -> None:
+        self.stats.clear()
+        self.metrics.clear()
+
+    def snapshot(self) -> tuple[dict, dict]:
+        return triton_statistics(self.grpc_url, self.client), blip2_metrics(self.metrics_url)
+
+    def add(self, workload: str, before: tuple[dict, dict], after: tuple[dict, dict]) -> None:
+        stats, metrics = self.stats.setdefault(workload, {}), self.metrics.setdefault(workload, {})
+        for model, end in after[0].items():
+            start, total = before[0].get(model, {}), stats.setdefault(model, {})
+            for k, v in end.items():
+                total[k] = total.get(k, 0) + v - start.get(k, 0)
+        for k, v in after[1].items():
+            metrics[k] = metrics.get(k, 0.0) + v - before[1].get(k, 0.0)
+
+    def result(self) -> dict:
+        """workload -> server_stages() over that workload's requests."""
+        return {w: server_stages({}, self.stats[w], {}, self.metrics[w]) for w in self.stats}
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def server_stages(before: dict, after: dict, metrics_before: dict, metrics_after: dict) -> dict:
     """Per-request milliseconds per served model between two snapshots.
 
     For batched models, queue and compute are per request (a batch's compute time is counted
     for each of its requests). `blip2` is decoupled: its execute() only hands off, so its
-    compute time says nothing; its engine reports time to first token (engine queue + prefill)
-    and decode steps through the blip2_* metrics instead.
+    compute time says nothing; its engine reports the rest through the blip2_* metrics: time to
+    first token (from execute() receiving the request), the prefill, each decode step and each
+    detokenization (mean ms per run, and runs per request).
     """
     models = {}
     for name, end in after.items():
@@ -199,11 +240,23 @@ def server_stages(before: dict, after: dict, metrics_before: dict, metrics_after
             "request_ms": per("success"),
         }
     delta = {k: metrics_after.get(k, 0.0) - metrics_before.get(k, 0.0) for k in metrics_after}
-    ttft_count = delta.get("blip2_time_to_first_token_seconds_count", 0.0)
+
+    def mean_ms(metric: str) -> float | None:
+        count = delta.get(f"{metric}_seconds_count", 0.0)
+        return round(delta[f"{metric}_seconds_sum"] / count * 1e3, 4) if count else None
+
+    prefills = delta.get("blip2_prefills_total")
     generator = {
         "generated_tokens": delta.get("blip2_generated_tokens_total"),
         "decode_steps": delta.get("blip2_decode_steps_total"),
-        "prefills": delta.get("blip2_prefills_total"),
-        "engine_ttft_ms": (delta.get("blip2_time_to_first_token_seconds_sum", 0.0) / ttft_count * 1e3) if ttft_count else None,
+        "prefills": prefills,
+        # from execute() receiving the request to its first token: the image stages, the engine's
+        # queue and the prefill
+        "engine_ttft_ms": mean_ms("blip2_time_to_first_token"),
+        "prefill_ms": mean_ms("blip2_prefill"),
+        "decode_step_ms": mean_ms("blip2_decode_step"),
+        "detokenize_ms": mean_ms("blip2_detokenize"),
+        "detokenize_per_request": (round(delta.get("blip2_detokenize_seconds_count", 0.0) / prefills, 3)
+                                   if prefills else None),
     }
     return {"models": models, "generator_metrics": generator}

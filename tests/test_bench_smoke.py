@@ -31,7 +31,8 @@ def test_run_records_where_and_how_it_ran(results):
     assert facts["packages"]["torch"] and facts["packages"]["onnxruntime"]
     assert r["settings"]["threads"] >= 1
     caps = r["capabilities"]
-    assert caps["read_gbps"] > 0 and caps["matmul_gflops"] > 0
+    assert caps["read_gbps"] > 0 and caps["matmul_gflops"] > 0 and caps["matmul_gflops_onnxruntime"] > 0
+    assert facts["threads"]["onnxruntime intra_op (server: blip2 decoder)"] == r["settings"]["threads"]
 
 
 def test_every_section_is_present_with_sane_numbers(results):
@@ -52,8 +53,32 @@ def test_every_section_is_present_with_sane_numbers(results):
     for name, s in stages["in_process"].items():
         for key in ("preprocess_ms", "vision_encoder_ms", "qformer_ms", "prefill_ms", "decode_ms", "postprocess_ms"):
             assert s[key] > 0, (name, key)
-    assert {"preprocess", "vision_encoder", "qformer", "blip2"} <= set(stages["server"]["models"])
-    assert stages["server"]["generator_metrics"]["generated_tokens"] > 0
+    # server side per workload: Triton's statistics and the engine's own stage metrics, each
+    # workload's requests alone (reps requests of `tokens` tokens, one at a time)
+    reps = r["settings"]["reps"]
+    assert set(stages["server"]) == set(m["end_to_end"])
+    for w in m["workloads"]:
+        server = stages["server"][w["name"]]
+        assert {"preprocess", "vision_encoder", "qformer", "blip2"} <= set(server["models"])
+        assert all(v["requests"] == reps for v in server["models"].values()), server["models"]
+        g = server["generator_metrics"]
+        assert g["prefills"] == reps and g["generated_tokens"] == reps * w["max_new_tokens"]
+        assert g["decode_steps"] == reps * (w["max_new_tokens"] - 1)
+        assert g["detokenize_per_request"] == 1  # not streamed: the whole text once
+        assert 0 < g["decode_step_ms"] < g["prefill_ms"] + g["decode_step_ms"] < g["engine_ttft_ms"]
+        assert 0 < g["detokenize_ms"] < g["engine_ttft_ms"]
+        # time to first token counts from execute(): it holds the image stages' compute
+        image_stages = sum(server["models"][k]["compute_infer_ms"] for k in ("preprocess", "vision_encoder", "qformer"))
+        assert g["engine_ttft_ms"] > image_stages + g["prefill_ms"]
+    # floors of the vision encoder, Q-Former and prefill: FLOPs counted on the graphs, bound = max
+    for w, by_stage in m["stage_floors"].items():
+        assert set(by_stage) == {"vision_encoder", "qformer", "prefill"}
+        for stage, f in by_stage.items():
+            assert f["gflops"] > 0 and f["floor_ms"] == max(f["compute_floor_ms"], f["bytes_floor_ms"]) > 0, (w, stage)
+            assert f["in_process_over_floor"] > 0 and f["server_over_floor"] > 0, (w, stage)
+    costs = m["graph_costs"]
+    assert costs["prefill:vqa"]["flops"] > costs["prefill:caption"]["flops"]  # a longer prompt to prefill
+    assert costs["vision_encoder"]["flops_by_op"]["Conv"] > 0 and costs["qformer"]["flops_by_op"]["MatMul"] > 0
     assert all(d["step_ms"] > 0 for d in stages["decode_step_vs_rows"])
     assert [t["streams"] for t in m["throughput"]] == list(r["settings"]["concurrency"])
     assert all(t["requests_per_s"] > 0 and t["tokens_per_s"] > 0 and t["our_cores"] > 0 for t in m["throughput"])
