@@ -249,14 +249,26 @@ def model_markdown(name: str, m: dict, quiet_threshold: float = 0.25) -> str:
 
     out.append(f"### Throughput vs concurrency ({caption}, through the server)\n")
     batch = lambda t, k: t.get("server", {}).get("models", {}).get(k, {}).get("mean_batch")  # noqa: E731
+
+    def busy(t: dict, k: str) -> float | None:
+        """Share of the phase one instance of model k spent computing: executions/s x compute per execution."""
+        v = t.get("server", {}).get("models", {}).get(k)
+        return t["requests_per_s"] / v["mean_batch"] * v["compute_infer_ms"] / 1e3 if v and v["mean_batch"] else None
+
     out.append(_table(["streams", "requests", "requests/s", "tokens/s", "latency p50", "latency p90",
-                       "vision batch", "decode rows / step", "our cores busy", "others' cores"],
+                       "vision batch", "preprocess busy", "decode rows / step", "our cores busy", "our CPU ms / request",
+                       "others' cores"],
                       [[t["streams"], t["requests"], t["requests_per_s"], t["tokens_per_s"], t["latency_ms"]["p50"],
-                        t["latency_ms"]["p90"], batch(t, "vision_encoder"), t.get("server", {}).get("decode_rows_per_step"),
-                        t.get("our_cores"), t.get("others_cores")] for t in m["throughput"]]))
-    out.append("vision batch: mean batch the dynamic batcher formed for the vision encoder; decode rows / step: "
-               "mean sequences per batched decoder call (the continuous batcher); our cores busy: CPU time of the "
-               "server, the client and the benchmark's idle workers over the phase's wall time.\n")
+                        t["latency_ms"]["p90"], batch(t, "vision_encoder"), busy(t, "preprocess"),
+                        t.get("server", {}).get("decode_rows_per_step"), t.get("our_cores"),
+                        t["our_cores"] / t["requests_per_s"] * 1e3 if t.get("our_cores") else None,
+                        t.get("others_cores")] for t in m["throughput"]]))
+    out.append("requests: behind the latency percentiles. vision batch: mean batch the dynamic batcher formed for the "
+               "vision encoder; preprocess busy: share of the time the one `preprocess` instance was computing "
+               "(near 1: it is the bottleneck); decode rows / step: mean sequences per batched decoder call (the "
+               "continuous batcher); our cores busy: CPU time of the server, the client and the benchmark's idle "
+               "workers over the phase's wall time; our CPU ms / request: the same per request served (the "
+               "bound below counts only the in-process stages).\n")
     tb = m.get("throughput_bound")
     if tb:
         out.append(f"Bound from the per-request CPU cost: {tb['once_ms']:.0f} ms of preprocess + vision + Q-Former + "
