@@ -245,10 +245,11 @@ def server_stages(before: dict, after: dict, metrics_before: dict, metrics_after
         count = delta.get(f"{metric}_seconds_count", 0.0)
         return round(delta[f"{metric}_seconds_sum"] / count * 1e3, 4) if count else None
 
-    prefills = delta.get("blip2_prefills_total")
+    count = lambda name: int(round(delta[name])) if name in delta else None  # noqa: E731 - counters are floats
+    prefills = count("blip2_prefills_total")
     generator = {
-        "generated_tokens": delta.get("blip2_generated_tokens_total"),
-        "decode_steps": delta.get("blip2_decode_steps_total"),
+        "generated_tokens": count("blip2_generated_tokens_total"),
+        "decode_steps": count("blip2_decode_steps_total"),
         "prefills": prefills,
         # from execute() receiving the request to its first token: the image stages, the engine's
         # queue and the prefill
