@@ -7,6 +7,7 @@ config.pbtxt (nothing a server would load), in `<output>.failed`.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from .onnx_io import consolidate_external_data, export_module, graph_bytes
 from .progress import Progress, peak_rss_mib
 from .quantize import QUANTIZATIONS, quantize_graph
 from .shapes import fold_reshape_shapes
-from .validate import OutputCheck, ValidationError, check_graph, summarize
+from .validate import OutputCheck, ValidationError, compare, reference_cases, summarize
 
 log = logging.getLogger("blip2_triton.export")
 
@@ -63,8 +64,8 @@ def export_checkpoint(
     quantize="int8": each graph is exported and validated in full precision first, then its
     MatMul weights are quantized and the int8 graph is validated (coarsely) too.
     Raises ValidationError when any output differs from PyTorch; `output` is then left as it was.
-    progress: one line per step on stderr (loading, and per graph: trace + export, weights,
-    shape folding, validation).
+    progress: one line per step on stderr (loading; per graph: trace + export, weights, shape
+    folding, PyTorch reference outputs; then per graph: validation in onnxruntime).
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -79,18 +80,29 @@ def export_checkpoint(
     say(f"loading {model} ({dtype})")
     blip2, processor = load_checkpoint(model, float_dtype)
     check_image_size(processor, blip2.config)
+    config, generation_config = blip2.config, blip2.generation_config
     graphs = family_graphs(blip2, float_dtype)
+    names = [g.spec.name for g in graphs]
     say(f"loaded in {time.perf_counter() - say.start:.1f} s, peak RSS {peak_rss_mib():.0f} MiB; "
-        f"{len(graphs)} graphs: {', '.join(g.spec.name for g in graphs)}")
+        f"{len(graphs)} graphs: {', '.join(names)}")
+
+    def step(n: int):
+        return lambda what: say(f"[{n}/{len(names)}] {names[n - 1]}: {what}")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would become the repository's mode
     try:
+        # Phase 1, with the PyTorch model: trace every graph, and run its validation cases in PyTorch.
+        staged = [_write_graph(graph, staging, report, validate, quantize, step(n)) for n, graph in enumerate(graphs, 1)]
+        # Phase 2, without it: dropping the model's weights before onnxruntime loads a graph keeps the
+        # peak at the model plus one graph being written, or one graph in onnxruntime, not both.
+        del blip2, graphs
+        gc.collect()
+        say(f"PyTorch model released: RSS {_rss_mib():.0f} MiB")
         checks: list[OutputCheck] = []
-        for n, graph in enumerate(graphs, 1):
-            checks += _export_graph(graph, staging, report, validate, providers, quantize,
-                                    lambda step: say(f"[{n}/{len(graphs)}] {graph.spec.name}: {step}"))
+        for n, item in enumerate(staged, 1):
+            checks += _validate_graph(*item, staging, report, providers, quantize, step(n))
         report.checks = [asdict(c) | {"ok": c.ok} for c in checks]
         report.max_abs_diff = summarize(checks)
         report.seconds = round(time.perf_counter() - say.start, 2)
@@ -103,7 +115,8 @@ def export_checkpoint(
             staging.rename(kept)
             raise ValidationError(checks, output=output, kept=kept)
         say("writing config.pbtxt files, model.py files and the checkpoint's processor, tokenizer and configs")
-        repository.write_repository(staging, blip2.config, float_dtype, checkpoint_files=_save_assets(blip2, processor))
+        repository.write_repository(staging, config, float_dtype,
+                                    checkpoint_files=_save_assets(config, generation_config, processor))
         (repository.assets_dir(staging) / REPORT).write_text(json.dumps(asdict(report), indent=2))
         _install(staging, output)
     finally:
@@ -113,8 +126,9 @@ def export_checkpoint(
     return report
 
 
-def _export_graph(graph, staging: Path, report: ExportReport, validate: bool, providers, quantize, say) -> list[OutputCheck]:
-    """Trace, write, fold and validate one graph into `staging` (then quantize it); -> its checks."""
+def _write_graph(graph, staging: Path, report: ExportReport, validate: bool, quantize, say):
+    """Trace one graph into `staging`, write its weights, fold its shapes, and compute its PyTorch
+    reference outputs; -> (spec, ONNX path, reference cases) for `_validate_graph`."""
     t0 = time.perf_counter()
     final = repository.graph_path(staging, graph.spec.name)
     path = final if quantize is None else staging / ".full-precision" / graph.spec.name / final.name
@@ -124,26 +138,46 @@ def _export_graph(graph, staging: Path, report: ExportReport, validate: bool, pr
     consolidate_external_data(path)
     say("fold reshape shapes")
     fold_reshape_shapes(path)  # before validation: the gate checks the graph as it ships
-    checks = []
+    cases = []
     if validate:
-        say(f"validate against PyTorch ({len(graph.validation_axes)} cases)")
-        checks += check_graph(graph, path, providers)
+        say(f"PyTorch reference outputs ({len(graph.validation_axes)} cases)")
+        cases = reference_cases(graph)
+    report.graphs[graph.spec.name] = {"bytes": graph_bytes(path), "export_seconds": round(time.perf_counter() - t0, 2)}
+    say(f"written, {graph_bytes(path) / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mib():.0f} MiB")
+    return graph.spec, path, cases
+
+
+def _validate_graph(spec, path: Path, cases, staging: Path, report: ExportReport, providers, quantize,
+                    say) -> list[OutputCheck]:
+    """Run the reference cases in onnxruntime (then quantize, and check the quantized graph too)."""
+    t0 = time.perf_counter()
+    checks = []
+    if cases:
+        say(f"validate in onnxruntime against PyTorch ({len(cases)} cases)")
+        checks += compare(spec, cases, path, providers)
+    final = repository.graph_path(staging, spec.name)
     if quantize is not None:
         say(f"quantize ({quantize})")
         quantize_graph(path, final)
         shutil.rmtree(path.parent)
-        if validate:
-            say(f"validate {quantize} against PyTorch ({len(graph.validation_axes)} cases)")
-            checks += check_graph(graph, final, providers, precision=quantize)
-    seconds = time.perf_counter() - t0
-    report.graphs[graph.spec.name] = {"bytes": graph_bytes(final), "export_seconds": round(seconds, 2)}
-    worst = summarize(checks).get(graph.spec.name)
-    say(f"{graph_bytes(final) / 2**20:.1f} MiB in {seconds:.1f} s, peak RSS {peak_rss_mib():.0f} MiB"
-        + ("" if worst is None else f", max |onnx - torch| {worst:.2e}")
-        + ("" if all(c.ok for c in checks) else ", MISMATCH"))
+        if cases:
+            say(f"validate {quantize} in onnxruntime against PyTorch ({len(cases)} cases)")
+            checks += compare(spec, cases, final, providers, precision=quantize)
+    entry = report.graphs[spec.name]
+    entry.update(bytes=graph_bytes(final), export_seconds=round(entry["export_seconds"] + time.perf_counter() - t0, 2))
+    if checks:
+        worst = max(c.max_abs_diff for c in checks)
+        say(f"max |onnx - torch| {worst:.2e}{'' if all(c.ok for c in checks) else ', MISMATCH'}"
+            f", peak RSS {peak_rss_mib():.0f} MiB")
     for c in checks:
         log.info("%s", c)
     return checks
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def _umask() -> int:
@@ -174,7 +208,7 @@ def _install(staging: Path, output: Path) -> None:
         shutil.rmtree(old)
 
 
-def _save_assets(blip2, processor):
+def _save_assets(config, generation_config, processor):
     """Writer of the files the server needs beside the graphs: processor, tokenizer, configs."""
 
     def write(directory: Path) -> None:
@@ -182,7 +216,7 @@ def _save_assets(blip2, processor):
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
         processor.save_pretrained(directory)
-        blip2.config.save_pretrained(directory)
-        blip2.generation_config.save_pretrained(directory)
+        config.save_pretrained(directory)
+        generation_config.save_pretrained(directory)
 
     return write

@@ -63,41 +63,65 @@ class ValidationError(RuntimeError):
         super().__init__(summary + "\n" + "\n".join(map(str, bad)))
 
 
-def check_graph(export: GraphExport, onnx_path: Path, providers: list[str] | None = None,
-                precision: str | None = None) -> list[OutputCheck]:
-    """Run every validation case through torch and onnxruntime and compare output by output.
+@dataclass(frozen=True)
+class Case:
+    """One validation case: its name (the sizes of the axes it sets), inputs and PyTorch's outputs."""
 
-    precision: the tolerance row to use; by default the graph's float dtype ("int8" for a
-    quantized graph).
-    """
-    sess = make_session(onnx_path, providers=providers)
-    checks = []
+    name: str
+    inputs: dict[str, np.ndarray]
+    expected: tuple[np.ndarray, ...]  # float32, in the spec's output order
+
+
+def reference_cases(export: GraphExport) -> list[Case]:
+    """Every validation case of `export` through PyTorch. Computed once per graph, so that the
+    exporter can free the PyTorch model before onnxruntime loads any graph (the validation peak is
+    then one copy of the largest graph, not the model beside it)."""
+    used = {d for t in export.spec.inputs for d in t.dims if isinstance(d, str)}
+    cases = []
     for i, axes in enumerate(export.validation_axes):
         inputs = export.sample(axes, seed=100 + i)
         with torch.no_grad():
             expected = export.module(*(inputs[n] for n in export.spec.input_names))
         if isinstance(expected, torch.Tensor):
             expected = (expected,)
-        got = sess.run(export.spec.output_names, {k: v.numpy() for k, v in inputs.items()})
-        case = ",".join(f"{k}={v}" for k, v in axes.items() if k in _used_axes(export))
-        compute_dtype = precision or _float_dtype(export)
-        for out_spec, exp, actual in zip(export.spec.outputs, expected, got):
-            exp = exp.float().numpy()
+        cases.append(Case(",".join(f"{k}={v}" for k, v in axes.items() if k in used),
+                          {k: v.numpy() for k, v in inputs.items()}, tuple(e.float().numpy() for e in expected)))
+    return cases
+
+
+def compare(spec: specs.GraphSpec, cases: list[Case], onnx_path: Path, providers: list[str] | None = None,
+            precision: str | None = None) -> list[OutputCheck]:
+    """Run every case through onnxruntime and compare output by output with PyTorch's.
+
+    precision: the tolerance row to use; by default the graph's float dtype ("int8" for a
+    quantized graph, whose checks are named `<graph>[int8]`).
+    """
+    sess = make_session(onnx_path, providers=providers)
+    atol, rtol = TOLERANCES[precision or _float_dtype(spec)]
+    checks = []
+    for case in cases:
+        got = sess.run(spec.output_names, {k: v.copy() for k, v in case.inputs.items()})
+        for out_spec, exp, actual in zip(spec.outputs, case.expected, got):
             actual = actual.astype(np.float32)
             if exp.shape != actual.shape:
                 diff = float("inf")
             else:
-                exp, actual = _attended(out_spec, inputs, exp), _attended(out_spec, inputs, actual)
+                exp, actual = _attended(out_spec, case.inputs, exp), _attended(out_spec, case.inputs, actual)
                 diff = float(np.max(np.abs(exp - actual))) if exp.size else 0.0
-            atol, rtol = TOLERANCES[compute_dtype]
             allowed = atol + rtol * (float(np.max(np.abs(exp))) if exp.size else 0.0)
-            checks.append(OutputCheck(export.spec.name if precision is None else f"{export.spec.name}[{precision}]",
-                                      case, out_spec.name, diff, allowed))
+            checks.append(OutputCheck(spec.name if precision is None else f"{spec.name}[{precision}]",
+                                      case.name, out_spec.name, diff, allowed))
     return checks
 
 
-def _float_dtype(export: GraphExport) -> str:
-    return next(t.dtype for t in export.spec.inputs if t.dtype.startswith("float"))
+def check_graph(export: GraphExport, onnx_path: Path, providers: list[str] | None = None,
+                precision: str | None = None) -> list[OutputCheck]:
+    """Every validation case through PyTorch and onnxruntime, compared output by output."""
+    return compare(export.spec, reference_cases(export), onnx_path, providers, precision)
+
+
+def _float_dtype(spec: specs.GraphSpec) -> str:
+    return next(t.dtype for t in spec.inputs if t.dtype.startswith("float"))
 
 
 def _attended(out_spec, inputs: dict, array: np.ndarray) -> np.ndarray:
@@ -105,13 +129,9 @@ def _attended(out_spec, inputs: dict, array: np.ndarray) -> np.ndarray:
     them as they were (in place) or zero (onnxruntime's copying path), so either is right."""
     if specs.ATTENTION_MASK not in inputs or len(out_spec.dims) != 4 or out_spec.dims[2] != specs.CACHE:
         return array
-    lengths = inputs[specs.ATTENTION_MASK].numpy().sum(axis=1)
+    lengths = inputs[specs.ATTENTION_MASK].sum(axis=1)
     kept = np.arange(array.shape[2])[None, :] < lengths[:, None]  # [B, M]
     return array * kept[:, None, :, None].astype(array.dtype)
-
-
-def _used_axes(export: GraphExport) -> set[str]:
-    return {d for t in export.spec.inputs for d in t.dims if isinstance(d, str)}
 
 
 def summarize(checks: list[OutputCheck]) -> dict[str, float]:
