@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -40,6 +41,12 @@ def _child(stage: str, workdir: Path) -> None:
     print(json.dumps({"graphs": report.graphs, "max_abs_diff": report.max_abs_diff, "peak_rss_bytes": peak}))
 
 
+def _commit() -> str:
+    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
+    return done.stdout.strip() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="artifacts/export-scale")
@@ -60,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     peak = result["peak_rss_bytes"]
     weights = sum(g["bytes"] for g in result["graphs"].values())
-    result.update(seconds=round(seconds, 1), weight_bytes=weights,
-                  peak_over_weights=round(peak / weights, 2))
+    result.update(seconds=round(seconds, 1), weight_bytes=weights, peak_over_weights=round(peak / weights, 2),
+                  commit=_commit(), date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count(),
+                  ram_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     print(f"export + validation: {seconds:.0f} s; peak RSS {peak / 2**30:.1f} GiB for {weights / 2**30:.1f} GiB "
