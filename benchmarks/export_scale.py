@@ -42,9 +42,12 @@ def _child(stage: str, workdir: Path) -> None:
 
 
 def _commit() -> str:
-    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
-    return done.stdout.strip() or "unknown"
+    """HEAD, marked "+dirty" when the code the export runs (export/, src/) has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--", "../export", "../src") else "")
 
 
 def main(argv: list[str] | None = None) -> int:
