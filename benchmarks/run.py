@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import statistics
@@ -24,8 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-from blip2_triton.serving.generator import THREADS_ENV
 
 log = logging.getLogger("blip2_triton.bench")
 
@@ -135,9 +134,24 @@ def baseline_name(threads: int) -> str:
     return f"transformers_{threads}_thread{'s' if threads != 1 else ''}"
 
 
-def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict:
-    import contextlib
+@contextlib.contextmanager
+def _server_threads(threads: int):
+    """The environment tritonserver starts with asks the served decoder for `threads` onnxruntime
+    threads (serving.generator.THREADS_ENV); this process's own environment is restored after."""
+    from blip2_triton.serving.generator import THREADS_ENV
 
+    before = os.environ.get(THREADS_ENV)
+    os.environ[THREADS_ENV] = str(threads)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[THREADS_ENV]
+        else:
+            os.environ[THREADS_ENV] = before
+
+
+def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict:
     from blip2_triton import repository, specs
     from blip2_triton.server.launcher import TritonServer
 
@@ -162,8 +176,6 @@ def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict
     result["graph_costs"] = graph_costs(model.repository, loads, pictures[0])
 
     progress.say(f"[{spec}] starting workers (transformers, in-process) and tritonserver")
-    # The served decoder runs the benchmark's thread count too (serving.generator.THREADS_ENV).
-    os.environ[THREADS_ENV] = str(settings.threads)
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         # Workers load while tritonserver starts.
@@ -177,9 +189,10 @@ def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict
             workers[baseline_name(n)] = Worker("transformers", model.checkpoint, n, logs / f"{baseline_name(n)}.log")
         for worker in workers.values():
             stack.enter_context(worker)
-        server = stack.enter_context(TritonServer(
-            model.repository, grpc_port=None, http_port=None, metrics_port=None,
-            log_file=logs / "tritonserver.log", startup_timeout=600))
+        with _server_threads(settings.threads):
+            server = stack.enter_context(TritonServer(
+                model.repository, grpc_port=None, http_port=None, metrics_port=None,
+                log_file=logs / "tritonserver.log", startup_timeout=600))
         sampler = end_to_end.GroupMemorySampler(server.pgid).start()
         try:
             result["startup_seconds"] = {"tritonserver": server.startup_seconds} | {

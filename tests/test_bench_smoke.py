@@ -4,6 +4,7 @@ speed (benchmarks are not tests)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -96,6 +97,31 @@ def test_every_section_is_present_with_sane_numbers(results):
     side = m["floor_side_by_side"]
     assert set(side) == {"in_process", "in_process_int8"}
     assert all(r["rounds"] == 3 and 0 < r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] for r in side.values())
+
+
+def test_graph_flops_match_the_architecture(results):
+    """The FLOPs counted on the exported graphs equal the textbook count from the config: ViT
+    (patch convolution, 4 projections + MLP per layer, QK^T and AV over every token) and the OPT
+    prefill (projections + MLP per position and layer, the LM head at the last position only,
+    full attention over the query embeddings and the prompt)."""
+    _, r = results
+    m = r["models"]["tiny-opt"]
+    config = json.loads((Path(m["model"]["checkpoint"]) / "config.json").read_text())
+    v, t = config["vision_config"], config["text_config"]
+    vision = m["graph_costs"]["vision_encoder"]["flops_by_op"]
+    patch, width, layers = v["patch_size"], v["hidden_size"], v["num_hidden_layers"]
+    tokens = (v["image_size"] // patch) ** 2 + 1
+    assert vision["Conv"] == 2 * (tokens - 1) * width * 3 * patch * patch
+    assert vision["MatMul"] == layers * (2 * tokens * (4 * width**2 + 2 * width * v["intermediate_size"])
+                                         + 4 * tokens**2 * width)
+    h, layers = t["hidden_size"], t["num_hidden_layers"]
+    assert t.get("word_embed_proj_dim", h) == h  # else project_in/out add two matmuls
+    for w in m["workloads"]:
+        cost = m["graph_costs"][f"prefill:{w['name']}"]
+        positions = config["num_query_tokens"] + cost["shapes"]["input_ids"][1]
+        linear = 2 * positions * layers * (4 * h * h + 2 * h * t["ffn_dim"]) + 2 * h * t["vocab_size"]
+        assert cost["flops_by_op"]["MatMul"] + cost["flops_by_op"]["Gemm"] == linear
+        assert cost["flops_by_op"]["GroupQueryAttention"] == 4 * positions**2 * h * layers
 
 
 def test_generated_tokens_are_identical_to_transformers(results):

@@ -67,3 +67,16 @@ def test_time_to_first_token_counts_from_receipt_including_image_stages(server):
     assert d["blip2_time_to_first_token_seconds_count"] == 1
     assert image_stages > 0
     assert d["blip2_time_to_first_token_seconds_sum"] > image_stages + d["blip2_prefill_seconds_sum"]
+
+
+def test_served_decoder_threads_come_from_the_environment(monkeypatch):
+    from blip2_triton.serving.generator import THREADS_ENV, threads_from_env
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert threads_from_env() is None  # onnxruntime's default
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert threads_from_env() == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=THREADS_ENV):
+            threads_from_env()
