@@ -79,18 +79,10 @@ def facts(threads: int, root: Path) -> dict:
 
 
 def server_threads(threads: int) -> dict:
-    """The onnxruntime threads of each served model, as the benchmark starts the server.
-
-    The bench sets BLIP2_TRITON_ORT_THREADS (serving.generator.THREADS_ENV) for tritonserver; the
-    `blip2` model's decoder reads it. The vision encoder's and the Q-Former's sessions
-    (model_repository/onnx_graph/model.py) do not read it yet: they keep onnxruntime's default, one
-    thread per physical core.
-    """
-    import psutil
-
-    physical = psutil.cpu_count(logical=False)
-    return {"onnxruntime intra_op (server: blip2 decoder)": threads,
-            "onnxruntime intra_op (server: vision_encoder, qformer)": f"onnxruntime default: one per physical core ({physical})"}
+    """The onnxruntime threads of each served model, as the benchmark starts the server: it sets
+    BLIP2_TRITON_ORT_THREADS (serving.onnx_graph.THREADS_ENV) for tritonserver, and every served
+    session (vision encoder, Q-Former, the `blip2` decoder) reads it."""
+    return {"onnxruntime intra_op (server: every model)": threads}
 
 
 @dataclass

@@ -136,9 +136,9 @@ def baseline_name(threads: int) -> str:
 
 @contextlib.contextmanager
 def _server_threads(threads: int):
-    """The environment tritonserver starts with asks the served decoder for `threads` onnxruntime
-    threads (serving.generator.THREADS_ENV); this process's own environment is restored after."""
-    from blip2_triton.serving.generator import THREADS_ENV
+    """The environment tritonserver starts with asks every served model for `threads` onnxruntime
+    threads (serving.onnx_graph.THREADS_ENV); this process's own environment is restored after."""
+    from blip2_triton.serving.onnx_graph import THREADS_ENV
 
     before = os.environ.get(THREADS_ENV)
     os.environ[THREADS_ENV] = str(threads)

@@ -69,8 +69,8 @@ def test_time_to_first_token_counts_from_receipt_including_image_stages(server):
     assert d["blip2_time_to_first_token_seconds_sum"] > image_stages + d["blip2_prefill_seconds_sum"]
 
 
-def test_served_decoder_threads_come_from_the_environment(monkeypatch):
-    from blip2_triton.serving.generator import THREADS_ENV, threads_from_env
+def test_thread_count_from_the_environment_is_validated(monkeypatch):
+    from blip2_triton.serving.onnx_graph import THREADS_ENV, threads_from_env
 
     monkeypatch.delenv(THREADS_ENV, raising=False)
     assert threads_from_env() is None  # onnxruntime's default
@@ -80,3 +80,15 @@ def test_served_decoder_threads_come_from_the_environment(monkeypatch):
         monkeypatch.setenv(THREADS_ENV, bad)
         with pytest.raises(ValueError, match=THREADS_ENV):
             threads_from_env()
+
+
+def test_every_session_without_a_count_takes_the_environment_s(exported, monkeypatch):
+    from blip2_triton import repository, specs
+    from blip2_triton.serving.onnx_graph import THREADS_ENV, OnnxGraph, make_session
+
+    _, repo, _ = exported("tiny-opt")
+    vision = repository.graph_path(repo, specs.VISION_ENCODER)
+    monkeypatch.setenv(THREADS_ENV, "1")
+    assert OnnxGraph(vision).session.get_session_options().intra_op_num_threads == 1
+    # An explicit count wins over the environment.
+    assert make_session(vision, threads=2).get_session_options().intra_op_num_threads == 2

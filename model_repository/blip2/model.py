@@ -13,7 +13,6 @@ from blip2_triton import interface as api
 from blip2_triton.repository import MAX_BATCH_SIZE, assets_dir
 from blip2_triton.serving import triton_io as io
 from blip2_triton.serving.engine import TIMED_STAGES
-from blip2_triton.serving.generator import threads_from_env
 from blip2_triton.serving.service import Blip2Service
 
 
@@ -67,7 +66,6 @@ class TritonPythonModel:
         self.service = Blip2Service(
             assets_dir(self.args.repository), self.args.version_dir / self.args.parameter("onnx_file"),
             stages=io.BlsStages(), stats=self.metrics, compute_lock=self.args.compute_lock(),
-            threads=threads_from_env(),
         )
         self.service.detokenizer = _TimedDetokenizer(self.service.detokenizer, self.metrics)
         self.service.engine.start()

@@ -5,7 +5,6 @@ server, by `LocalPipeline` (tests, benchmarks), both through `Blip2Service`.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,22 +21,6 @@ from .errors import InvalidInput
 # Each beam is a row of every decoder call and a copy of the KV cache: a server-side bound keeps one
 # request from taking the memory and the batch of all others.
 MAX_BEAMS = 16
-
-# onnxruntime intra-op threads of the served decoder (unset: onnxruntime's default, one per physical
-# core). `blip2-triton bench --threads N` sets it for the server it starts, so that the server and
-# the in-process and transformers systems it compares run the same number of threads.
-THREADS_ENV = "BLIP2_TRITON_ORT_THREADS"
-
-
-def threads_from_env() -> int | None:
-    """The thread count THREADS_ENV asks for, or None; ValueError (a load-time error) if it is not a count."""
-    value = os.environ.get(THREADS_ENV, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
-    return int(value)
-
 
 class GeneratorService:
     def __init__(self, assets: str | Path, decoder_path: str | Path, threads: int | None = None,

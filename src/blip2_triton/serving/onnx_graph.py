@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,26 @@ import numpy as np
 # onnxruntime's names of the float types a graph may be exported in (--dtype fp32 / fp16).
 ORT_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
+# onnxruntime intra-op threads of every session not given a count (unset: onnxruntime's default, one
+# per physical core). `blip2-triton bench --threads N` sets it for the server it starts, so that every
+# served model, the in-process pipeline and transformers run the same number of threads.
+THREADS_ENV = "BLIP2_TRITON_ORT_THREADS"
+
+
+def threads_from_env() -> int | None:
+    """The thread count THREADS_ENV asks for, or None; ValueError (a load-time error) if it is not a count."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
+    return int(value)
+
 
 def make_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
                  spinning: bool = True):
-    """An onnxruntime session; `spinning=False` for graphs run once per request.
+    """An onnxruntime session; `threads` None takes THREADS_ENV's count, else onnxruntime's default;
+    `spinning=False` for graphs run once per request.
 
     onnxruntime's intra-op threads spin for a while after each run, waiting for more work. That
     pays off for the decoder, whose steps follow each other, but the vision encoder's and the
@@ -22,6 +39,7 @@ def make_session(path: str | Path, threads: int | None = None, providers: list[s
     """
     import onnxruntime as ort
 
+    threads = threads or threads_from_env()
     options = ort.SessionOptions()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
