@@ -3,7 +3,8 @@
 The issue's yardstick: the checkpoint is exported (fp32, validated against PyTorch), served by
 tritonserver, and asked every caption and question of held-out scenes over gRPC with requests
 sent concurrently (`Blip2Client.batch`); caption exact match and VQA accuracy per question type
-must reach the targets the training aims at.
+must reach the targets the training aims at. Captions, prompted captions and answers of some of
+those scenes must also be transformers' own tokens and text, exactly.
 """
 from __future__ import annotations
 
@@ -21,21 +22,66 @@ ALL = 10**6  # keep every miss: they are compared answer by answer
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    """The same held-out scenes asked through the served fp32 export and through transformers."""
+def scenes():
+    return generate_scenes(NUM_SCENES, HELDOUT_SEED)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The bundled checkpoint exported (fp32, validated) and served by tritonserver."""
     from blip2_triton.export.exporter import export_checkpoint
 
-    scenes = generate_scenes(NUM_SCENES, HELDOUT_SEED)
     repo = tmp_path_factory.mktemp("repos") / "blip2-tiny-scenes"
     export_checkpoint(DEFAULT_OUTPUT, repo, progress=False)
     log = tmp_path_factory.mktemp("logs") / "blip2-tiny-scenes.log"
     with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server:
         with Blip2Client(server.grpc_url, timeout=120) as client:
-            # 64 concurrent requests at a time: the server's dynamic and continuous batching see real load
-            served = evaluate(scenes, ClientAnswerer(client), batch_size=64, max_misses=ALL)
+            yield client
+
+
+@pytest.fixture(scope="module")
+def reports(served, scenes):
+    """The same held-out scenes asked through the served fp32 export and through transformers."""
+    # 64 concurrent requests at a time: the server's dynamic and continuous batching see real load
+    report = evaluate(scenes, ClientAnswerer(served), batch_size=64, max_misses=ALL)
     reference = evaluate(scenes, GenerateAnswerer.from_pretrained(DEFAULT_OUTPUT), batch_size=64, max_misses=ALL)
-    print(f"\n{NUM_SCENES} held-out scenes through tritonserver (fp32 export)\n{served.table()}")
-    return served, reference
+    print(f"\n{NUM_SCENES} held-out scenes through tritonserver (fp32 export)\n{report.table()}")
+    return report, reference
+
+
+def test_prompted_captions_and_answers_are_transformers_tokens(served, scenes):
+    """Exact text and token ids, not normalised answers: captioning, prompted captioning (the
+    caption's first two words as the prompt) and a question, each equal to transformers'
+    generate() on the same weights with the checkpoint's generation config (greedy, 20 tokens)."""
+    import concurrent.futures as cf
+    import io
+
+    import torch
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    model = Blip2ForConditionalGeneration.from_pretrained(DEFAULT_OUTPUT).eval()
+    processor = AutoProcessor.from_pretrained(DEFAULT_OUTPUT)
+    jobs = []
+    for scene in scenes[:6]:
+        png = io.BytesIO()
+        scene.image.save(png, format="PNG")
+        prefix = " ".join(scene.caption.split()[:2])
+        jobs += [(scene, png.getvalue(), prompt) for prompt in ("", prefix, scene.qa[0].prompt)]
+
+    def reference(scene, prompt: str) -> tuple[str, list[int]]:
+        inputs = processor(images=scene.image, text=prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, generation_config=model.generation_config)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        return processor.tokenizer.decode(new, skip_special_tokens=True), new
+
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: served.generate(job[1], job[2]), jobs))
+    for (scene, _, prompt), result in zip(jobs, results):
+        assert (result.text, result.token_ids) == reference(scene, prompt), (scene.seed, prompt)
+    # The prompt took effect: the continuations complete the captions the prompts began.
+    completed = [jobs[i][2] + r.text == jobs[i][0].caption for i, r in enumerate(results) if i % 3 == 1]
+    assert sum(completed) >= 4, completed
 
 
 def _check(report, kinds) -> None:
