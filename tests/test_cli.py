@@ -14,6 +14,8 @@ from blip2_triton.interface import CONTROLS
 from blip2_triton.server.launcher import free_port
 
 from .conftest import random_image
+from .test_client import CONTROL_CASES, reference
+from .test_client import MAX_NEW as CLIENT_MAX_NEW
 from .test_client import client, served  # noqa: F401  (fixtures: one server for both modules)
 
 pytestmark = pytest.mark.server
@@ -121,6 +123,12 @@ def test_caption_stream_prints_the_whole_answer(images, url, client):  # noqa: F
     assert ok("caption", path, "--stream", "--max-new-tokens", MAX_NEW, *url) == expected + "\n"
 
 
+def test_caption_stream_of_several_images_labels_each_line(images, url, client):  # noqa: F811
+    paths = images[0]
+    out = ok("caption", *paths, "--stream", "--max-new-tokens", MAX_NEW, *url)
+    assert out.splitlines() == [f"{p}: {client.caption(p, max_new_tokens=int(MAX_NEW)).text.strip()}" for p in paths]
+
+
 def test_chat_reads_piped_questions_and_keeps_the_history(images, url, client):  # noqa: F811
     path = images[0][0]
     questions = ["what is it?", "what color is it?", "where is it?"]
@@ -160,6 +168,35 @@ def test_control_flags_reach_the_server(images, url, client):  # noqa: F811
     ]:
         record, = json_lines(ok("caption", path, "--json", *flags, *url))
         assert record["token_ids"] == client.caption(path, **controls).token_ids
+
+
+def _flags(controls: dict) -> list[str]:
+    flags = []
+    for name, value in controls.items():
+        flag = "--" + name.replace("_", "-")
+        flags += ([flag] if value else ["--no-" + name.replace("_", "-")]) if isinstance(value, bool) else [flag, str(value)]
+    return flags
+
+
+# Cases of the client tests in which the flag's control changes transformers' own answer.
+@pytest.mark.parametrize("case", ["beam 3, length_penalty 2", "no_repeat_ngram_size 2", "min_new_tokens",
+                                  "beam 3, every control at once"])
+def test_control_flags_equal_transformers(served, tmp_path, url, case):  # noqa: F811
+    seed, prompt, controls = CONTROL_CASES[case]
+    controls = {"max_new_tokens": CLIENT_MAX_NEW, **controls}
+    path = tmp_path / f"image{seed}.png"
+    path.write_bytes(random_image(seed))
+    record, = json_lines(ok("caption", str(path), "--prompt", prompt, "--json", *_flags(controls), *url))
+    ids, text = reference(served[0], seed, prompt, **controls)
+    assert (record["token_ids"], record["text"]) == (ids, text)
+
+
+def test_top_p_flag_equals_the_client(images, url, client):  # noqa: F811
+    path = images[0][0]
+    controls = dict(do_sample=True, top_p=0.5, temperature=1.5, seed=11, max_new_tokens=10)
+    record, = json_lines(ok("caption", path, "--json", *_flags(controls), *url))
+    assert record["token_ids"] == client.caption(path, **controls).token_ids
+    assert record["token_ids"] != client.caption(path, **{**controls, "top_p": 1.0}).token_ids  # top_p acts
 
 
 # ---- errors: one line on stderr, non-zero exit --------------------------------------------------
