@@ -51,6 +51,7 @@ def serve_command(args: argparse.Namespace) -> int:
         echo_log=not args.quiet, startup_timeout=args.startup_timeout,
     )
     previous_term = signal.signal(signal.SIGTERM, _raise_shutdown)
+    requested = False
     try:
         try:
             server.start()
@@ -72,13 +73,19 @@ def serve_command(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, _Shutdown) as e:
         reason = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else str(e)
         print(f"blip2-triton serve: {reason}, stopping tritonserver", file=sys.stderr, flush=True)
+        requested = True
         return 0
     finally:
         # A second Ctrl-C/SIGTERM must not abort the shutdown halfway and leak stubs.
         previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            server.stop()
+            code = server.stop()
+            if requested and code not in (0, None):
+                # Every process is gone either way (stop() reaps the group); say that a model did
+                # not unload in time rather than let a clean-looking exit hide it.
+                print(f"blip2-triton serve: tritonserver exited with code {code} while stopping (a model did not "
+                      "unload within its exit timeout?); its processes are gone", file=sys.stderr)
         finally:
             signal.signal(signal.SIGINT, previous_int)
             signal.signal(signal.SIGTERM, previous_term)
