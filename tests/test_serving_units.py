@@ -194,6 +194,21 @@ def test_invalid_controls_fail_before_any_work(pipeline):
         pipeline.generator.request(query[:1], ids, {})
 
 
+def test_controls_are_checked_before_the_image_is_read(pipeline):
+    """A bad control is named even when the image is junk: nothing was decoded or tokenized yet.
+    Valid controls with a too-long prompt are still refused, once the prompt is tokenized."""
+    for controls, message in [({"max_new_tokens": 0}, "max_new_tokens"), ({"num_beams": 0}, "num_beams"),
+                              ({"max_new_tokens": 10**6}, "max_new_tokens")]:
+        with pytest.raises(InvalidInput, match=message):
+            pipeline.service.prepare(b"junk", b"", controls)
+    with pytest.raises(InvalidInput, match="image"):
+        pipeline.service.prepare(b"junk", b"", {"max_new_tokens": 5})
+    room = pipeline.generator.max_positions - pipeline.generator.num_query_tokens - 1
+    with pytest.raises(InvalidInput, match="max_new_tokens"):  # fits the shortest prompt, not this one
+        pipeline.service.prepare(random_image(1), b"a photo of", {"max_new_tokens": room})
+    assert pipeline.service.prepare(random_image(1), b"", {"max_new_tokens": room})
+
+
 def test_a_failing_request_does_not_stop_the_engine(pipeline):
     from blip2_triton.serving.engine import GenerationEngine, GenerationRequest
 
