@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-import contextlib
 import os
 import json
 import time
