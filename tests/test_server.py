@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-import os
 import json
+import os
 import time
 import urllib.request
 
