@@ -12,62 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 from blip2_triton import interface as api
 from blip2_triton.repository import MAX_BATCH_SIZE, assets_dir
 from blip2_triton.serving import triton_io as io
-from blip2_triton.serving.engine import TIMED_STAGES
 from blip2_triton.serving.service import Blip2Service
-
-
-class StageMetrics(io.GeneratorMetrics):
-    """GeneratorMetrics plus blip2_{prefill,decode_step,detokenize}_seconds_sum/_count, published in
-    the same batches as the per-step counters (at flush): a decode step's time is one more float
-    added in the stub, not a round trip to the server."""
-
-    def __init__(self, model: str):
-        super().__init__(model)
-        labels = {"model": model}
-        self._stage_counters = {
-            stage: (io.counter(f"blip2_{stage}_seconds_sum", f"Seconds spent in {stage}", labels),
-                    io.counter(f"blip2_{stage}_seconds_count", f"Timed runs of {stage}", labels))
-            for stage in TIMED_STAGES}
-        self._pending_stages = {stage: [0.0, 0] for stage in TIMED_STAGES}
-
-    def on_stage(self, stage: str, seconds: float) -> None:
-        pending = self._pending_stages[stage]
-        pending[0] += seconds
-        pending[1] += 1
-
-    def flush(self) -> None:
-        super().flush()
-        for stage, pending in self._pending_stages.items():
-            if pending[1]:
-                total, count = self._stage_counters[stage]
-                total.increment(pending[0])
-                count.increment(pending[1])
-                pending[0], pending[1] = 0.0, 0
-
-
-class _TimedDetokenizer:
-    """The service's detokenizer, each piece timed as the `detokenize` stage."""
-
-    def __init__(self, inner, stats: StageMetrics):
-        self.inner, self.stats = inner, stats
-
-    def piece(self, *args, **kwargs) -> str:
-        began = time.perf_counter()
-        text = self.inner.piece(*args, **kwargs)
-        self.stats.on_stage("detokenize", time.perf_counter() - began)
-        return text
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.args = io.ModelArgs(args)
         self.args.require_io([t.name for t in api.PUBLIC_INPUTS], [t.name for t in api.PUBLIC_OUTPUTS])
-        self.metrics = StageMetrics(self.args.name)
+        self.metrics = io.GeneratorMetrics(self.args.name)
         self.service = Blip2Service(
             assets_dir(self.args.repository), self.args.version_dir / self.args.parameter("onnx_file"),
             stages=io.BlsStages(), stats=self.metrics, compute_lock=self.args.compute_lock(),
         )
-        self.service.detokenizer = _TimedDetokenizer(self.service.detokenizer, self.metrics)
         self.service.engine.start()
         # BLS calls block: enough workers for a full batch of requests to wait in the stages together.
         self.workers = ThreadPoolExecutor(MAX_BATCH_SIZE, thread_name_prefix="blip2-stages")

@@ -10,6 +10,7 @@ cancellation reaches the engine directly and a token costs no extra Triton hop.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -109,7 +110,12 @@ class Blip2Service:
         )
 
     def _pieces(self, emit: Callable[[Piece], None]) -> Callable[[list[int], int, bool], None]:
+        stats = self.engine.stats
+
         def on_tokens(ids: list[int], new: int, final: bool) -> None:
-            emit(Piece(self.detokenizer.piece(ids, new, final=final), ids[len(ids) - new :], final))
+            began = time.perf_counter()
+            text = self.detokenizer.piece(ids, new, final=final)
+            stats.on_stage("detokenize", time.perf_counter() - began)
+            emit(Piece(text, ids[len(ids) - new :], final))
 
         return on_tokens

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .engine import EngineStats
+from .engine import TIMED_STAGES, EngineStats
 from .errors import Cancelled, InvalidInput
 
 log = logging.getLogger("blip2_triton.serving")
@@ -217,7 +217,7 @@ class GeneratorMetrics(EngineStats):
     """Engine events as Prometheus metrics on Triton's metrics endpoint (next to its own).
 
     Every metric update is a round trip from the stub to the server (~17 us). The per-step
-    counters (tokens, decoder calls) therefore accumulate here and go out at `flush()`, which the
+    counters (tokens, decoder calls, the seconds of TIMED_STAGES) therefore accumulate here and go out at `flush()`, which the
     engine calls before a request's last answer (so a client that has its answer sees it counted),
     or every PUBLISH_EVERY_S during long generations. The active-sequences gauge changes only
     when a sequence joins or leaves and is set at once.
@@ -234,7 +234,12 @@ class GeneratorMetrics(EngineStats):
         self._ttft_sum = counter("blip2_time_to_first_token_seconds_sum", "Sum of times to first token", labels)
         self._ttft_count = counter("blip2_time_to_first_token_seconds_count", "Sequences timed to first token", labels)
         self._active = gauge("blip2_active_sequences", "Sequences being generated", labels)
+        self._stages = {
+            stage: (counter(f"blip2_{stage}_seconds_sum", f"Seconds spent in {stage}", labels),
+                    counter(f"blip2_{stage}_seconds_count", f"Timed runs of {stage}", labels))
+            for stage in TIMED_STAGES}
         self._pending_tokens = self._pending_steps = 0
+        self._pending_stages = {stage: [0.0, 0] for stage in TIMED_STAGES}
         self._published = time.monotonic()
 
     def on_prefill(self) -> None:
@@ -260,12 +265,24 @@ class GeneratorMetrics(EngineStats):
         super().on_active(sequences)
         self._active.set(sequences)  # synchronous: done before the engine sends a token
 
+    def on_stage(self, stage: str, seconds: float) -> None:
+        super().on_stage(stage, seconds)
+        pending = self._pending_stages[stage]
+        pending[0] += seconds
+        pending[1] += 1
+
     def flush(self) -> None:
         if self._pending_tokens:
             self._tokens.increment(self._pending_tokens)
         if self._pending_steps:
             self._steps.increment(self._pending_steps)
         self._pending_tokens = self._pending_steps = 0
+        for stage, pending in self._pending_stages.items():
+            if pending[1]:
+                total, count = self._stages[stage]
+                total.increment(pending[0])
+                count.increment(pending[1])
+                pending[0], pending[1] = 0.0, 0
         self._published = time.monotonic()
 
 
