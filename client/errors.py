@@ -81,6 +81,7 @@ _BY_PHRASE: tuple[tuple[str, type[Blip2Error]], ...] = (
     ("expects", InvalidArgumentError),
     ("is not valid", InvalidArgumentError),
     ("missing", InvalidArgumentError),
+    ("does not match", InvalidArgumentError),  # Triton: "input 'x' batch size does not match other inputs"
 )
 
 

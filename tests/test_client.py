@@ -516,6 +516,7 @@ def test_from_status_maps_each_grpc_status(name):
     ("inference request for unknown model 'foo'", UnavailableError),
     ("unexpected datatype TYPE_FP32 for inference input 'max_new_tokens', expecting TYPE_INT32", InvalidArgumentError),
     ("unexpected shape for input 'max_new_tokens' for model 'blip2'", InvalidArgumentError),
+    ("[request id: <id_unknown>] input 'image' batch size does not match other inputs for 'blip2'", InvalidArgumentError),
     ("something else went wrong", ServerError),
 ])
 def test_stream_messages_without_a_status_are_typed_by_their_phrase(message, expected):
