@@ -43,14 +43,15 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_state(root: Path) -> dict:
-    """Commit of the tree being measured, and whether it had uncommitted changes."""
+    """Commit of the tree being measured, and how many files differed from it; the previous run's
+    results in benchmarks/results/, which this run replaces, do not count."""
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty_files": len(git("status", "--porcelain").splitlines())}
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty_files": len(git("status", "--porcelain", "--", ".", ":!benchmarks/results").splitlines())}
 
 
 def facts(threads: int, root: Path) -> dict:
