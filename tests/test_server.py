@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import io
 import json
 import os
 import time
@@ -264,21 +265,49 @@ def test_bad_controls_are_refused_before_any_stage_runs(served):
     assert all(after[m][0] == before[m][0] + 1 and after[m][2] == before[m][2] for m in STAGES), (before, after)
 
 
+def _photo(seed: int, size=(1536, 2048)) -> bytes:
+    """A 3-megapixel JPEG: ~10 ms to decode and resize, so requests sent together queue behind it."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:size[0], 0:size[1]]
+    pixels = np.stack([(x * rng.uniform(0.05, 0.2) + y * rng.uniform(0.05, 0.2)) % 256] * 3, axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def test_concurrent_requests_are_batched_by_the_stateless_models(served):
-    """16 requests at once: the dynamic batchers of preprocess, vision_encoder and qformer run
-    fewer executions than inferences. No queue delay is configured (repository.QUEUE_DELAY_US = 0):
-    requests that arrive while a batch runs form the next one (measured: 4-7 preprocess, 8-11
-    vision and 7-9 Q-Former executions for 16 requests on tiny-opt)."""
+    """16 requests at once run as fewer executions than inferences in preprocess, vision_encoder
+    and qformer. No queue delay is configured (repository.QUEUE_DELAY_US = 0): requests that
+    arrive while an instance is busy form its next batch. So that this does not depend on timing
+    (under load, small requests a little apart ran one by one), the images take preprocess
+    milliseconds each, and the test holds the repository's compute lock, which every onnxruntime
+    run takes, until all 16 have been preprocessed: the vision encoder's first run waits for it
+    with the other requests queued behind, and the Q-Former then receives them as batches."""
+    from blip2_triton.serving.compute_lock import ComputeLock
+
     _, server, client = served
     n = 16
     before = _stage_counts(server)
-    results = client.batch([random_image(seed) for seed in range(100, 100 + n)], max_new_tokens=2)
+    with cf.ThreadPoolExecutor(1) as pool:
+        with ComputeLock.for_repository(server.model_repository):
+            answers = pool.submit(client.batch, [_photo(seed) for seed in range(n)], max_new_tokens=2)
+            deadline = time.time() + 60
+            while _stage_counts(server)["preprocess"][0] < before["preprocess"][0] + n:
+                assert time.time() < deadline, "preprocess never finished the 16 requests"
+                time.sleep(0.02)
+            time.sleep(0.5)  # preprocess's answers reach blip2, whose vision calls queue
+        results = answers.result(timeout=60)
     assert len(results) == n and all(r.token_ids for r in results)
     after = _stage_counts(server)
     for model in STAGES:
         inferences, executions = after[model][0] - before[model][0], after[model][1] - before[model][1]
         assert inferences == n, (model, inferences)
         assert executions < inferences, f"{model}: {executions} executions for {inferences} inferences"
+    # Held back by the lock, the vision encoder's requests queue: one run, then batches.
+    vision = after["vision_encoder"][1] - before["vision_encoder"][1]
+    assert vision <= 3, f"vision_encoder: {vision} executions for {n} requests queued together"
 
 
 PACER = """
