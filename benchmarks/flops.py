@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .machine import weights_read
+
 ATTENTION_OPS = {"GroupQueryAttention", "MultiHeadAttention", "Attention"}
 
 
@@ -55,10 +57,7 @@ def graph_cost(path: str | Path, dims: dict[str, int]) -> dict:
         return found
 
     flops: collections.Counter = collections.Counter()
-    consumers: dict[str, set[str]] = collections.defaultdict(set)
     for node in model.graph.node:
-        for name in node.input:
-            consumers[name].add(node.op_type)
         op = node.op_type
         if op == "MatMul":
             k = shape(node.input[0])[-1]
@@ -81,12 +80,7 @@ def graph_cost(path: str | Path, dims: dict[str, int]) -> dict:
                 # shape, so it is taken from `dims`
                 keys = dims.get("total_sequence_length", keys)
             flops[op] += 4 * query[0] * heads * query[1] * keys * width
-    read = 0
-    for init in model.graph.initializer:
-        ops = consumers.get(init.name, set())
-        if ops and ops <= {"Gather"}:
-            continue
-        read += int(np.prod(init.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    read = weights_read(model)["bytes_read_per_step"]
     return {"flops": int(sum(flops.values())), "flops_by_op": dict(flops), "weight_bytes_read": read,
             "shapes": {k: list(v) for k, v in shapes.items()}}
 

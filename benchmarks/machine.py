@@ -73,17 +73,11 @@ def facts(threads: int, root: Path) -> dict:
         "threads": {
             "torch.set_num_threads": threads,
             "onnxruntime intra_op (in-process)": threads,
-            **server_threads(threads),
+            # bench_model starts tritonserver with THREADS_ENV = threads, read by every served session
+            "onnxruntime intra_op (server: every model)": threads,
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         },
     }
-
-
-def server_threads(threads: int) -> dict:
-    """The onnxruntime threads of each served model, as the benchmark starts the server: it sets
-    BLIP2_TRITON_ORT_THREADS (serving.onnx_graph.THREADS_ENV) for tritonserver, and every served
-    session (vision encoder, Q-Former, the `blip2` decoder) reads it."""
-    return {"onnxruntime intra_op (server: every model)": threads}
 
 
 @dataclass
@@ -204,18 +198,25 @@ def measure(threads: int, array_mib: int = 512, matmul_n: int = 2048, repeats: i
 
 
 def decoder_weights(onnx_path: Path) -> dict:
-    """Bytes and parameters of the decoder graph's weights, and the part one decode step reads.
+    """Bytes and parameters of the decoder graph's weights, and the part one decode step reads
+    (see weights_read)."""
+    import onnx
 
-    A step reads every initializer in full except lookup tables (token and position embeddings,
-    only consumed by Gather), of which it reads one row. The tied LM head is a separate transposed
-    copy in the exported graph, consumed by a MatMul, so it counts. Rank-2 weights feeding
-    MatMul/Gemm do 2 FLOPs per parameter per row.
+    return weights_read(onnx.load(str(onnx_path), load_external_data=False))
+
+
+def weights_read(model) -> dict:
+    """Bytes and parameters of a graph's weights (an onnx ModelProto), and the part one run reads.
+
+    A run reads every initializer in full except lookup tables (token and position embeddings,
+    only consumed by Gather), of which it reads a few rows. The decoder's tied LM head is a
+    separate transposed copy in the exported graph, consumed by a MatMul, so it counts. Rank-2
+    weights feeding MatMul/Gemm do 2 FLOPs per parameter per row.
     """
     import collections
 
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
     consumers: dict[str, set[str]] = collections.defaultdict(set)
     for node in model.graph.node:
         for name in node.input:

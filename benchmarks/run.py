@@ -134,26 +134,10 @@ def baseline_name(threads: int) -> str:
     return f"transformers_{threads}_thread{'s' if threads != 1 else ''}"
 
 
-@contextlib.contextmanager
-def _server_threads(threads: int):
-    """The environment tritonserver starts with asks every served model for `threads` onnxruntime
-    threads (serving.onnx_graph.THREADS_ENV); this process's own environment is restored after."""
-    from blip2_triton.serving.onnx_graph import THREADS_ENV
-
-    before = os.environ.get(THREADS_ENV)
-    os.environ[THREADS_ENV] = str(threads)
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[THREADS_ENV]
-        else:
-            os.environ[THREADS_ENV] = before
-
-
 def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict:
     from blip2_triton import repository, specs
     from blip2_triton.server.launcher import TritonServer
+    from blip2_triton.serving.onnx_graph import THREADS_ENV
 
     from . import end_to_end, machine, perf_analyzer
     from .worker import Worker
@@ -173,7 +157,7 @@ def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict
     if model.int8_repository:
         result["decoder_weights_int8"] = machine.decoder_weights(
             repository.graph_path(model.int8_repository, specs.LLM_DECODER))
-    result["graph_costs"] = graph_costs(model.repository, loads, pictures[0])
+    result["graph_costs"] = graph_costs(model.repository, loads)
 
     progress.say(f"[{spec}] starting workers (transformers, in-process) and tritonserver")
     t_start = time.perf_counter()
@@ -189,10 +173,10 @@ def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict
             workers[baseline_name(n)] = Worker("transformers", model.checkpoint, n, logs / f"{baseline_name(n)}.log")
         for worker in workers.values():
             stack.enter_context(worker)
-        with _server_threads(settings.threads):
-            server = stack.enter_context(TritonServer(
-                model.repository, grpc_port=None, http_port=None, metrics_port=None,
-                log_file=logs / "tritonserver.log", startup_timeout=600))
+        # Every served onnxruntime session runs the benchmark's thread count.
+        server = stack.enter_context(TritonServer(
+            model.repository, grpc_port=None, http_port=None, metrics_port=None,
+            log_file=logs / "tritonserver.log", startup_timeout=600, env={THREADS_ENV: str(settings.threads)}))
         sampler = end_to_end.GroupMemorySampler(server.pgid).start()
         try:
             result["startup_seconds"] = {"tritonserver": server.startup_seconds} | {
@@ -319,8 +303,7 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
                 rounds = []
                 for _ in range(settings.decode_rounds):
                     gbps = probe.read_gbps()
-                    steps = workers[system].call("decode_vs_rows", rows=list(settings.decode_rows), past_length=past,
-                                                 repeats=1)
+                    steps = workers[system].call("decode_vs_rows", rows=list(settings.decode_rows), past_length=past)
                     rounds.append({"read_gbps": round(gbps, 2),
                                    "step_ms": {d["rows"]: round(d["step_seconds"] * 1e3, 4) for d in steps}})
                     bar.update()
@@ -335,11 +318,11 @@ def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, p
         total = sum(c * settings.requests_per_stream for c in settings.concurrency)
         bar = progress.phase(f"throughput vs concurrent streams {list(settings.concurrency)}", total)
         for streams_n in settings.concurrency:
-            stats0, metrics0 = stages.triton_statistics(server.grpc_url), stages.blip2_metrics(server.metrics_url)
+            before = per_workload.snapshot()
             r = measured(lambda: run(end_to_end.closed_loop(server.grpc_url, streams_n, settings.requests_per_stream,
                                                             pictures, caption)))
-            level = stages.server_stages(stats0, stages.triton_statistics(server.grpc_url),
-                                         metrics0, stages.blip2_metrics(server.metrics_url))
+            after = per_workload.snapshot()
+            level = stages.server_stages(before[0], after[0], before[1], after[1])
             r["server"] = _batching(level)
             r["latency_ms"] = summary_ms(r.pop("latencies"))
             throughput.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
@@ -402,26 +385,23 @@ def _throughput_bound(stages_ms: dict, tokens: int, decode_rows: list[dict], thr
             "measured_over_bound": round(level["requests_per_s"] / bound, 4) if level else None}
 
 
-def graph_costs(repo: Path, loads, image: bytes) -> dict:
+def graph_costs(repo: Path, loads) -> dict:
     """FLOPs and weight bytes of the vision encoder, the Q-Former and each workload's prefill, at
-    the shapes one request of that workload feeds them (batch 1; the prompt tokenized here)."""
-    import json
-
+    the shapes one request of that workload feeds them (batch 1; the prompt tokenized as served)."""
     from blip2_triton import repository, specs
     from blip2_triton.serving.preprocess import Preprocessor
 
     from . import flops
 
-    assets = repository.assets_dir(repo)
-    queries = json.loads((assets / "config.json").read_text())["num_query_tokens"]
-    preprocessor = Preprocessor(assets)
+    preprocessor = Preprocessor(repository.assets_dir(repo))
+    queries = preprocessor.num_query_tokens
     costs = {}
     for graph in (specs.VISION_ENCODER, specs.QFORMER):
         path = repository.graph_path(repo, graph)
         costs[graph] = flops.graph_cost(path, {"batch_size": 1})
     decoder = repository.graph_path(repo, specs.LLM_DECODER)
     for w in loads:
-        prompt = len(preprocessor(image, w.prompt.encode("utf-8"))[1])
+        prompt = len(preprocessor.prompt_ids(w.prompt))
         total = queries + prompt
         dims = {"batch_size": 1, "sequence_length": prompt, "prefix_length": queries,
                 "total_sequence_length": total, "max_sequence_length": total}

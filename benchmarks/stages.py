@@ -105,11 +105,10 @@ class LocalRunner:
             "decode_steps": len(steps),
         }
 
-    def decode_vs_rows(self, rows: list[int], past_length: int, repeats: int) -> list[dict]:
-        """Median seconds of one decode step for `rows` sequences with `past_length` cached positions.
-
-        The row counts take turns, round after round, so a burst of load from other users hits
-        them all alike instead of whichever was being measured (the ratios are what is read).
+    def decode_vs_rows(self, rows: list[int], past_length: int) -> list[dict]:
+        """Seconds of one decode step for each of `rows` sequence counts with `past_length` cached
+        positions, one after the other: one round. The caller repeats rounds (each next to its own
+        bandwidth probe), so a burst of load from other users hits every row count alike.
         """
         decoder = self.pipe.generator.decoder
         rng = np.random.default_rng(0)
@@ -127,13 +126,12 @@ class LocalRunner:
         # 1.7-2x slower (base-opt 1 row: 20 ms, not 11), whichever shape it was: cold cores, not
         # the shape. Decode steps in a request follow each other; so do the timed ones.
         decoder(*feeds[rows[0], past_length])
-        times = {n: [] for n in rows}
-        for _ in range(repeats):
-            for n in rows:
-                start = time.perf_counter()
-                decoder(*feeds[n, past_length])
-                times[n].append(time.perf_counter() - start)
-        return [{"rows": n, "step_seconds": statistics.median(times[n])} for n in rows]
+        steps = []
+        for n in rows:
+            start = time.perf_counter()
+            decoder(*feeds[n, past_length])
+            steps.append({"rows": n, "step_seconds": time.perf_counter() - start})
+        return steps
 
 
 # ---- server side ---------------------------------------------------------------------------------

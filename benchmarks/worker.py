@@ -65,7 +65,7 @@ def serve(kind: str, model: str, threads: int) -> int:
             elif op == "batch":
                 result = runner.batch([images[i] for i in message["images"]], message["prompt"], message["controls"])
             elif op == "decode_vs_rows":
-                result = runner.decode_vs_rows(message["rows"], message["past_length"], message["repeats"])
+                result = runner.decode_vs_rows(message["rows"], message["past_length"])
             elif op == "generate":
                 result = runner.generate(images[message["image"]], message["prompt"], message["controls"])
             else:

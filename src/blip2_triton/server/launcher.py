@@ -148,6 +148,7 @@ class TritonServer:
         exit_timeout: int = 10,
         extra_args: Sequence[str] = (),
         installation: TritonInstallation | None = None,
+        env: dict[str, str] | None = None,
     ):
         self.model_repository = Path(model_repository).resolve()
         self._requested_ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
@@ -161,6 +162,7 @@ class TritonServer:
         self.exit_timeout = exit_timeout
         self.extra_args = list(extra_args)
         self._installation = installation
+        self._env = dict(env or {})  # added to the server's environment (its model stubs inherit it)
         self._process: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self._log_handle: IO[bytes] | None = None
@@ -242,7 +244,7 @@ class TritonServer:
         if busy:
             raise TritonStartupError(f"cannot start tritonserver: {', '.join(busy)} already in use on {self.host}")
 
-        env = server_environment(self._installation)
+        env = server_environment(self._installation) | self._env
         self._workdir = Path(tempfile.mkdtemp(prefix="blip2-triton-server-"))
         try:
             backends = prepare_backend_directory(self._installation, self._workdir / "backends")
