@@ -33,7 +33,10 @@ def test_run_records_where_and_how_it_ran(results):
     assert r["settings"]["threads"] >= 1
     caps = r["capabilities"]
     assert caps["read_gbps"] > 0 and caps["matmul_gflops"] > 0 and caps["matmul_gflops_onnxruntime"] > 0
-    assert facts["threads"]["onnxruntime intra_op (server: every model)"] == r["settings"]["threads"]
+    # Every served model's process was started with the benchmark's thread count.
+    served = r["models"]["tiny-opt"]["server_threads_env"]
+    assert set(served) == {"blip2", "preprocess", "vision_encoder", "qformer"}, served
+    assert set(served.values()) == {str(r["settings"]["threads"])}, served
 
 
 def test_every_section_is_present_with_sane_numbers(results):
