@@ -19,10 +19,9 @@ class TritonPythonModel:
     def initialize(self, args):
         self.args = io.ModelArgs(args)
         self.args.require_io([t.name for t in api.PUBLIC_INPUTS], [t.name for t in api.PUBLIC_OUTPUTS])
-        self.metrics = io.GeneratorMetrics(self.args.name)
         self.service = Blip2Service(
             assets_dir(self.args.repository), self.args.version_dir / self.args.parameter("onnx_file"),
-            stages=io.BlsStages(), stats=self.metrics, compute_lock=self.args.compute_lock(),
+            stages=io.BlsStages(), stats=io.GeneratorMetrics(self.args.name), compute_lock=self.args.compute_lock(),
         )
         self.service.engine.start()
         # BLS calls block: enough workers for a full batch of requests to wait in the stages together.
@@ -41,23 +40,13 @@ class TritonPythonModel:
     def _start(self, request, sender, inputs, received):
         try:
             generation = self.service.prepare(
-                **inputs, emit=self._emitter(sender), on_error=io.error_sender(sender),
+                **inputs, emit=io.piece_sender(sender), on_error=io.error_sender(sender),
                 is_cancelled=lambda: io.is_cancelled(request),
             )
             generation.received = received
             self.service.engine.submit(generation)
         except Exception as e:
             sender.send(io.error_response(e), flags=io.final_flag())
-
-    def _emitter(self, sender):
-        send = io.piece_sender(sender)
-
-        def emit(piece):
-            if piece.final:
-                self.metrics.flush()  # the last piece's detokenization, counted before the client has its answer
-            send(piece)
-
-        return emit
 
     def finalize(self):
         self.workers.shutdown(wait=True)  # queued requests still get an answer (an error, at shutdown)

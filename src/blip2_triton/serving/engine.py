@@ -74,8 +74,6 @@ class EngineStats:
     def __init__(self):
         self.tokens = self.steps = self.prefills = self.active = 0
         self.first_token_seconds: list[float] = []
-        # stage -> [seconds, count]: running totals (a sum and a count, so bounded in a long-running server)
-        self.stage_seconds: dict[str, list] = {stage: [0.0, 0] for stage in TIMED_STAGES}
 
     def on_prefill(self) -> None:
         self.prefills += 1
@@ -93,10 +91,7 @@ class EngineStats:
         self.active = sequences
 
     def on_stage(self, stage: str, seconds: float) -> None:
-        """One timed run of a TIMED_STAGES stage."""
-        total = self.stage_seconds[stage]
-        total[0] += seconds
-        total[1] += 1
+        """One timed run of a TIMED_STAGES stage (the Triton model exports them as metrics)."""
 
     def flush(self) -> None:
         """Called before a request's last answer goes out: whatever is reported lazily is due."""

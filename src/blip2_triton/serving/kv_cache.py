@@ -27,10 +27,6 @@ class KVCache:
     def capacity(self) -> int:
         return self.buffers[0].shape[2]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
-
     def _allocate(self, slots: int, capacity: int) -> list[np.ndarray]:
         # np.zeros maps fresh pages lazily: growing by doubling costs only what is written.
         return [np.zeros((slots, self.heads, capacity, self.head_dim), self.dtype) for _ in range(self.tensors)]

@@ -116,6 +116,8 @@ class Blip2Service:
             began = time.perf_counter()
             text = self.detokenizer.piece(ids, new, final=final)
             stats.on_stage("detokenize", time.perf_counter() - began)
+            if final:
+                stats.flush()  # this detokenization too is counted before the client has its answer
             emit(Piece(text, ids[len(ids) - new :], final))
 
         return on_tokens

@@ -217,9 +217,9 @@ class GeneratorMetrics(EngineStats):
     """Engine events as Prometheus metrics on Triton's metrics endpoint (next to its own).
 
     Every metric update is a round trip from the stub to the server (~17 us). The per-step
-    counters (tokens, decoder calls, the seconds of TIMED_STAGES) therefore accumulate here and go out at `flush()`, which the
-    engine calls before a request's last answer (so a client that has its answer sees it counted),
-    or every PUBLISH_EVERY_S during long generations. The active-sequences gauge changes only
+    counters (tokens, decoder calls, the seconds of TIMED_STAGES) therefore accumulate here and go
+    out at `flush()`, called before a request's last answer (so a client that has its answer sees
+    it counted), or every PUBLISH_EVERY_S during long generations. The active-sequences gauge changes only
     when a sequence joins or leaves and is set at once.
     """
 
@@ -238,9 +238,11 @@ class GeneratorMetrics(EngineStats):
             stage: (counter(f"blip2_{stage}_seconds_sum", f"Seconds spent in {stage}", labels),
                     counter(f"blip2_{stage}_seconds_count", f"Timed runs of {stage}", labels))
             for stage in TIMED_STAGES}
-        self._pending_tokens = self._pending_steps = 0
-        self._pending_stages = {stage: [0.0, 0] for stage in TIMED_STAGES}
+        self._pending: dict = {}  # counter -> amount not yet published
         self._published = time.monotonic()
+
+    def _add(self, metric, amount: float) -> None:
+        self._pending[metric] = self._pending.get(metric, 0) + amount
 
     def on_prefill(self) -> None:
         super().on_prefill()
@@ -248,13 +250,13 @@ class GeneratorMetrics(EngineStats):
 
     def on_step(self, sequences: int) -> None:
         super().on_step(sequences)
-        self._pending_steps += 1
+        self._add(self._steps, 1)
         if time.monotonic() - self._published > self.PUBLISH_EVERY_S:
             self.flush()
 
     def on_tokens(self, count: int) -> None:
         super().on_tokens(count)
-        self._pending_tokens += count
+        self._add(self._tokens, count)
 
     def on_first_token(self, seconds: float) -> None:
         # Not kept in EngineStats' list: a server runs for weeks; the counters are the record.
@@ -266,23 +268,15 @@ class GeneratorMetrics(EngineStats):
         self._active.set(sequences)  # synchronous: done before the engine sends a token
 
     def on_stage(self, stage: str, seconds: float) -> None:
-        super().on_stage(stage, seconds)
-        pending = self._pending_stages[stage]
-        pending[0] += seconds
-        pending[1] += 1
+        total, count = self._stages[stage]
+        self._add(total, seconds)
+        self._add(count, 1)
 
     def flush(self) -> None:
-        if self._pending_tokens:
-            self._tokens.increment(self._pending_tokens)
-        if self._pending_steps:
-            self._steps.increment(self._pending_steps)
-        self._pending_tokens = self._pending_steps = 0
-        for stage, pending in self._pending_stages.items():
-            if pending[1]:
-                total, count = self._stages[stage]
-                total.increment(pending[0])
-                count.increment(pending[1])
-                pending[0], pending[1] = 0.0, 0
+        for metric, amount in self._pending.items():
+            if amount:
+                metric.increment(amount)
+        self._pending.clear()
         self._published = time.monotonic()
 
 
