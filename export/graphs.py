@@ -69,11 +69,11 @@ def _decoder_axes(batch: int, seq: int, prefix: int, past: int, spare: int = 3) 
 
 def image_stage_graphs(model, float_dtype: str) -> list[GraphExport]:
     """Vision encoder and Q-Former: the same for every language-model family."""
-    graph_specs = {s.name: s for s in specs.image_stage_specs(model.config, float_dtype)}
+    vision, qformer = specs.image_stage_specs(model.config, float_dtype)
     vision_axes = ({specs.BATCH: 1}, {specs.BATCH: 3})
     return [
-        GraphExport(graph_specs[specs.VISION_ENCODER], VisionEncoder(model), {specs.BATCH: 2}, vision_axes, _random_float),
-        GraphExport(graph_specs[specs.QFORMER], QFormerProjection(model), {specs.BATCH: 2}, vision_axes, _random_float),
+        GraphExport(vision, VisionEncoder(model), {specs.BATCH: 2}, vision_axes, _random_float),
+        GraphExport(qformer, QFormerProjection(model), {specs.BATCH: 2}, vision_axes, _random_float),
     ]
 
 

@@ -12,12 +12,11 @@ def peak_rss_mib() -> float:
 
 
 class Progress:
-    def __init__(self, enabled: bool = True, stream=None):
+    def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self.stream = stream or sys.stderr
         self.start = time.perf_counter()
 
     def __call__(self, message: str) -> None:
         """`[  12.3 s] export: <message>`, with the time since the export started."""
         if self.enabled:
-            print(f"[{time.perf_counter() - self.start:7.1f} s] export: {message}", file=self.stream, flush=True)
+            print(f"[{time.perf_counter() - self.start:7.1f} s] export: {message}", file=sys.stderr, flush=True)

@@ -70,7 +70,7 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
     from blip2_triton.export.families import family_of
 
     family = family_of(config)
-    graphs = {s.name: s for s in family.graph_specs(config, float_dtype)}
+    graphs = specs.graph_specs(config, float_dtype)
     pixel_values = Tensor.from_spec(graphs[specs.VISION_ENCODER].input(specs.PIXEL_VALUES))
 
     def stateless(spec: specs.GraphSpec) -> ModelConfig:
