@@ -278,6 +278,7 @@ def test_int8_export_is_validated_and_serves(exported, tmp_path):
     decoder = onnx.load(str(repository.graph_path(tmp_path / "int8", specs.LLM_DECODER)))
     assert any(t.data_type == onnx.TensorProto.INT8 for t in decoder.graph.initializer)
     assert LocalPipeline(tmp_path / "int8")(random_image(3), "a photo of", max_new_tokens=5).token_ids
+    assert not any(p.name.startswith(".") for p in (tmp_path / "int8").iterdir())  # no staging leftovers shipped
 
     other, _ = load_checkpoint(build_tiny_checkpoint(tmp_path / "other", "tiny-opt", seed=1))
     for graph in family_graphs(other):
