@@ -136,7 +136,7 @@ def baseline_name(threads: int) -> str:
 
 def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict:
     from blip2_triton import repository, specs
-    from blip2_triton.server.launcher import TritonServer
+    from blip2_triton.server.launcher import TritonServer, model_stub_pids
     from blip2_triton.serving.onnx_graph import THREADS_ENV
 
     from . import end_to_end, machine, perf_analyzer
@@ -181,7 +181,7 @@ def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict
         try:
             # What the served models' processes really received, read back from /proc.
             result["server_threads_env"] = {
-                model: _environment(pid).get(THREADS_ENV) for model, pid in _stub_pids(server).items()}
+                model: _environment(pid).get(THREADS_ENV) for model, pid in model_stub_pids(server.pgid).items()}
             result["startup_seconds"] = {"tritonserver": server.startup_seconds} | {
                 f"{name}_load": w.info["load_seconds"] for name, w in workers.items()}
             result["baseline_info"] = workers["transformers"].info
@@ -386,19 +386,6 @@ def _throughput_bound(stages_ms: dict, tokens: int, decode_rows: list[dict], thr
             "request_cost_ms": round(cost_ms, 3), "bound_requests_per_s": round(bound, 4),
             "streams": rows, "measured_requests_per_s": level["requests_per_s"] if level else None,
             "measured_over_bound": round(level["requests_per_s"] / bound, 4) if level else None}
-
-
-def _stub_pids(server) -> dict[str, int]:
-    """Served model name -> pid of its Python-backend stub (their command lines name the model.py)."""
-    from blip2_triton.server import process_group_members
-
-    pids = {}
-    for pid in process_group_members(server.pgid):
-        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        model = next((Path(w.decode()).parent.parent.name for w in words if w.endswith(b"/model.py")), None)
-        if model:
-            pids[model] = pid
-    return pids
 
 
 def _environment(pid: int) -> dict[str, str]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import os
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -91,3 +93,20 @@ def random_image(seed: int, size=(40, 52)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def metric(server, name: str) -> float:
+    """A Prometheus metric on the server's metrics endpoint, summed over its labels; NaN if absent."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith((name + "{", name + " "))]
+    return sum(values) if values else float("nan")
+
+
+def wait_for_active(server, count: int, timeout: float = 30) -> float:
+    """Seconds until blip2_active_sequences reads `count`."""
+    start = time.monotonic()
+    while metric(server, "blip2_active_sequences") != count:
+        assert time.monotonic() - start < timeout, f"blip2_active_sequences never read {count}"
+        time.sleep(0.005)
+    return time.monotonic() - start

@@ -11,7 +11,6 @@ import functools
 import io
 import math
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from blip2_triton.client.aio import is_context_overflow
 from blip2_triton.client.errors import from_status, from_triton
 from blip2_triton.server.launcher import TritonServer, free_port
 
-from .conftest import random_image
+from .conftest import metric, random_image, wait_for_active
 from .test_export_parity import load_reference, pil, strip_after_eos
 
 pytestmark = pytest.mark.server
@@ -71,18 +70,22 @@ def _reference_model(ckpt: str):
     return load_reference(ckpt)
 
 
+def _reference_inputs(model, processor, image_seed: int, prompt: str) -> tuple[dict, int]:
+    """generate()'s inputs for one image and prompt, and where its new tokens start in the output."""
+    if prompt:
+        inputs = processor(images=pil(image_seed), text=prompt, return_tensors="pt")
+        return inputs, inputs["input_ids"].shape[1]
+    inputs = {"pixel_values": processor(images=pil(image_seed), return_tensors="pt")["pixel_values"]}
+    return inputs, model.config.num_query_tokens + 1  # generate() returns the image placeholders and BOS too
+
+
 def reference(ckpt, image_seed: int, prompt: str, **controls) -> tuple[list[int], str]:
     """transformers' generate() on the same checkpoint: (new token ids up to EOS, their text)."""
     import torch
 
     model, processor = _reference_model(str(ckpt))
     controls.setdefault("max_new_tokens", MAX_NEW)
-    if prompt:
-        inputs = processor(images=pil(image_seed), text=prompt, return_tensors="pt")
-        start = inputs["input_ids"].shape[1]
-    else:
-        inputs = {"pixel_values": processor(images=pil(image_seed), return_tensors="pt")["pixel_values"]}
-        start = model.config.num_query_tokens + 1  # generate() returns the image placeholders and BOS too
+    inputs, start = _reference_inputs(model, processor, image_seed, prompt)
     with torch.no_grad():
         out = model.generate(**inputs, **controls)
     ids = strip_after_eos(out[0, start:].tolist(), model.generation_config.eos_token_id)
@@ -344,12 +347,9 @@ def served_with_own_defaults(tiny_checkpoints, tmp_path_factory):
     config_file = ckpt / "generation_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **CHECKPOINT_DEFAULTS}))
     export_checkpoint(ckpt, root / "repo", progress=False)
-    server = TritonServer(root / "repo", grpc_port=None, http_port=None, metrics_port=None,
-                          log_file=root / "tritonserver.log").start()
-    try:
+    with TritonServer(root / "repo", grpc_port=None, http_port=None, metrics_port=None,
+                      log_file=root / "tritonserver.log") as server:
         yield ckpt, server
-    finally:
-        server.stop()
 
 
 def reference_with_checkpoint_config(ckpt, image_seed: int, prompt: str, **overrides) -> list[int]:
@@ -368,12 +368,7 @@ def reference_with_checkpoint_config(ckpt, image_seed: int, prompt: str, **overr
     config = copy.deepcopy(model.generation_config)
     for name, value in overrides.items():
         setattr(config, name, value)
-    if prompt:
-        inputs = processor(images=pil(image_seed), text=prompt, return_tensors="pt")
-        start = inputs["input_ids"].shape[1]
-    else:
-        inputs = {"pixel_values": processor(images=pil(image_seed), return_tensors="pt")["pixel_values"]}
-        start = model.config.num_query_tokens + 1
+    inputs, start = _reference_inputs(model, processor, image_seed, prompt)
     with torch.no_grad():
         out = model.generate(**inputs, generation_config=config)
     return strip_after_eos(out[0, start:].tolist(), model.generation_config.eos_token_id)
@@ -557,19 +552,6 @@ def test_unknown_model_is_unavailable(served):
             c.caption(random_image(1))
 
 
-def _metric(server, name: str) -> float:
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
-        lines = r.read().decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith((name + "{", name + " ")))
-
-
-def _wait_idle(server, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while _metric(server, "blip2_active_sequences") != 0 and time.time() < deadline:
-        time.sleep(0.05)
-    assert _metric(server, "blip2_active_sequences") == 0
-
-
 class _Pacer:
     """Slow the served models from outside through the repository's compute lock, which every
     onnxruntime run of the server takes: held `hold` s, let go for 1 ms, again and again, so the
@@ -615,12 +597,12 @@ SETTLE = 3.0
 def _counted(server, action) -> tuple[float, object]:
     """(blip2_generated_tokens_total added while `action(pacer)` runs, once the server is idle again;
     what action returned). A dropped sequence's count is published when it is dropped."""
-    _wait_idle(server)
-    before = _metric(server, "blip2_generated_tokens_total")
+    wait_for_active(server, 0)
+    before = metric(server, "blip2_generated_tokens_total")
     with _Pacer(server.model_repository) as pacer:
         returned = action(pacer)
-        _wait_idle(server)
-    return _metric(server, "blip2_generated_tokens_total") - before, returned
+        wait_for_active(server, 0)
+    return metric(server, "blip2_generated_tokens_total") - before, returned
 
 
 def _end_mid_stream(server, pacer, end: str) -> tuple[int, int]:
@@ -709,5 +691,5 @@ def test_a_tiny_timeout_is_deadline_exceeded(served, client):
     with Blip2Client(served[1].grpc_url, timeout=0.01) as c:
         with pytest.raises(DeadlineExceededError, match="0.01s"):
             c.caption(random_image(1), max_new_tokens=LONG, min_new_tokens=LONG)
-    _wait_idle(served[1])
+    wait_for_active(served[1], 0)
     assert client.caption(random_image(1), max_new_tokens=2).token_ids

@@ -16,7 +16,7 @@ import pytest
 from blip2_triton.client import Blip2Client, InvalidArgumentError
 from blip2_triton.server.launcher import TritonServer
 
-from .conftest import random_image
+from .conftest import metric, random_image, wait_for_active
 from .test_export_parity import load_reference, pil
 
 pytestmark = pytest.mark.server
@@ -127,6 +127,17 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(served, name
     assert client.caption(random_image(2), max_new_tokens=3).token_ids
 
 
+def _tensors(inputs: dict[str, tuple[str, np.ndarray]]) -> list:
+    """name -> (Triton dtype, value) as tritonclient gRPC inputs."""
+    import tritonclient.grpc as grpcclient
+
+    tensors = []
+    for name, (dtype, value) in inputs.items():
+        tensors.append(grpcclient.InferInput(name, list(value.shape), dtype))
+        tensors[-1].set_data_from_numpy(value)
+    return tensors
+
+
 def _raw_request(server, inputs: dict[str, tuple[str, np.ndarray]], timeout: float = 60) -> list:
     """One `blip2` request over tritonclient's own gRPC stream, no Blip2Client in between.
 
@@ -141,11 +152,7 @@ def _raw_request(server, inputs: dict[str, tuple[str, np.ndarray]], timeout: flo
     got: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: got.put(error if error is not None else result))
     try:
-        tensors = []
-        for name, (dtype, value) in inputs.items():
-            tensors.append(grpcclient.InferInput(name, list(value.shape), dtype))
-            tensors[-1].set_data_from_numpy(value)
-        client.async_stream_infer("blip2", tensors, enable_empty_final_response=True)
+        client.async_stream_infer("blip2", _tensors(inputs), enable_empty_final_response=True)
         responses = []
         while True:
             item = got.get(timeout=timeout)
@@ -357,15 +364,10 @@ class _Pacer:
 
     def __init__(self, server, run: float = 0.001, pause: float = 0.05):
         from blip2_triton import interface as api
-        from blip2_triton.server import process_group_members
+        from blip2_triton.server import model_stub_pids
 
-        def cmdline(pid: int) -> str:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return f.read().replace(b"\0", b" ").decode()
-
-        stubs = [p for p in process_group_members(server.pgid) if f"/{api.PIPELINE}/1/model.py" in cmdline(p)]
-        assert len(stubs) == 1, stubs
-        self.pid, self.args = stubs[0], [str(stubs[0]), str(run), str(pause)]
+        self.pid = model_stub_pids(server.pgid)[api.PIPELINE]
+        self.args = [str(self.pid), str(run), str(pause)]
 
     def __enter__(self) -> "_Pacer":
         import subprocess
@@ -396,15 +398,6 @@ class _Pacer:
 LONG = 110  # new tokens a cancelled request asks for (the tiny models hold 128 positions)
 
 
-def _wait_for_active(server, count: int, timeout: float = 30) -> float:
-    """Seconds until blip2_active_sequences reads `count`."""
-    start = time.monotonic()
-    while _metric(server, "blip2_active_sequences") != count:
-        assert time.monotonic() - start < timeout, f"blip2_active_sequences never read {count}"
-        time.sleep(0.005)
-    return time.monotonic() - start
-
-
 def _long_stream_inputs() -> dict[str, tuple[str, np.ndarray]]:
     return _inputs(random_image(3), stream=True, max_new_tokens=LONG, min_new_tokens=LONG)
 
@@ -419,21 +412,22 @@ def _check_freed(server, client) -> None:
     again, the engine asks at its next step. Measured on tiny-opt with two busy loops on the 2
     cores: 1-2 tokens in all (16 runs), where the paced model took 10 s for LONG tokens.
     """
-    tokens_before = _metric(server, "blip2_generated_tokens_total")
+    tokens_before = metric(server, "blip2_generated_tokens_total")
     with _Pacer(server) as pacer:
         client.start()
-        _wait_for_active(server, 1)
+        wait_for_active(server, 1)
         pacer.freeze()
         client.disconnect()
         time.sleep(1.0)
         pacer.thaw()
-        released = _wait_for_active(server, 0)
-    generated = _metric(server, "blip2_generated_tokens_total") - tokens_before
+        released = wait_for_active(server, 0)
+    generated = metric(server, "blip2_generated_tokens_total") - tokens_before
     assert 1 <= generated <= LONG // 2, f"{generated} of {LONG} tokens generated; freed {released:.2f} s after thawing"
 
 
 class _InProcessClient:
-    """tritonclient's gRPC stream, cancelled the way Blip2Client's is (stop_stream(cancel_requests=True))."""
+    """A long streamed request on tritonclient's gRPC stream in this process, ended by closing the
+    stream with its requests cancelled (stop_stream(cancel_requests=True))."""
 
     def __init__(self, server):
         import tritonclient.grpc as grpcclient
@@ -441,14 +435,8 @@ class _InProcessClient:
         self.client = grpcclient.InferenceServerClient(server.grpc_url)
 
     def start(self) -> None:
-        import tritonclient.grpc as grpcclient
-
         self.client.start_stream(callback=lambda result, error: None)
-        tensors = []
-        for name, (dtype, value) in _long_stream_inputs().items():
-            tensors.append(grpcclient.InferInput(name, list(value.shape), dtype))
-            tensors[-1].set_data_from_numpy(value)
-        self.client.async_stream_infer("blip2", tensors)
+        self.client.async_stream_infer("blip2", _tensors(_long_stream_inputs()))
 
     def disconnect(self) -> None:
         self.client.stop_stream(cancel_requests=True)
@@ -512,28 +500,16 @@ def test_a_client_killed_mid_stream_frees_its_slot(served):
     assert client.caption(random_image(4), max_new_tokens=3).token_ids
 
 
-def _metrics_text(server) -> str:
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
-        return r.read().decode()
-
-
-def _metric(server, name: str) -> float:
-    values = [float(line.rsplit(" ", 1)[1]) for line in _metrics_text(server).splitlines()
-              if line.startswith(name + "{") or line.startswith(name + " ")]
-    return sum(values) if values else float("nan")
-
-
 def test_health_and_metrics(served):
     _, server, client = served
     client.caption(random_image(5), max_new_tokens=4)
     for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/blip2/ready"):
         with urllib.request.urlopen(f"http://{server.http_url}" + path, timeout=5) as r:
             assert r.status == 200
-    text = _metrics_text(server)
-    assert "nv_inference_request_success" in text
-    assert _metric(server, "blip2_generated_tokens_total") >= 4
-    assert _metric(server, "blip2_time_to_first_token_seconds_count") >= 1
-    assert _metric(server, "blip2_active_sequences") == 0
+    assert metric(server, "nv_inference_request_success") >= 1
+    assert metric(server, "blip2_generated_tokens_total") >= 4
+    assert metric(server, "blip2_time_to_first_token_seconds_count") >= 1
+    assert metric(server, "blip2_active_sequences") == 0
 
 
 def _http_generate(server, endpoint: str, body: dict) -> tuple[int, str]:

@@ -17,6 +17,7 @@ from blip2_triton.server.launcher import (
     free_port,
     free_ports,
     log_errors,
+    model_stub_pids,
     port_in_use,
     process_group_members,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "free_port",
     "free_ports",
     "log_errors",
+    "model_stub_pids",
     "port_in_use",
     "prepare_backend_directory",
     "process_group_members",

@@ -93,6 +93,21 @@ def process_group_members(pgid: int) -> list[int]:
     return members
 
 
+def model_stub_pids(pgid: int) -> dict[str, int]:
+    """Served model name -> pid of its Python-backend stub, among the members of process group
+    `pgid` (a stub's command line names its `<model>/<version>/model.py`)."""
+    pids = {}
+    for pid in process_group_members(pgid):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # the process ended while we looked
+            continue
+        model = next((Path(w.decode()).parent.parent.name for w in words if w.endswith(b"/model.py")), None)
+        if model:
+            pids[model] = pid
+    return pids
+
+
 # Error-level lines tritonserver always prints on a CPU-only host; they mean nothing here.
 HARMLESS_LOG_PATTERNS = (
     "CudaDriverHelper has not been initialized",
