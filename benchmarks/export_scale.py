@@ -43,11 +43,11 @@ def _child(stage: str, workdir: Path) -> None:
 
 def _commit() -> str:
     """HEAD, marked "+dirty" when the code the export runs (export/, src/) has uncommitted changes."""
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    from .machine import git
 
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--", "../export", "../src") else "")
+    here = Path(__file__).parent
+    head = git(here, "rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git(here, "status", "--porcelain", "--", "../export", "../src") else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,16 +42,19 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def git(root: Path, *args: str) -> str:
+    """A git command's output in `root`; "" when git is missing, fails or hangs."""
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def git_state(root: Path) -> dict:
     """Commit of the tree being measured, and how many files differed from it; the previous run's
     results in benchmarks/results/, which this run replaces, do not count."""
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty_files": len(git("status", "--porcelain", "--", ".", ":!benchmarks/results").splitlines())}
+    return {"commit": git(root, "rev-parse", "HEAD") or None,
+            "dirty_files": len(git(root, "status", "--porcelain", "--", ".", ":!benchmarks/results").splitlines())}
 
 
 def facts(threads: int, root: Path) -> dict:
