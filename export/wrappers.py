@@ -112,17 +112,13 @@ GQA_ATTENTION = "blip2_triton_gqa"
 
 @dataclass
 class _CacheBuffers:
-    """What one decoder call's attention layers share: the buffers, row lengths, and their updates."""
+    """What one decoder call's attention layers share (through the attention function's
+    `kv_buffers`): the buffers, the row lengths, and each layer's written buffers."""
 
     past: list[torch.Tensor]  # per layer key, value [B, H, M, Dk]
     seqlens_k: torch.Tensor
     total_length: torch.Tensor
     present: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """transformers' Cache API, as the attention layers call it: the buffers are written by
-        the attention function (one GroupQueryAttention node), so the new states pass through."""
-        return key_states, value_states
 
 
 def _gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_buffers=None, **kwargs):
@@ -187,7 +183,7 @@ class OPTDecoderWithCache(nn.Module):
         saved, config._attn_implementation = config._attn_implementation, GQA_ATTENTION
         try:
             for layer in dec.layers:
-                hidden = layer(hidden, attention_mask=None, cache=cache, position_ids=positions, kv_buffers=cache)
+                hidden = layer(hidden, attention_mask=None, position_ids=positions, kv_buffers=cache)
                 if isinstance(hidden, tuple):
                     hidden = hidden[0]
         finally:
