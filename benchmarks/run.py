@@ -401,8 +401,10 @@ def graph_costs(repo: Path, loads) -> dict:
 
     from . import flops
 
+    from transformers import AutoConfig
+
     preprocessor = Preprocessor(repository.assets_dir(repo))
-    queries = preprocessor.num_query_tokens
+    queries = AutoConfig.from_pretrained(repository.assets_dir(repo)).num_query_tokens
     costs = {}
     for graph in (specs.VISION_ENCODER, specs.QFORMER):
         path = repository.graph_path(repo, graph)

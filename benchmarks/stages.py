@@ -1,7 +1,7 @@
 """Where the time of one request goes, stage by stage.
 
 In process: LocalPipeline's parts (the served code without Triton), timed one by one, with the
-generation engine driving a decoder wrapper that times every graph call (the first is the
+generation engine driving a language-model wrapper that times every call (the first is the
 prefill, the rest are decode steps). On the server: Triton's per-model statistics (queue and
 compute times) and the `blip2` model's engine metrics, as differences between two snapshots.
 """
@@ -16,8 +16,8 @@ import numpy as np
 from blip2_triton import specs
 
 
-class _TimedDecoder:
-    """Stands in for a DecoderGraph and records how long each call takes."""
+class _TimedLanguageModel:
+    """Stands in for the engine's LanguageModel and records how long each prefill and step takes."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -26,11 +26,17 @@ class _TimedDecoder:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, *args, **kwargs):
+    def _timed(self, call, *args):
         start = time.perf_counter()
-        result = self.inner(*args, **kwargs)
+        result = call(*args)
         self.calls.append(time.perf_counter() - start)
         return result
+
+    def prefill(self, *args):
+        return self._timed(self.inner.prefill, *args)
+
+    def step(self, *args):
+        return self._timed(self.inner.step, *args)
 
 
 class LocalRunner:
@@ -43,13 +49,13 @@ class LocalRunner:
 
         self.pipe = LocalPipeline(repository, threads=threads)
         self.info = {"onnxruntime_intra_op_threads": threads}
-        self._row_feeds = {}  # (rows, past_length) -> decoder arguments; kept, as the benchmark calls round by round
+        self._row_feeds = {}  # (rows, past_length) -> language-model step arguments; kept, as the benchmark calls round by round
 
     def generate(self, image: bytes, prompt: str, controls: dict) -> dict:
         """One request through LocalPipeline's parts (what LocalPipeline.__call__ does), timed stage
         by stage: seconds, time to first token, token ids, text and seconds per stage.
 
-        The generation engine drives a decoder wrapper that times each graph call: the first is
+        The generation engine drives a language-model wrapper that times each call: the first is
         the prefill, the others are decode steps; engine_overhead is the rest of the engine's time
         (search, KV-cache bookkeeping).
         """
@@ -69,13 +75,13 @@ class LocalRunner:
         t2 = clock()
         query = pipe.stages.qformer(**{specs.IMAGE_EMBEDS: image_embeds})[specs.QUERY_EMBEDS][0]
         t3 = clock()
-        timed = _TimedDecoder(engine.decoder)
-        engine.decoder = timed
+        timed = _TimedLanguageModel(engine.language_model)
+        engine.language_model = timed
         try:
             request = pipe.generator.request(query, prompt_ids, controls, stream=True, on_tokens=on_tokens)
             tokens = [int(t) for t in engine.generate(request)]
         finally:
-            engine.decoder = timed.inner
+            engine.language_model = timed.inner
         t4 = clock()
         text = pipe.detokenizer.piece(tokens, len(tokens), final=True)
         t5 = clock()
@@ -110,26 +116,25 @@ class LocalRunner:
         positions, one after the other: one round. The caller repeats rounds (each next to its own
         bandwidth probe), so a burst of load from other users hits every row count alike.
         """
-        decoder = self.pipe.generator.decoder
+        language_model = self.pipe.generator.language_model
         rng = np.random.default_rng(0)
         feeds = self._row_feeds
         for n in rows:
             if (n, past_length) not in feeds:
                 # Every call writes position past_length of each row again: the cache stays the same size.
-                cache = decoder.new_cache(slots=n, capacity=past_length + 1)
+                cache = language_model.new_cache(slots=n, capacity=past_length + 1)
                 for buffer in cache.buffers:
                     buffer[...] = rng.standard_normal(buffer.shape)
-                feeds[n, past_length] = (np.full((n, 1), 4, np.int64), None, np.ones((n, past_length + 1), np.int64),
-                                         cache.rows(0, n))
-                decoder(*feeds[n, past_length])  # warm-up for this shape, once
+                feeds[n, past_length] = (np.full(n, 4, np.int64), np.full(n, past_length, np.int64), cache)
+                language_model.step(*feeds[n, past_length])  # warm-up for this shape, once
         # One untimed call first: after the caller's pause (a bandwidth probe) the first call ran
         # 1.7-2x slower (base-opt 1 row: 20 ms, not 11), whichever shape it was: cold cores, not
         # the shape. Decode steps in a request follow each other; so do the timed ones.
-        decoder(*feeds[rows[0], past_length])
+        language_model.step(*feeds[rows[0], past_length])
         steps = []
         for n in rows:
             start = time.perf_counter()
-            decoder(*feeds[n, past_length])
+            language_model.step(*feeds[n, past_length])
             steps.append({"rows": n, "step_seconds": time.perf_counter() - start})
         return steps
 

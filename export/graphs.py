@@ -1,6 +1,6 @@
 """The graphs to trace for each family: a spec, the torch module that computes it, and a way to
-draw inputs of any size for tracing and validation (`GraphExport`). Families (export/families.py)
-name their builder here; the image stages are shared by every family (`image_stage_graphs`).
+draw inputs of any size for tracing and validation (`GraphExport`). Families name their builder
+in export/families.py; the image stages are shared by every family (`image_stage_graphs`).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class GraphExport:
         return {t.name: self.make_input(t, axes, gen) for t in self.spec.inputs}
 
 
-def _random_float(t: TensorSpec, axes: Axes, gen: torch.Generator) -> torch.Tensor:
+def random_float(t: TensorSpec, axes: Axes, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(t.resolve(**axes), generator=gen).to(getattr(torch, t.dtype))
 
 
@@ -56,12 +56,12 @@ def _decoder_input(vocab_size: int):
             if axes[specs.SEQUENCE] + axes[specs.PREFIX] == 1 and shape[0] > 1 and shape[1] > 2:
                 mask[0, shape[1] - shape[1] // 3 :] = 0
             return mask
-        return _random_float(t, axes, gen)
+        return random_float(t, axes, gen)
 
     return make
 
 
-def _decoder_axes(batch: int, seq: int, prefix: int, past: int, spare: int = 3) -> Axes:
+def decoder_axes(batch: int, seq: int, prefix: int, past: int, spare: int = 3) -> Axes:
     """`past` cached positions (of the longest row), `spare` unused positions at the buffers' end."""
     total = past + prefix + seq
     return {specs.BATCH: batch, specs.SEQUENCE: seq, specs.PREFIX: prefix, specs.TOTAL: total, specs.CACHE: total + spare}
@@ -72,8 +72,8 @@ def image_stage_graphs(model, float_dtype: str) -> list[GraphExport]:
     vision, qformer = specs.image_stage_specs(model.config, float_dtype)
     vision_axes = ({specs.BATCH: 1}, {specs.BATCH: 3})
     return [
-        GraphExport(vision, VisionEncoder(model), {specs.BATCH: 2}, vision_axes, _random_float),
-        GraphExport(qformer, QFormerProjection(model), {specs.BATCH: 2}, vision_axes, _random_float),
+        GraphExport(vision, VisionEncoder(model), {specs.BATCH: 2}, vision_axes, random_float),
+        GraphExport(qformer, QFormerProjection(model), {specs.BATCH: 2}, vision_axes, random_float),
     ]
 
 
@@ -86,12 +86,12 @@ def opt_graphs(model, float_dtype: str) -> list[GraphExport]:
         GraphExport(
             specs.decoder_spec(config, float_dtype),
             OPTDecoderWithCache(model.language_model),
-            trace_axes=_decoder_axes(batch=2, seq=3, prefix=q, past=2),
+            trace_axes=decoder_axes(batch=2, seq=3, prefix=q, past=2),
             validation_axes=(
-                _decoder_axes(batch=1, seq=5, prefix=q, past=0, spare=0),  # prefill, buffer just long enough
-                _decoder_axes(batch=3, seq=4, prefix=q, past=0),  # prefill, 3 rows (beams)
-                _decoder_axes(batch=3, seq=1, prefix=0, past=9),  # decode step, rows of different lengths
-                _decoder_axes(batch=1, seq=2, prefix=0, past=4),  # several new tokens onto a cache (batch 1 only)
+                decoder_axes(batch=1, seq=5, prefix=q, past=0, spare=0),  # prefill, buffer just long enough
+                decoder_axes(batch=3, seq=4, prefix=q, past=0),  # prefill, 3 rows (beams)
+                decoder_axes(batch=3, seq=1, prefix=0, past=9),  # decode step, rows of different lengths
+                decoder_axes(batch=1, seq=2, prefix=0, past=4),  # several new tokens onto a cache (batch 1 only)
             ),
             make_input=_decoder_input(config.text_config.vocab_size),
             custom_opsets={"com.microsoft": 1},  # GroupQueryAttention

@@ -74,12 +74,14 @@ class GroupQueryAttention(torch.autograd.Function):
     gate and the parity tests hold the onnxruntime kernel to.
 
     query/key/value [B, S, H*D]; past_key/value [B, H, M, D]; seqlens_k [B] int32 (row length after
-    this call, minus one); total_length int32 scalar (the longest row). -> (output [B, S, H*D],
+    this call, minus one); total_length int32 scalar (the longest row, T); attention_bias
+    [B, H, S, T] or None, added to the scores (T5's relative position bias). -> (output [B, S, H*D],
     present_key, present_value [B, H, M, D]: past with positions seqlens_k+1-S .. seqlens_k written).
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int, scale: float):
+    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int, scale: float,
+                attention_bias=None):
         batch, new, _ = query.shape
         head_dim = past_key.shape[-1]
 
@@ -91,6 +93,8 @@ class GroupQueryAttention(torch.autograd.Function):
         present_key = past_key.clone().scatter_(2, index, heads(key))
         present_value = past_value.clone().scatter_(2, index, heads(value))
         scores = torch.matmul(heads(query), present_key.transpose(2, 3)) * scale  # [B, H, S, M]
+        if attention_bias is not None:  # [B, H, S, T]; positions past T are masked below anyway
+            scores = scores + nn.functional.pad(attention_bias, (0, past_key.shape[2] - attention_bias.shape[-1]))
         visible = torch.arange(past_key.shape[2])[None, None, :] <= positions[:, :, None]  # causal, own row
         scores = scores.masked_fill(~visible[:, None], float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
@@ -98,13 +102,24 @@ class GroupQueryAttention(torch.autograd.Function):
         return output, present_key, present_value
 
     @staticmethod
-    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, scale):
-        outputs = g.op("com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k,
-                       total_length, num_heads_i=num_heads, kv_num_heads_i=num_heads, scale_f=scale, outputs=3)
+    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, scale,
+                 attention_bias=None):
+        inputs = [query, key, value, past_key, past_value, seqlens_k, total_length]
+        if attention_bias is not None and not attention_bias.node().mustBeNone():
+            inputs += [_absent(g)] * 3 + [attention_bias]  # after cos_cache, sin_cache, position_ids
+        outputs = g.op("com.microsoft::GroupQueryAttention", *inputs, num_heads_i=num_heads, kv_num_heads_i=num_heads,
+                       scale_f=scale, outputs=3)
         # The exporter cannot infer a contrib op's output types: output is like query, present like past.
         for out, like in zip(outputs, (query, past_key, past_value)):
             out.setType(like.type())
         return outputs
+
+
+def _absent(g):
+    """An omitted optional input of an ONNX node (exported as the empty name)."""
+    none = g.op("prim::Constant")
+    none.setType(torch._C.OptionalType.ofTensor())
+    return none
 
 
 GQA_ATTENTION = "blip2_triton_gqa"

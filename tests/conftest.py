@@ -62,7 +62,7 @@ def run_together(pipeline, jobs, timeout: float = 60):
 
     from blip2_triton.serving.engine import GenerationEngine
 
-    engine = GenerationEngine(pipeline.generator.decoder)
+    engine = GenerationEngine(pipeline.generator.language_model)
     results, done = {}, threading.Event()
 
     def on_tokens(index):

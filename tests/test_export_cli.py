@@ -1,8 +1,8 @@
 """`blip2-triton export` end to end: progress, --no-validate, a failing gate, and checkpoints it must refuse.
 
-The failing gate is a real numerical mismatch: a family registered the supported way
-(`families.register`) whose vision module reads the batch size as a Python number, a bug class
-tracing freezes. The graph traced at batch 2 then disagrees with PyTorch at batch 3.
+The failing gate is a real numerical mismatch: a graph builder registered the supported way
+(export.families.BUILDERS) whose vision module reads the batch size as a Python number, a bug
+class tracing freezes. The graph traced at batch 2 then disagrees with PyTorch at batch 3.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from torch import nn
 
 from blip2_triton import repository, specs
-from blip2_triton.export.families import FAMILIES
+from blip2_triton.export.families import BUILDERS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,14 +44,13 @@ def frozen_branch_graphs(model, float_dtype):
     return graphs
 
 
-FROZEN_OPT = dataclasses.replace(FAMILIES["opt"], builder=f"{__name__}:frozen_branch_graphs")
-
 
 def run_cli(*args, register_frozen: bool = False) -> subprocess.CompletedProcess:
-    """`blip2-triton ...` in a fresh interpreter, optionally with the diverging OPT family registered."""
+    """`blip2-triton ...` in a fresh interpreter, optionally with the diverging OPT builder registered."""
     code = "import sys\n"
     if register_frozen:
-        code += f"from blip2_triton.export import families\nfrom {__name__} import FROZEN_OPT\nfamilies.register(FROZEN_OPT)\n"
+        code += (f"from blip2_triton.export.families import BUILDERS\nfrom {__name__} import frozen_branch_graphs\n"
+                 "BUILDERS['opt'] = frozen_branch_graphs\n")
     code += "from blip2_triton.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
@@ -122,7 +121,7 @@ def test_failing_gate_leaves_the_repository_alone(exported, monkeypatch, tmp_pat
     out = tmp_path / "repo"
     shutil.copytree(good, out)
     before = digest(out)
-    monkeypatch.setitem(FAMILIES, "opt", FROZEN_OPT)
+    monkeypatch.setitem(BUILDERS, "opt", frozen_branch_graphs)
     with pytest.raises(ValidationError) as failure:
         export_checkpoint(ckpt, out, progress=False)
     bad = [c for c in failure.value.checks if not c.ok]

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig
 
 from blip2_triton import repository, specs
-from blip2_triton.export.families import FAMILIES
+from blip2_triton.families import FAMILIES, graph_specs
 from blip2_triton.serving.decoder import DecoderGraph
 from blip2_triton.serving.onnx_graph import OnnxGraph
 from blip2_triton.tiny import PRESETS
@@ -62,7 +62,7 @@ def onnx_greedy(repo, processor, config, images, prompts) -> list[list[int]]:
     KV cache, then one decoder call per token for all rows, each masked to its own length."""
     vision = OnnxGraph(repository.graph_path(repo, specs.VISION_ENCODER))
     qformer = OnnxGraph(repository.graph_path(repo, specs.QFORMER))
-    decoder = DecoderGraph(repository.graph_path(repo, specs.LLM_DECODER), config)
+    decoder = DecoderGraph(repository.graph_path(repo, specs.LLM_DECODER))
     pixels = processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
     image_embeds = vision(pixel_values=pixels)[specs.IMAGE_EMBEDS]
     query = qformer(image_embeds=image_embeds)[specs.QUERY_EMBEDS]
@@ -71,7 +71,8 @@ def onnx_greedy(repo, processor, config, images, prompts) -> list[list[int]]:
     lengths = np.array([query.shape[1] + r.shape[1] for r in rows])
     cache = decoder.new_cache(slots=batch, capacity=int(lengths.max()) + MAX_NEW)
     logits = np.concatenate([
-        decoder(ids, query[b : b + 1], np.ones((1, lengths[b]), np.int64), cache.rows(b, b + 1))
+        decoder({specs.INPUT_IDS: ids, specs.PREFIX_EMBEDS: query[b : b + 1],
+                 specs.ATTENTION_MASK: np.ones((1, lengths[b]), np.int64)}, cache.rows(b, b + 1))
         for b, ids in enumerate(rows)
     ])
     eos, pad = config.text_config.eos_token_id, config.text_config.pad_token_id
@@ -86,7 +87,8 @@ def onnx_greedy(repo, processor, config, images, prompts) -> list[list[int]]:
             break
         lengths += 1
         mask = (np.arange(lengths.max())[None, :] < lengths[:, None]).astype(np.int64)
-        logits = decoder(nxt[:, None].astype(np.int64), None, mask, cache.rows(0, batch))
+        logits = decoder({specs.INPUT_IDS: nxt[:, None], specs.PREFIX_EMBEDS: np.zeros((batch, 0, query.shape[2])),
+                          specs.ATTENTION_MASK: mask}, cache.rows(0, batch))
     return out
 
 
@@ -98,8 +100,8 @@ def projects_embeddings(config) -> bool:
 def test_export_gate_reports_every_output(exported, preset):
     """The report in the repository records every output's check and each graph's max |onnx - torch|."""
     _, repo, report = exported(preset)
-    graph_specs = specs.graph_specs(AutoConfig.from_pretrained(repository.assets_dir(repo)))
-    names = list(graph_specs)
+    declared = graph_specs(AutoConfig.from_pretrained(repository.assets_dir(repo)))
+    names = list(declared)
     saved = json.loads((repository.assets_dir(repo) / "export_report.json").read_text())
     assert saved["validated"] is True and saved["max_abs_diff"] == report.max_abs_diff
     assert list(saved["max_abs_diff"]) == names
@@ -107,7 +109,7 @@ def test_export_gate_reports_every_output(exported, preset):
         checks = [c for c in saved["checks"] if c["graph"] == graph]
         assert checks and all(c["ok"] and c["max_abs_diff"] <= c["allowed"] for c in checks), graph
         outputs = {c["output"] for c in checks}
-        assert outputs == set(graph_specs[graph].output_names), graph  # every output, not a sample
+        assert outputs == set(declared[graph].output_names), graph  # every output, not a sample
         assert saved["max_abs_diff"][graph] == max(c["max_abs_diff"] for c in checks)
         assert repository.graph_path(repo, graph).exists()
     print(f"\n{preset}: per-graph max |onnx - torch|: " + ", ".join(f"{k}={v:.2e}" for k, v in saved["max_abs_diff"].items()))
@@ -120,7 +122,7 @@ def test_parity_presets_cover_a_head_width_gqa_cannot_take():
     assert any(w % 8 for w in widths.values()), widths
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", FAMILIES["opt"].parity_presets)
 @pytest.mark.parametrize("case", ["caption", "prompt", "padded-batch"])
 def test_greedy_matches_transformers(exported, preset, case):
     ckpt, repo, _ = exported(preset)
@@ -156,16 +158,20 @@ def test_batched_transformers_bug_is_real_for_projected_embeddings(exported):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_family_has_a_parity_preset(family):
-    """Each registered family names a preset that the parity tests above export and decode, and
-    that preset builds a checkpoint of that family."""
+def test_every_family_has_parity_presets_a_builder_and_a_runtime(family):
+    """Each registered family names presets that the parity tests export and decode, each preset
+    builds a checkpoint of that family, and the export and serving layers both know the family."""
+    from blip2_triton.export.families import BUILDERS
+    from blip2_triton.serving.language_model import RUNTIMES
     from blip2_triton.tiny import blip2_config
 
-    preset = FAMILIES[family].parity_preset
-    assert preset in PRESETS, f"family {family!r}: parity preset {preset!r} is not among the tested PRESETS"
-    config = blip2_config(PRESETS[preset], vocab_size=64, image_token_index=63)
-    assert config.text_config.model_type == family
-    assert [s.name for s in FAMILIES[family].graph_specs(config)] == list(specs.graph_specs(config))
+    assert family in BUILDERS and family in RUNTIMES
+    presets = FAMILIES[family].parity_presets
+    assert presets and all(p in PRESETS for p in presets), f"family {family!r}: parity presets {presets} not in PRESETS"
+    for preset in presets:
+        config = blip2_config(PRESETS[preset], vocab_size=64, image_token_index=63)
+        assert config.text_config.model_type == family
+        assert [s.name for s in FAMILIES[family].graph_specs(config)] == list(graph_specs(config))
 
 
 def test_gate_rejects_graphs_of_other_weights(tiny_checkpoints, exported, tmp_path):
@@ -218,9 +224,8 @@ def test_fp16_export_keeps_the_qformer_in_fp32(tiny_checkpoints, tmp_path):
     report = export_checkpoint(ckpt, tmp_path / "fp16", dtype="fp16", progress=False)
     assert report.checks and all(c["ok"] for c in report.checks)
     config = AutoConfig.from_pretrained(ckpt)
-    graph_specs = specs.graph_specs(config, "float16")
     elements = {}
-    for name, spec in graph_specs.items():
+    for name, spec in graph_specs(config, "float16").items():
         model = onnx.load(str(repository.graph_path(tmp_path / "fp16", name)))
         for declared, actual in ((spec.inputs, model.graph.input), (spec.outputs, model.graph.output)):
             assert {t.name: t.dtype for t in declared} == {
@@ -239,26 +244,28 @@ def test_fp16_export_keeps_the_qformer_in_fp32(tiny_checkpoints, tmp_path):
     assert elements[specs.QFORMER][fp32] > 10 * projection
 
     pipe = LocalPipeline(tmp_path / "fp16")
-    assert pipe.generator.decoder.float_dtype == np.float16
+    assert pipe.generator.language_model.decoder.float_dtype == np.float16
     assert len(pipe(random_image(1), max_new_tokens=4).token_ids) == 4
 
 
 def test_unsupported_language_model_is_a_clear_error():
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    from blip2_triton.export.families import UnsupportedModelError, family_graphs
+    from blip2_triton.errors import UnsupportedModelError
+    from blip2_triton.export.families import family_graphs
 
     config = Blip2Config(
         vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                            image_size=16, patch_size=8),
         qformer_config=dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
                             encoder_hidden_size=8),
-        text_config=dict(model_type="t5", d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4, vocab_size=40),
+        text_config=dict(model_type="llama", hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=40),
         num_query_tokens=2,
     )
     with torch.device("cpu"):
         model = Blip2ForConditionalGeneration(config)
-    with pytest.raises(UnsupportedModelError, match="'t5'"):
+    with pytest.raises(UnsupportedModelError, match="'llama'.*supported: \\['opt', 't5'\\]"):
         family_graphs(model)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from blip2_triton.generation import GenerationParams, InvalidGenerationParams
 from blip2_triton.generation.params import TRANSFORMERS_DEFAULTS
-from blip2_triton.serving.errors import InvalidInput
+from blip2_triton.errors import InvalidInput
 
 
 def test_defaults_are_transformers_defaults():

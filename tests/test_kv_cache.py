@@ -8,19 +8,15 @@ import pytest
 import torch
 
 from blip2_triton import repository, specs
-from blip2_triton.serving.decoder import DecoderGraph
 from blip2_triton.serving.kv_cache import KVCache
 
 from .conftest import random_image, run_together
 
 
 @pytest.fixture(scope="module")
-def decoder(exported):
-    from transformers import AutoConfig
-
-    _, repo, _ = exported("tiny-opt")
-    config = AutoConfig.from_pretrained(repository.assets_dir(repo))
-    return DecoderGraph(repository.graph_path(repo, specs.LLM_DECODER), config)
+def decoder(pipeline):
+    """tiny-opt's language model: its steps run the decoder graph over the in-place cache."""
+    return pipeline.generator.language_model
 
 
 def test_a_decode_step_writes_only_each_rows_next_position(decoder):
@@ -30,8 +26,7 @@ def test_a_decode_step_writes_only_each_rows_next_position(decoder):
         b[...] = rng.standard_normal(b.shape)
     before = [b.copy() for b in cache.buffers]
     lengths = np.array([5, 9, 2])  # cached positions per row
-    mask = (np.arange(10)[None, :] < lengths[:, None] + 1).astype(np.int64)
-    decoder(np.array([[4], [5], [6]]), None, mask, cache.rows(0, 3))
+    decoder.step(np.array([4, 5, 6]), lengths, cache)
     for old, new in zip(before, cache.buffers):
         for row, length in enumerate(lengths):
             changed = np.flatnonzero(np.any(old[row] != new[row], axis=(0, 2)))
@@ -47,9 +42,8 @@ def test_rows_of_a_step_see_only_their_own_length(decoder):
     alone = decoder.new_cache(slots=1, capacity=7)
     for shared, single in zip(cache.buffers, alone.buffers):
         single[0, :, :6] = shared[0, :, :6]
-    mask = np.array([[1] * 7 + [0] * 4, [1] * 11])
-    together = decoder(np.array([[7], [8]]), None, mask, cache.rows(0, 2))
-    by_itself = decoder(np.array([[7]]), None, np.ones((1, 7), np.int64), alone.rows(0, 1))
+    together = decoder.step(np.array([7, 8]), np.array([6, 10]), cache)
+    by_itself = decoder.step(np.array([7]), np.array([6]), alone)
     np.testing.assert_allclose(together[0], by_itself[0], rtol=1e-5, atol=1e-5)
 
 
@@ -128,7 +122,7 @@ def test_generate_refuses_to_share_a_running_engine(pipeline):
 
     pixels, prompt_ids = pipeline.stages.preprocess(random_image(30), b"")
     request = pipeline.generator.request(pipeline.stages.query_embeds(pixels), prompt_ids, {})
-    engine = GenerationEngine(pipeline.generator.decoder).start()
+    engine = GenerationEngine(pipeline.generator.language_model).start()
     try:
         with pytest.raises(RuntimeError, match="submit"):
             engine.generate(request)

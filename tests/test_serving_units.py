@@ -10,7 +10,7 @@ import pytest
 from blip2_triton import interface as api
 from blip2_triton import repository, specs
 from blip2_triton.pbtxt import ConfigError, ModelConfig, Tensor, render
-from blip2_triton.serving.errors import InvalidInput
+from blip2_triton.errors import InvalidInput
 
 from .conftest import random_image, run_together
 
@@ -114,7 +114,7 @@ def test_preprocess_equals_the_transformers_processor(preprocessor, exported):
     pixels, ids = preprocessor(data, b"a photo of")
     ref = processor(images=Image.open(io.BytesIO(data)), text="a photo of", return_tensors="np")
     np.testing.assert_array_equal(pixels, ref["pixel_values"][0])
-    q = preprocessor.num_query_tokens
+    q = processor.num_query_tokens
     assert ids.tolist() == ref["input_ids"][0, q:].tolist()
 
 
@@ -125,11 +125,13 @@ def test_preprocess_batch_isolates_bad_items(preprocessor):
     assert not np.array_equal(results[0][0], results[2][0])
 
 
-def test_preprocess_rejects_bad_prompts(preprocessor):
+def test_preprocess_rejects_bad_prompts(preprocessor, pipeline):
+    """Undecodable text is refused by preprocessing; a prompt too long for the context by the
+    language model's one context check, once tokenized and before any graph runs."""
     with pytest.raises(InvalidInput, match="UTF-8"):
         preprocessor(random_image(1), b"\xff\xfe")
-    with pytest.raises(InvalidInput, match="context"):
-        preprocessor(random_image(1), b"circle " * 1000)
+    with pytest.raises(InvalidInput, match=r"prompt: \d+ tokens.*context"):
+        pipeline.service.prepare(random_image(1), b"circle " * 1000, {})
 
 
 # ---- detokenization ---------------------------------------------------------------------------------
@@ -203,7 +205,7 @@ def test_controls_are_checked_before_the_image_is_read(pipeline):
             pipeline.service.prepare(b"junk", b"", controls)
     with pytest.raises(InvalidInput, match="image"):
         pipeline.service.prepare(b"junk", b"", {"max_new_tokens": 5})
-    room = pipeline.generator.max_positions - pipeline.generator.num_query_tokens - 1
+    room = pipeline.generator.language_model.max_positions - pipeline.generator.num_query_tokens - 1
     with pytest.raises(InvalidInput, match="max_new_tokens"):  # fits the shortest prompt, not this one
         pipeline.service.prepare(random_image(1), b"a photo of", {"max_new_tokens": room})
     assert pipeline.service.prepare(random_image(1), b"", {"max_new_tokens": room})
@@ -212,7 +214,7 @@ def test_controls_are_checked_before_the_image_is_read(pipeline):
 def test_a_failing_request_does_not_stop_the_engine(pipeline):
     from blip2_triton.serving.engine import GenerationEngine, GenerationRequest
 
-    engine = GenerationEngine(pipeline.generator.decoder)
+    engine = GenerationEngine(pipeline.generator.language_model)
     errors = []
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
@@ -234,9 +236,9 @@ def test_too_many_beams_is_refused(pipeline):
 
 def test_stop_answers_waiting_and_active_requests(pipeline):
     from blip2_triton.serving.engine import GenerationEngine
-    from blip2_triton.serving.errors import Cancelled
+    from blip2_triton.errors import Cancelled
 
-    engine = GenerationEngine(pipeline.generator.decoder)
+    engine = GenerationEngine(pipeline.generator.language_model)
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
     errors = []
@@ -251,9 +253,9 @@ def test_stop_answers_waiting_and_active_requests(pipeline):
 def test_cancelling_the_last_sequence_reports_zero_active(pipeline):
     """The active-sequences gauge is what operators (and the server tests) watch to see a slot freed."""
     from blip2_triton.serving.engine import GenerationEngine
-    from blip2_triton.serving.errors import Cancelled
+    from blip2_triton.errors import Cancelled
 
-    engine = GenerationEngine(pipeline.generator.decoder, cancel_poll_s=0)
+    engine = GenerationEngine(pipeline.generator.language_model, cancel_poll_s=0)
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
     cancelled, errors = threading.Event(), []
@@ -273,7 +275,7 @@ def test_a_sequence_is_counted_active_before_its_first_token_goes_out(pipeline):
     a cancelled stream whose gauge went 0 -> 1 -> 0 because the count was raised after that token."""
     from blip2_triton.serving.engine import GenerationEngine
 
-    engine = GenerationEngine(pipeline.generator.decoder)
+    engine = GenerationEngine(pipeline.generator.language_model)
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
     seen = []
@@ -289,9 +291,9 @@ def test_cancellation_is_polled_at_most_every_cancel_poll_s(pipeline):
     """In Triton each is_cancelled() is a round trip to the server: asked once per interval, not
     once per step, and a cancelled sequence still stops within one interval plus a step."""
     from blip2_triton.serving.engine import GenerationEngine
-    from blip2_triton.serving.errors import Cancelled
+    from blip2_triton.errors import Cancelled
 
-    engine = GenerationEngine(pipeline.generator.decoder, cancel_poll_s=0.05)
+    engine = GenerationEngine(pipeline.generator.language_model, cancel_poll_s=0.05)
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
     asked, errors = [], []

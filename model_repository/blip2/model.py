@@ -10,7 +10,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from blip2_triton import interface as api
-from blip2_triton.repository import MAX_BATCH_SIZE, assets_dir
 from blip2_triton.serving import triton_io as io
 from blip2_triton.serving.service import Blip2Service
 
@@ -20,12 +19,12 @@ class TritonPythonModel:
         self.args = io.ModelArgs(args)
         self.args.require_io([t.name for t in api.PUBLIC_INPUTS], [t.name for t in api.PUBLIC_OUTPUTS])
         self.service = Blip2Service(
-            assets_dir(self.args.repository), self.args.version_dir / self.args.parameter("onnx_file"),
-            stages=io.BlsStages(), stats=io.GeneratorMetrics(self.args.name), compute_lock=self.args.compute_lock(),
+            self.args.repository, stages=io.BlsStages(), stats=io.GeneratorMetrics(self.args.name),
+            compute_lock=self.args.compute_lock(),
         )
         self.service.engine.start()
         # BLS calls block: enough workers for a full batch of requests to wait in the stages together.
-        self.workers = ThreadPoolExecutor(MAX_BATCH_SIZE, thread_name_prefix="blip2-stages")
+        self.workers = ThreadPoolExecutor(self.args.max_batch_size, thread_name_prefix="blip2-stages")
 
     def execute(self, requests):
         received = time.perf_counter()  # time to first token counts from here

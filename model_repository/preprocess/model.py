@@ -3,7 +3,7 @@ from blip2_triton import interface as api
 from blip2_triton import specs
 from blip2_triton.repository import assets_dir
 from blip2_triton.serving import triton_io as io
-from blip2_triton.serving.errors import InvalidInput
+from blip2_triton.errors import InvalidInput
 from blip2_triton.serving.preprocess import Preprocessor
 
 

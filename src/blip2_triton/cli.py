@@ -9,7 +9,7 @@ import sys
 def _export(args) -> int:
     from blip2_triton.export.checkpoint import ProcessorMismatchError
     from blip2_triton.export.exporter import export_checkpoint
-    from blip2_triton.export.families import UnsupportedModelError
+    from blip2_triton.errors import UnsupportedModelError
     from blip2_triton.export.validate import ValidationError
 
     try:

@@ -1,8 +1,9 @@
 """Layout and generation of the Triton model repository that `blip2-triton export` writes.
 
-    <repo>/blip2/{config.pbtxt,1/model.py,1/llm_decoder.onnx}   the public model (decoupled):
-                                         calls preprocess -> vision_encoder -> qformer (BLS), then
-                                         generates with the KV-cached decoder and detokenizes
+    <repo>/blip2/{config.pbtxt,1/model.py,1/llm_*.onnx}  the public model (decoupled): calls
+                                         preprocess -> vision_encoder -> qformer (BLS), then
+                                         generates with its language model's graphs (llm_decoder,
+                                         and llm_encoder for an encoder-decoder) and detokenizes
     <repo>/blip2/1/checkpoint/           checkpoint assets: processor, tokenizer, configs, export report
     <repo>/preprocess/{config.pbtxt,1/model.py}                   dynamic batching
     <repo>/vision_encoder/{config.pbtxt,1/model.py,1/model.onnx}  dynamic batching
@@ -20,6 +21,7 @@ from typing import Callable
 
 from . import interface as api
 from . import specs
+from .families import graph_specs
 from .pbtxt import ModelConfig, Tensor, render
 
 log = logging.getLogger("blip2_triton.export")
@@ -61,16 +63,13 @@ def assets_dir(repo: Path | str) -> Path:
 
 
 def model_configs(config, float_dtype: str = "float32", stateless_backend: str = "python") -> list[ModelConfig]:
-    """All model configs of the repository for a Blip2Config, from its family's graphs (export/families.py).
+    """All model configs of the repository for a Blip2Config, from its family's graphs (blip2_triton.families).
 
     stateless_backend: "python" serves the vision encoder and Q-Former with onnxruntime inside the
     Python backend (works everywhere); "onnxruntime" uses Triton's onnxruntime backend (NVIDIA's
     containers only).
     """
-    from blip2_triton.export.families import family_of
-
-    family = family_of(config)
-    graphs = specs.graph_specs(config, float_dtype)
+    graphs = graph_specs(config, float_dtype)
     pixel_values = Tensor.from_spec(graphs[specs.VISION_ENCODER].input(specs.PIXEL_VALUES))
 
     def stateless(spec: specs.GraphSpec) -> ModelConfig:
@@ -102,8 +101,8 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         inputs=api.PUBLIC_INPUTS,
         outputs=api.PUBLIC_OUTPUTS,
         decoupled=True,
-        parameters={**{param: graph_location(graphs[graph].name)[1] for param, graph in family.pipeline_parameters.items()},
-                    EXCLUSIVE_COMPUTE: "true"},
+        # The language model's graphs are found by name (graph_path), its family from the checkpoint's config.
+        parameters={EXCLUSIVE_COMPUTE: "true"},
     )
     return [preprocess, *(stateless(graphs[name]) for name in STAGE_GRAPHS), pipeline]
 

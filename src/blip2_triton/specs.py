@@ -19,11 +19,13 @@ SEQUENCE = "sequence_length"
 PREFIX = "prefix_length"
 TOTAL = "total_sequence_length"
 CACHE = "max_sequence_length"  # positions a KV-cache buffer holds (>= TOTAL)
+ENCODED = "encoder_sequence_length"  # positions an encoder-decoder LM's encoder produced
 
 # Graph names; they are also the ONNX file stems and the Triton model names.
 VISION_ENCODER = "vision_encoder"
 QFORMER = "qformer"
-LLM_DECODER = "llm_decoder"
+LLM_DECODER = "llm_decoder"  # every family's decoder: prefill and decode steps over the in-place KV cache
+LLM_ENCODER = "llm_encoder"  # an encoder-decoder family's encoder (query embeddings + prompt, once per request)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,18 @@ def present_value(i: int) -> str:
     return f"present.{i}.value"
 
 
+def encoder_key(i: int) -> str:
+    """Decoder layer i's cross-attention keys over the encoder output (computed once per request)."""
+    return f"encoder_key_values.{i}.key"
+
+
+def encoder_value(i: int) -> str:
+    return f"encoder_key_values.{i}.value"
+
+
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"
+
+
 def vision_encoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
     """`config` is a Blip2Config. pixel_values [B, 3, H, W] (BLIP-2 patch embedding is RGB-only) -> image_embeds [B, patches+1, D]."""
     v = config.vision_config
@@ -130,14 +144,29 @@ def lm_embed_dim(config) -> int:
     return getattr(t, "word_embed_proj_dim", None) or t.hidden_size
 
 
-def kv_head_dim(config) -> int:
-    """Head width in the KV cache: the LM's, rounded up to a multiple of 8.
-
-    onnxruntime's GroupQueryAttention needs a multiple of 8. Real OPT heads are 64, 80 or 128 wide;
-    a narrower or odd one is zero-padded, which leaves every attention score and output unchanged.
-    """
+def lm_head_dim(config) -> int:
+    """Width of one attention head of the LM (T5's d_kv, else hidden_size / heads)."""
     t = config.text_config
-    return -(-(t.hidden_size // t.num_attention_heads) // 8) * 8
+    return getattr(t, "d_kv", None) or t.hidden_size // t.num_attention_heads
+
+
+def kv_head_dim(config) -> int:
+    """Head width in the self-attention KV cache: the LM's, rounded up to a multiple of 8.
+
+    onnxruntime's GroupQueryAttention needs a multiple of 8. Real OPT and T5 heads are 64, 80 or
+    128 wide; a narrower or odd one is zero-padded, which leaves every attention score and output
+    unchanged.
+    """
+    return -(-lm_head_dim(config) // 8) * 8
+
+
+def _kv_tensors(layers: int, heads: int, head_dim: int, float_dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The past inputs and present outputs of a self-attention cache updated in place."""
+    past, present = [], []
+    for i in range(layers):
+        past += [TensorSpec(n, float_dtype, (BATCH, heads, CACHE, head_dim)) for n in (past_key(i), past_value(i))]
+        present += [TensorSpec(n, float_dtype, (BATCH, heads, CACHE, head_dim)) for n in (present_key(i), present_value(i))]
+    return past, present
 
 
 def decoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
@@ -155,22 +184,64 @@ def decoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
     Rows of a call with S + P > 1 (prefill) must all have that many new positions (no padding).
     """
     t = config.text_config
-    heads, head_dim = t.num_attention_heads, kv_head_dim(config)
+    past, present = _kv_tensors(t.num_hidden_layers, t.num_attention_heads, kv_head_dim(config), float_dtype)
     inputs = [
         TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
         TensorSpec(PREFIX_EMBEDS, float_dtype, (BATCH, PREFIX, lm_embed_dim(config))),
         TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
+        *past,
     ]
-    outputs = [TensorSpec(LOGITS, "float32", (BATCH, 1, t.vocab_size))]
-    for i in range(t.num_hidden_layers):
-        for name in (past_key(i), past_value(i)):
-            inputs.append(TensorSpec(name, float_dtype, (BATCH, heads, CACHE, head_dim)))
-        for name in (present_key(i), present_value(i)):
-            outputs.append(TensorSpec(name, float_dtype, (BATCH, heads, CACHE, head_dim)))
+    outputs = [TensorSpec(LOGITS, "float32", (BATCH, 1, t.vocab_size)), *present]
     return GraphSpec(LLM_DECODER, tuple(inputs), tuple(outputs))
 
 
-def num_decoder_layers(spec: GraphSpec) -> int:
+def t5_encoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
+    """An encoder-decoder LM's encoder (T5), ending in every decoder layer's cross-attention projections.
+
+    Inputs: prefix_embeds [B, P, E] (the query embeddings, which precede the prompt as transformers'
+    inputs_embeds do); input_ids [B, S] (the prompt, ending in </s>). No attention mask: the
+    engine encodes one request at a time, unpadded.
+    Outputs: encoder_key_values.{i}.key/.value [B, heads, P+S, d_kv] for each decoder layer i: what
+    its cross-attention reads at every step, computed once per request.
+    """
+    t = config.text_config
+    heads, head_dim = t.num_heads, lm_head_dim(config)
+    inputs = (
+        TensorSpec(PREFIX_EMBEDS, float_dtype, (BATCH, PREFIX, t.d_model)),
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
+    )
+    outputs = tuple(TensorSpec(name, float_dtype, (BATCH, heads, ENCODED, head_dim))
+                    for i in range(t.num_decoder_layers) for name in (encoder_key(i), encoder_value(i)))
+    return GraphSpec(LLM_ENCODER, inputs, outputs)
+
+
+def t5_decoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
+    """An encoder-decoder LM's decoder (T5): decode steps over an in-place self-attention cache.
+
+    Inputs: input_ids [B, S]; attention_mask [B, T] (decoder positions, right-padded per row, as in
+    decoder_spec); encoder_attention_mask [B, N]: 1 on each row's encoder positions;
+    encoder_key_values.{i}.key/.value [B, heads, N, d_kv] (llm_encoder's outputs, rows padded to a
+    common N); past_key_values.{i}.key/.value [B, heads, M, Dk] (Dk: kv_head_dim).
+    Outputs: logits [B, 1, vocab] for the last position; present.{i}.key/.value, bound to the past
+    buffers' memory as in decoder_spec.
+    """
+    t = config.text_config
+    layers, heads = t.num_decoder_layers, t.num_heads
+    past, present = _kv_tensors(layers, heads, kv_head_dim(config), float_dtype)
+    encoded = [TensorSpec(name, float_dtype, (BATCH, heads, ENCODED, lm_head_dim(config)))
+               for i in range(layers) for name in (encoder_key(i), encoder_value(i))]
+    inputs = (
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
+        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
+        TensorSpec(ENCODER_ATTENTION_MASK, "int64", (BATCH, ENCODED)),
+        *encoded,
+        *past,
+    )
+    return GraphSpec(LLM_DECODER, inputs, (TensorSpec(LOGITS, "float32", (BATCH, 1, t.vocab_size)), *present))
+
+
+def cache_layers(spec: GraphSpec) -> int:
+    """Layers of the self-attention cache a decoder graph takes."""
     return sum(1 for t in spec.inputs if t.name.startswith("past_key_values.") and t.name.endswith(".key"))
 
 
@@ -180,11 +251,3 @@ def image_stage_specs(config, float_dtype: str = "float32") -> tuple[GraphSpec, 
         vision_encoder_spec(config, float_dtype),
         qformer_spec(config, float_dtype),  # computes in fp32 inside, like transformers
     )
-
-
-def graph_specs(config, float_dtype: str = "float32") -> dict[str, GraphSpec]:
-    """All graphs of one BLIP-2 checkpoint, by name, in export order: those of its language
-    model's family (export/families.py; UnsupportedModelError for an unregistered one)."""
-    from blip2_triton.export.families import family_of
-
-    return {s.name: s for s in family_of(config).graph_specs(config, float_dtype)}

@@ -12,7 +12,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
-from blip2_triton.serving.errors import InvalidInput
+from blip2_triton.errors import InvalidInput
 
 EarlyStopping = Union[bool, Literal["never"]]
 

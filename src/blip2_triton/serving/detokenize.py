@@ -5,10 +5,11 @@ the text those new tokens add. The rule streaming clients rely on: the pieces of
 concatenate to `tokenizer.decode(all ids, skip_special_tokens=True)`, the one-shot text.
 
 That holds by construction when decoding is prefix-stable: the text of ids[:k] (without a trailing
-U+FFFD) is a prefix of the text of ids[:k+m]. A byte-level BPE decoder (GPT-2/OPT, the only family
-exported) only concatenates the tokens' bytes and decodes them as UTF-8, so it is, except for a
-token that ends inside a multi-byte character: that decodes to U+FFFD until the next token
-completes it, hence the trailing U+FFFD is held back. transformers' `clean_up_tokenization` (which
+U+FFFD) is a prefix of the text of ids[:k+m]. A byte-level BPE decoder (GPT-2/OPT) only
+concatenates the tokens' bytes and decodes them as UTF-8, so it is, except for a token that ends
+inside a multi-byte character: that decodes to U+FFFD until the next token completes it, hence the
+trailing U+FFFD is held back. A SentencePiece Metaspace decoder (T5) turns each piece's "▁" into a
+space and drops only the first piece's leading one, which later pieces cannot change: it is too. transformers' `clean_up_tokenization` (which
 turns "it '" + "s" into "it's") would break it; transformers 5 skips it for BPE tokenizers unless
 forced. For any other decoder, or when decode does clean up, no text is sent before the final
 piece (streaming still answers per token, with empty text), so the rule holds there too.
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Sequence
 
 REPLACEMENT = "\ufffd"
+PREFIX_STABLE_DECODERS = ("ByteLevel", "Metaspace")
 # Every pattern transformers' clean_up_tokenization rewrites: decode applies it iff these change.
 _CLEANUP_PROBE = "a . b ? c ! d , e ' f n't g 'm h 's i 've j 're"
 
@@ -25,7 +27,7 @@ _CLEANUP_PROBE = "a . b ? c ! d , e ' f n't g 'm h 's i 've j 're"
 def prefix_stable(tokenizer) -> bool:
     """Whether decode(ids[:k]) minus a trailing U+FFFD is always a prefix of decode(ids[:k+m])."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or type(backend.decoder).__name__ != "ByteLevel":
+    if backend is None or type(backend.decoder).__name__ not in PREFIX_STABLE_DECODERS:
         return False
     ids = tokenizer(_CLEANUP_PROBE, add_special_tokens=False)["input_ids"]
     return tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(

@@ -1,14 +1,13 @@
-"""Continuous-batching generation over the KV-cached decoder graph.
+"""Continuous-batching generation over a language model (serving.language_model.LanguageModel).
 
 Each request is prefilled once (query embeddings + prompt) and then joins the running batch: every
-step makes ONE decoder call for the rows of all active sequences (one row per sequence, or
-num_beams rows for beam search). Sequences join and leave between steps, so a new request waits
+step makes ONE batched language-model call for the rows of all active sequences (one row per
+sequence, or num_beams rows for beam search). Sequences join and leave between steps, so a new request waits
 at most one step, not a whole generation. The KV cache never leaves this process.
 
-All sequences share one KVCache, packed from slot 0 in admission order; the decoder writes each
-step's keys and values into it in place. Rows of different lengths share a call: each row's
-attention mask covers its own length (right padding), from which the graph takes its positions
-and the positions it attends to, so every sequence sees exactly the computation it would see alone.
+All sequences share one cache, packed from slot 0 in admission order; the language model writes
+each step's keys and values into it in place. Rows of different lengths share a call: the model
+gets each row's own length, so every sequence sees exactly the computation it would see alone.
 """
 from __future__ import annotations
 
@@ -21,8 +20,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .decoder import DecoderGraph
-from .errors import Cancelled
+from .language_model import LanguageModel
+from blip2_triton.errors import Cancelled
 
 log = logging.getLogger("blip2_triton.engine")
 
@@ -105,13 +104,13 @@ class GenerationEngine:
     1.5 ms per 30-token request, while a step of a real model is longer than the interval anyway.
     """
 
-    def __init__(self, decoder: DecoderGraph, max_rows: int = 64, stats: EngineStats | None = None,
+    def __init__(self, language_model: LanguageModel, max_rows: int = 64, stats: EngineStats | None = None,
                  cancel_poll_s: float = 0.01):
-        self.decoder = decoder
+        self.language_model = language_model
         self.max_rows = max_rows
         self.stats = stats or EngineStats()
         self.cancel_poll_s = cancel_poll_s
-        self.cache = decoder.new_cache()
+        self.cache = language_model.new_cache()
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
         self._active: list[_Active] = []
         self._stop = threading.Event()
@@ -204,13 +203,9 @@ class GenerationEngine:
         try:
             if request.is_cancelled():
                 raise Cancelled("cancelled before start")
-            ids = request.prompt_ids[None, :]
-            prefix = request.query_embeds[None, :, :]
-            length = prefix.shape[1] + ids.shape[1]
             start = sum(s.rows for s in self._active)
-            self.cache.reserve(start + 1, length)
             began = time.perf_counter()
-            logits = self.decoder(ids, prefix, np.ones((1, length), np.int64), self.cache.rows(start, start + 1))
+            logits, length = self.language_model.prefill(request.query_embeds, request.prompt_ids, self.cache, start)
             self.stats.on_stage("prefill", time.perf_counter() - began)
             seq = _Active(request, rows=1, length=length, start=start, pending=np.zeros(0, np.int64),
                           next_cancel_check=time.monotonic() + self.cancel_poll_s)
@@ -225,7 +220,7 @@ class GenerationEngine:
             self._set_active([s for s in self._active if s is not seq])
 
     def _step(self) -> None:
-        """One batched decoder call for every active sequence's rows."""
+        """One batched language-model call for every active sequence's rows."""
         live = []
         now = time.monotonic()
         for seq in self._active:
@@ -262,15 +257,9 @@ class GenerationEngine:
         self._set_active(still)
 
     def _batched_call(self, live: list[_Active]) -> np.ndarray:
-        """One decoder call over cache slots [0:rows): each row's pending token at its own position."""
-        rows = sum(s.rows for s in live)
-        total = max(s.length for s in live) + 1
-        self.cache.reserve(rows, total)
-        mask = np.zeros((rows, total), np.int64)
-        for s in live:
-            mask[s.start : s.start + s.rows, : s.length + 1] = 1
-        ids = np.concatenate([s.pending for s in live])[:, None]
-        return self.decoder(ids, None, mask, self.cache.rows(0, rows))
+        """One language-model step over cache slots [0:rows): each row's pending token at its own position."""
+        lengths = np.concatenate([np.full(s.rows, s.length, np.int64) for s in live])
+        return self.language_model.step(np.concatenate([s.pending for s in live]), lengths, self.cache)
 
     def _advance(self, seq: _Active, logits: np.ndarray) -> None:
         """Feed one step's logits to the request's search; reorder rows for beams; emit tokens."""

@@ -1,7 +1,8 @@
 """The generator service: validated requests -> the continuous-batching engine -> token callbacks.
 
-Owns the LLM-decoder graph and its KV caches. Used by the `blip2` Triton model and, without a
-server, by `LocalPipeline` (tests, benchmarks), both through `Blip2Service`.
+Owns the language model (any family, through serving.language_model) and its cache. Used by the
+`blip2` Triton model and, without a server, by `LocalPipeline` (tests, benchmarks), both through
+`Blip2Service`.
 """
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from blip2_triton import generation
+from blip2_triton import generation, repository
+from blip2_triton.errors import InvalidInput
 from blip2_triton.interface import CONTROL_NAMES
 
-from .decoder import DecoderGraph
 from .engine import EngineStats, GenerationEngine, GenerationRequest
-from .errors import InvalidInput
+from .language_model import LanguageModel, load_language_model
 
 
 # Each beam is a row of every decoder call and a copy of the KV cache: a server-side bound keeps one
@@ -23,23 +24,23 @@ from .errors import InvalidInput
 MAX_BEAMS = 16
 
 class GeneratorService:
-    def __init__(self, assets: str | Path, decoder_path: str | Path, threads: int | None = None,
-                 max_rows: int = 64, stats: EngineStats | None = None, compute_lock=None):
+    def __init__(self, repo: str | Path, tokenizer, threads: int | None = None, max_rows: int = 64,
+                 stats: EngineStats | None = None, compute_lock=None):
         from transformers import AutoConfig, GenerationConfig
 
+        assets = repository.assets_dir(repo)
         self.config = AutoConfig.from_pretrained(assets)
         self.generation_config = GenerationConfig.from_pretrained(assets)
-        self.decoder = DecoderGraph(decoder_path, self.config, threads=threads, compute_lock=compute_lock)
-        self.engine = GenerationEngine(self.decoder, max_rows=max_rows, stats=stats)
+        self.language_model: LanguageModel = load_language_model(
+            repo, self.config, self.generation_config, tokenizer, threads=threads, compute_lock=compute_lock)
+        self.engine = GenerationEngine(self.language_model, max_rows=max_rows, stats=stats)
         self.num_query_tokens = self.config.num_query_tokens
-        self.max_positions = self.config.text_config.max_position_embeddings
-        self.image_token_id = self.config.image_token_index
 
     def params(self, controls: dict[str, Any], prompt_length: int) -> "generation.GenerationParams":
         """Controls (absent ones = checkpoint defaults) -> validated params, or InvalidInput.
 
-        prompt_length counts every prefilled position (query tokens, BOS, prompt), as transformers'
-        max_length does.
+        prompt_length: the length of generate()'s input_ids (LanguageModel.history), which a
+        checkpoint's max_length counts.
         """
         unknown = set(controls) - set(CONTROL_NAMES)
         if unknown:
@@ -56,14 +57,10 @@ class GeneratorService:
         before running any graph, so a bad request costs no vision or decoder work."""
         if prompt_ids.ndim != 1 or prompt_ids.size == 0:
             raise InvalidInput(f"prompt_ids: expected a non-empty 1-D array, got shape {list(prompt_ids.shape)}")
-        prompt_length = self.num_query_tokens + len(prompt_ids)
-        params = self.params(controls, prompt_length)
+        params = self.params(controls, len(self.language_model.history(prompt_ids)))
         if params.num_beams > MAX_BEAMS:
             raise InvalidInput(f"num_beams must be <= {MAX_BEAMS} on this server, got {params.num_beams}")
-        try:
-            params.validate_context(prompt_length, self.max_positions)
-        except generation.InvalidGenerationParams as e:
-            raise InvalidInput(str(e)) from None
+        self.language_model.check_context(prompt_ids, params.max_new_tokens)  # the one context check
         return params
 
     def request(
@@ -91,13 +88,10 @@ class GeneratorService:
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> GenerationRequest:
         """The engine request for params that `validate` returned for these prompt ids."""
-        expected = (self.num_query_tokens, self.decoder.embed_dim)
+        expected = (self.num_query_tokens, self.language_model.embed_dim)
         if query_embeds.shape != expected:
             raise InvalidInput(f"query_embeds: expected shape {list(expected)}, got {list(query_embeds.shape)}")
-        # transformers' OPT generate sees the image placeholders and the prompt as its input_ids:
-        # repetition penalty and n-gram blocking count them too.
-        history = np.concatenate([np.full(self.num_query_tokens, self.image_token_id, np.int64), prompt_ids])
-        search = generation.make_decoder(params, history)
+        search = generation.make_decoder(params, self.language_model.history(prompt_ids))
         return GenerationRequest(
             # Beam search cannot stream (the best beam is known only at the end): one response.
             query_embeds=query_embeds, prompt_ids=prompt_ids, search=search, stream=stream and not params.is_beam_search,

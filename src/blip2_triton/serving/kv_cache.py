@@ -17,6 +17,7 @@ class KVCache:
     def __init__(self, layers: int, heads: int, head_dim: int, dtype: np.dtype, slots: int = 1, capacity: int = 64):
         self.tensors = 2 * layers
         self.heads, self.head_dim, self.dtype = heads, head_dim, np.dtype(dtype)
+        self.initial_capacity = capacity
         self.buffers = self._allocate(slots, capacity)
 
     @property
@@ -31,13 +32,15 @@ class KVCache:
         # np.zeros maps fresh pages lazily: growing by doubling costs only what is written.
         return [np.zeros((slots, self.heads, capacity, self.head_dim), self.dtype) for _ in range(self.tensors)]
 
-    def reserve(self, slots: int, capacity: int) -> None:
+    def reserve(self, slots: int, capacity: int, exact_capacity: bool = False) -> None:
         """Make room for `slots` rows of `capacity` positions, keeping the contents. Grows by
-        doubling, so a sequence growing token by token copies its cache O(log n) times."""
+        doubling, so a sequence growing token by token copies its cache O(log n) times;
+        `exact_capacity` grows positions to just `capacity` (for buffers written once per request)."""
         if slots <= self.slots and capacity <= self.capacity:
             return
-        grown = self._allocate(max(slots, self.slots * (2 if slots > self.slots else 1)),
-                               max(capacity, self.capacity * (2 if capacity > self.capacity else 1)))
+        if not exact_capacity:
+            capacity = max(capacity, self.capacity * (2 if capacity > self.capacity else 1))
+        grown = self._allocate(max(slots, self.slots * (2 if slots > self.slots else 1)), max(capacity, self.capacity))
         for old, new in zip(self.buffers, grown):
             new[: old.shape[0], :, : old.shape[2]] = old
         self.buffers = grown
@@ -59,4 +62,64 @@ class KVCache:
 
     def release(self) -> None:
         """Drop the memory of an idle engine (a long or wide burst must not pin it forever)."""
-        self.buffers = self._allocate(1, 64)
+        self.buffers = self._allocate(1, self.initial_capacity)
+
+
+class EncoderDecoderCache:
+    """An encoder-decoder LM's cache: the decoder's self-attention KVCache, and per slot the
+    cross-attention keys and values of its request's encoder output with that output's length.
+
+    Slots move and gather together in both, so the engine treats it as one KVCache. The encoder
+    part is written once per request (`put_encoded`) and only read by the decoder's steps.
+    """
+
+    def __init__(self, decoder: KVCache, encoded: KVCache):
+        self.decoder, self.encoded = decoder, encoded
+        self.encoder_lengths = np.zeros(decoder.slots, np.int64)
+
+    @property
+    def slots(self) -> int:
+        return self.decoder.slots
+
+    @property
+    def capacity(self) -> int:
+        return self.decoder.capacity
+
+    def reserve(self, slots: int, capacity: int) -> None:
+        self.decoder.reserve(slots, capacity)
+        self.encoded.reserve(self.decoder.slots, self.encoded.capacity)
+        if len(self.encoder_lengths) < self.decoder.slots:
+            self.encoder_lengths = np.pad(self.encoder_lengths, (0, self.decoder.slots - len(self.encoder_lengths)))
+
+    def rows(self, start: int, stop: int) -> list[np.ndarray]:
+        return self.decoder.rows(start, stop)
+
+    def put_encoded(self, slot: int, tensors: list[np.ndarray]) -> None:
+        """Store one request's cross-attention keys and values ([1, heads, n, d] each) in `slot`."""
+        length = tensors[0].shape[2]
+        self.encoded.reserve(self.decoder.slots, length, exact_capacity=True)
+        for buffer, tensor in zip(self.encoded.buffers, tensors):
+            buffer[slot, :, :length] = tensor[0]
+        self.encoder_lengths[slot] = length
+
+    def encoded_rows(self, start: int, stop: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Views of slots [start:stop) of the encoder buffers (all their positions: the views stay the
+        same from step to step, so the decoder keeps its binding) and their mask [rows, capacity],
+        1 on each row's own positions."""
+        mask = (np.arange(self.encoded.capacity)[None, :] < self.encoder_lengths[start:stop, None]).astype(np.int64)
+        return self.encoded.rows(start, stop), mask
+
+    def move(self, source: int, target: int, rows: int, length: int) -> None:
+        self.decoder.move(source, target, rows, length)
+        self.encoded.move(source, target, rows, self.encoded.capacity)
+        self.encoder_lengths[target : target + rows] = self.encoder_lengths[source : source + rows].copy()
+
+    def gather(self, start: int, parents: np.ndarray, length: int) -> None:
+        self.decoder.gather(start, parents, length)
+        self.encoded.gather(start, parents, self.encoded.capacity)
+        self.encoder_lengths[start : start + len(parents)] = self.encoder_lengths[start + parents]
+
+    def release(self) -> None:
+        self.decoder.release()
+        self.encoded.release()
+        self.encoder_lengths = np.zeros(self.decoder.slots, np.int64)

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blip2_triton import repository, specs
-
 from .service import Blip2Service, LocalStages
 
 
@@ -24,10 +22,7 @@ class LocalPipeline:
     def __init__(self, repo: str | Path, threads: int | None = None):
         repo = Path(repo)
         self.stages = LocalStages(repo, threads)
-        self.service = Blip2Service(
-            repository.assets_dir(repo), repository.graph_path(repo, specs.LLM_DECODER), self.stages,
-            tokenizer=self.stages.preprocessor.tokenizer, threads=threads,
-        )
+        self.service = Blip2Service(repo, self.stages, tokenizer=self.stages.preprocessor.tokenizer, threads=threads)
         self.generator = self.service.generator
         self.detokenizer = self.service.detokenizer
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidInput
+from blip2_triton.errors import InvalidInput
 
 MAX_IMAGE_BYTES = 32 * 2**20
 MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: larger images are rejected before they are decoded
@@ -37,14 +37,11 @@ def _base64_payload(data: bytes) -> bytes | None:
 
 class Preprocessor:
     def __init__(self, assets: str | Path):
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(assets)
         self.image_processor = processor.image_processor
         self.tokenizer = processor.tokenizer
-        config = AutoConfig.from_pretrained(assets)
-        self.num_query_tokens = config.num_query_tokens
-        self.max_positions = config.text_config.max_position_embeddings
 
     def decode_image(self, data: bytes):
         """Encoded image file -> RGB PIL image; InvalidInput for anything Pillow cannot read safely.
@@ -101,15 +98,10 @@ class Preprocessor:
         return np.asarray(self.image_processor(images, return_tensors="np")["pixel_values"], dtype=np.float32)
 
     def prompt_ids(self, prompt: str) -> np.ndarray:
-        """Prompt -> BOS + prompt token ids (int64 [S]); the image placeholders are not included."""
-        ids = np.asarray(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], dtype=np.int64)
-        room = self.max_positions - self.num_query_tokens - 1  # at least one position to generate into
-        if len(ids) > room:
-            raise InvalidInput(
-                f"prompt: {len(ids)} tokens; with {self.num_query_tokens} image query tokens the language model's "
-                f"context of {self.max_positions} positions leaves room for at most {room}"
-            )
-        return ids
+        """Prompt -> its token ids as the checkpoint's tokenizer adds special tokens (OPT: BOS first;
+        T5: </s> last, so "" is [</s>], what the processor gives for text=""); int64 [S], without the
+        image placeholders. Its length is checked against the context by the language model."""
+        return np.asarray(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], dtype=np.int64)
 
     @staticmethod
     def decode_prompt(data: bytes | None) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from blip2_triton import specs
+from blip2_triton import repository, specs
 
 from .detokenize import Detokenizer
 from .engine import EngineStats, GenerationRequest
@@ -25,7 +25,7 @@ from .generator import GeneratorService
 from .onnx_graph import OnnxGraph
 from .preprocess import Preprocessor
 
-# Only its length matters to validation: the fewest ids a prompt tokenizes to (BOS).
+# Only its length matters to validation: the fewest ids a prompt tokenizes to (BOS, or </s>).
 SHORTEST_PROMPT = np.zeros(1, np.int64)
 
 
@@ -41,8 +41,6 @@ class LocalStages:
     """The stateless stages run in this process: the same code and graphs the Triton models run."""
 
     def __init__(self, repo: str | Path, threads: int | None = None):
-        from blip2_triton import repository
-
         self.preprocessor = Preprocessor(repository.assets_dir(repo))
         self.vision = OnnxGraph(repository.graph_path(repo, specs.VISION_ENCODER), threads)
         self.qformer = OnnxGraph(repository.graph_path(repo, specs.QFORMER), threads)
@@ -68,14 +66,14 @@ class Piece:
 
 
 class Blip2Service:
-    def __init__(self, assets: str | Path, decoder_path: str | Path, stages: Stages, tokenizer=None,
-                 threads: int | None = None, stats: EngineStats | None = None, compute_lock=None):
+    def __init__(self, repo: str | Path, stages: Stages, tokenizer=None, threads: int | None = None,
+                 stats: EngineStats | None = None, compute_lock=None):
         self.stages = stages
-        self.generator = GeneratorService(assets, decoder_path, threads=threads, stats=stats, compute_lock=compute_lock)
         if tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(assets)
+            tokenizer = AutoTokenizer.from_pretrained(repository.assets_dir(repo))
+        self.generator = GeneratorService(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock)
         self.detokenizer = Detokenizer(tokenizer)
 
     @property

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from .engine import TIMED_STAGES, EngineStats
-from .errors import Cancelled, InvalidInput
+from blip2_triton.errors import Cancelled, InvalidInput
 
 log = logging.getLogger("blip2_triton.serving")
 INVALID_PREFIX = "invalid argument: "
@@ -38,6 +38,7 @@ class ModelArgs:
         self.version_dir = self.model_dir / args["model_version"]
         self.repository = self.model_dir.parent
         self.instance = args.get("model_instance_name", self.name)
+        self.max_batch_size = int(self.config.get("max_batch_size", 0)) or 1
 
     def parameter(self, key: str, default: str | None = None) -> str:
         params = self.config.get("parameters", {})

@@ -1,4 +1,7 @@
-"""Error types the serving code raises; the Triton adapter maps them to status codes."""
+"""Every error type of the project's core, in one module that any layer may import.
+
+The Triton adapter (serving.triton_io) maps them to status codes; the CLI prints them.
+"""
 
 
 class InvalidInput(ValueError):
@@ -10,3 +13,7 @@ class InvalidInput(ValueError):
 
 class Cancelled(Exception):
     """The client cancelled or went away; the sequence's slot is freed."""
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's language model has no registered family (yet)."""
