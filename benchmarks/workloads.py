@@ -88,16 +88,16 @@ def _code_fingerprint() -> str:
 
 
 def prepare_model(spec: str, workdir: Path, rebuild: bool = False, seed: int = 0, int8: bool = False) -> PreparedModel:
-    """`spec` is a preset name (tiny.PRESETS / tiny.BENCH_PRESETS) or a checkpoint directory.
+    """`spec` is a preset name (tiny.ALL_PRESETS) or a checkpoint directory.
 
     Builds (presets only) and exports into `workdir/<name>/` (with `int8`, also an int8-weight
     export), reusing both while the preset, the checkpoint file and the export code are unchanged.
     """
     from blip2_triton import repository
     from blip2_triton.export.exporter import export_checkpoint
-    from blip2_triton.tiny import BENCH_PRESETS, PRESETS, build_tiny_checkpoint
+    from blip2_triton.tiny import ALL_PRESETS, build_tiny_checkpoint
 
-    presets = {**PRESETS, **BENCH_PRESETS}
+    presets = ALL_PRESETS
     if spec in presets:
         name = spec
         home = workdir / name

@@ -19,7 +19,7 @@ from blip2_triton import repository, specs
 from blip2_triton.families import FAMILIES, graph_specs
 from blip2_triton.serving.decoder import DecoderGraph
 from blip2_triton.serving.onnx_graph import OnnxGraph
-from blip2_triton.tiny import PRESETS
+from blip2_triton.tiny import ALL_PRESETS, PRESETS
 
 from .conftest import random_image
 
@@ -167,9 +167,9 @@ def test_every_family_has_parity_presets_a_builder_and_a_runtime(family):
 
     assert family in BUILDERS and family in RUNTIMES
     presets = FAMILIES[family].parity_presets
-    assert presets and all(p in PRESETS for p in presets), f"family {family!r}: parity presets {presets} not in PRESETS"
+    assert presets and all(p in ALL_PRESETS for p in presets), f"family {family!r}: unknown parity presets {presets}"
     for preset in presets:
-        config = blip2_config(PRESETS[preset], vocab_size=64, image_token_index=63)
+        config = blip2_config(ALL_PRESETS[preset], vocab_size=64, image_token_index=63)
         assert config.text_config.model_type == family
         assert [s.name for s in FAMILIES[family].graph_specs(config)] == list(graph_specs(config))
 

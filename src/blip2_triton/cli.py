@@ -54,7 +54,7 @@ def _bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.export.exporter import DTYPES
     from blip2_triton.export.quantize import QUANTIZATIONS
-    from blip2_triton.tiny import BENCH_PRESETS, DEFAULT_PRESET, PRESETS
+    from blip2_triton.tiny import ALL_PRESETS, DEFAULT_PRESET
 
     parser = argparse.ArgumentParser(prog="blip2-triton", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -69,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", help="onnxruntime providers for validation, comma-separated")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("make-tiny", help="write a random-weight tiny BLIP-2 OPT checkpoint (no download)")
+    p = sub.add_parser("make-tiny", help="write a random-weight tiny BLIP-2 OPT or Flan-T5 checkpoint (no download)")
     p.add_argument("--output", required=True)
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted({**PRESETS, **BENCH_PRESETS}))
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(ALL_PRESETS))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
