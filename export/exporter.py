@@ -24,6 +24,7 @@ from .families import family_graphs
 from .onnx_io import consolidate_external_data, export_module, graph_bytes
 from .progress import Progress, peak_rss_mib
 from .quantize import QUANTIZATIONS, quantize_graph
+from .repository_writer import remove_stale_models, write_repository
 from .shapes import fold_reshape_shapes
 from .validate import OutputCheck, ValidationError, compare, reference_cases, summarize
 
@@ -117,7 +118,7 @@ def export_checkpoint(
             staging.rename(kept)
             raise ValidationError(checks, output=output, kept=kept)
         say("writing config.pbtxt files, model.py files and the checkpoint's processor, tokenizer and configs")
-        repository.write_repository(staging, config, float_dtype,
+        write_repository(staging, config, float_dtype,
                                     checkpoint_files=_save_assets(config, generation_config, processor))
         (repository.assets_dir(staging) / REPORT).write_text(json.dumps(asdict(report), indent=2))
         _install(staging, output)
@@ -206,7 +207,7 @@ def _install(staging: Path, output: Path) -> None:
             if (output / model.name).exists():
                 (output / model.name).rename(old / model.name)
             model.rename(output / model.name)
-        repository.remove_stale_models(output, {m.name for m in models})
+        remove_stale_models(output, {m.name for m in models})
     finally:
         shutil.rmtree(old)
 

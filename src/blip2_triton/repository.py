@@ -9,33 +9,22 @@
     <repo>/vision_encoder/{config.pbtxt,1/model.py,1/model.onnx}  dynamic batching
     <repo>/qformer/{config.pbtxt,1/model.py,1/model.onnx}         dynamic batching
 
-model.py files are copied from the `model_repository/` sources; every config.pbtxt is generated
-from the graph specs (blip2_triton.specs) and the pipeline interface (blip2_triton.interface).
+Every config.pbtxt is generated here from the graph specs (blip2_triton.specs) and the pipeline
+interface (blip2_triton.interface); export/repository_writer.py writes them, with the model.py
+files copied from the `model_repository/` sources.
 """
 from __future__ import annotations
 
-import logging
-import shutil
 from pathlib import Path
-from typing import Callable
 
 from . import interface as api
 from . import specs
 from .families import graph_specs
-from .pbtxt import ModelConfig, Tensor, render
-
-log = logging.getLogger("blip2_triton.export")
+from .pbtxt import ModelConfig, Tensor
 
 # The image stages are Triton models of their own (batched across requests); every other graph is
 # a language-model graph, held by the `blip2` model that owns the KV caches.
 STAGE_GRAPHS = (specs.VISION_ENCODER, specs.QFORMER)
-# Which model.py source (under model_repository/) serves each model.
-MODEL_SOURCES = {
-    api.PREPROCESS: "preprocess",
-    specs.VISION_ENCODER: "onnx_graph",
-    specs.QFORMER: "onnx_graph",
-    api.PIPELINE: "blip2",
-}
 MAX_BATCH_SIZE = 16
 # No waiting for a batch to fill: on this CPU every stateless stage uses all cores, so requests that
 # arrive while one batch runs queue up and form the next batch anyway (mean vision batch 3.4 at 8
@@ -105,39 +94,3 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         parameters={EXCLUSIVE_COMPUTE: "true"},
     )
     return [preprocess, *(stateless(graphs[name]) for name in STAGE_GRAPHS), pipeline]
-
-
-def write_repository(
-    repo: Path | str,
-    config,
-    float_dtype: str = "float32",
-    checkpoint_files: Callable[[Path], None] | None = None,
-    stateless_backend: str = "python",
-) -> Path:
-    """Write every config.pbtxt and model.py into `repo` (the ONNX files are written by the exporter)."""
-    from blip2_triton.model_repository import SOURCE_DIR
-
-    repo = Path(repo)
-    configs = model_configs(config, float_dtype, stateless_backend)
-    remove_stale_models(repo, {cfg.name for cfg in configs})
-    for cfg in configs:
-        model_dir = repo / cfg.name
-        (model_dir / "1").mkdir(parents=True, exist_ok=True)
-        (model_dir / "config.pbtxt").write_text(render(cfg))
-        source = MODEL_SOURCES.get(cfg.name)
-        if source and cfg.backend == "python":
-            shutil.copyfile(SOURCE_DIR / source / "model.py", model_dir / "1" / "model.py")
-    if checkpoint_files is not None:
-        checkpoint_files(assets_dir(repo))
-    return repo
-
-
-def remove_stale_models(repo: Path, keep: set[str]) -> None:
-    """Delete models an earlier export (or an older layout) left in `repo`: Triton loads every
-    folder with a config.pbtxt, and a stale one would fail the server's start."""
-    if not repo.is_dir():
-        return
-    for config in repo.glob("*/config.pbtxt"):
-        if config.parent.name not in keep:
-            log.warning("removing stale model %s", config.parent)
-            shutil.rmtree(config.parent)

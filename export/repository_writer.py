@@ -1,0 +1,58 @@
+"""Writing a Triton model repository: every config.pbtxt (blip2_triton.repository.model_configs) and
+each Python-backend model's model.py, copied from the `model_repository/` sources."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from blip2_triton import interface as api
+from blip2_triton import specs
+from blip2_triton.model_repository import SOURCE_DIR
+from blip2_triton.pbtxt import render
+from blip2_triton.repository import assets_dir, model_configs
+
+log = logging.getLogger("blip2_triton.export")
+
+# Which model.py source (under model_repository/) serves each model.
+MODEL_SOURCES = {
+    api.PREPROCESS: "preprocess",
+    specs.VISION_ENCODER: "onnx_graph",
+    specs.QFORMER: "onnx_graph",
+    api.PIPELINE: "blip2",
+}
+
+
+def write_repository(
+    repo: Path | str,
+    config,
+    float_dtype: str = "float32",
+    checkpoint_files: Callable[[Path], None] | None = None,
+    stateless_backend: str = "python",
+) -> Path:
+    """Write every config.pbtxt and model.py into `repo` (the ONNX files are written by the exporter)."""
+    repo = Path(repo)
+    configs = model_configs(config, float_dtype, stateless_backend)
+    remove_stale_models(repo, {cfg.name for cfg in configs})
+    for cfg in configs:
+        model_dir = repo / cfg.name
+        (model_dir / "1").mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.pbtxt").write_text(render(cfg))
+        source = MODEL_SOURCES.get(cfg.name)
+        if source and cfg.backend == "python":
+            shutil.copyfile(SOURCE_DIR / source / "model.py", model_dir / "1" / "model.py")
+    if checkpoint_files is not None:
+        checkpoint_files(assets_dir(repo))
+    return repo
+
+
+def remove_stale_models(repo: Path, keep: set[str]) -> None:
+    """Delete models an earlier export (or an older layout) left in `repo`: Triton loads every
+    folder with a config.pbtxt, and a stale one would fail the server's start."""
+    if not repo.is_dir():
+        return
+    for config in repo.glob("*/config.pbtxt"):
+        if config.parent.name not in keep:
+            log.warning("removing stale model %s", config.parent)
+            shutil.rmtree(config.parent)
