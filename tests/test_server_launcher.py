@@ -183,3 +183,47 @@ def test_busy_port_is_refused_before_launch(tmp_path):
         with pytest.raises(TritonStartupError, match=f"http port {busy} already in use"):
             server.start()
         assert server.pid is None
+
+
+OWNER = """\
+import sys, time
+from blip2_triton.server import TritonServer
+server = TritonServer(sys.argv[1], grpc_port=None, http_port=None, metrics_port=None).start()
+print(server.pgid, server.runtime_dir, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("stopped_by", ["SIGKILL", "clean stop"])
+def test_nothing_outlives_the_owner(tmp_path, stopped_by):
+    """An owner that is SIGKILLed (as a CI time-out or the OOM killer would) leaves no server
+    process and no runtime file behind within seconds: its watchdog stops the server's whole
+    process group and removes the runtime directory; a clean stop leaves nothing either."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = tmp_path / "repo"
+    _write_model(repo, "plus_one", PLUS_ONE_MODEL)
+    if stopped_by == "clean stop":
+        with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None) as server:
+            pgid, runtime = server.pgid, server.runtime_dir
+            assert process_group_members(pgid) and (runtime / "backends").is_dir()
+        assert not process_group_members(pgid) and not runtime.exists()
+        return
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(repo)], stdout=subprocess.PIPE, text=True)
+    try:
+        pgid, runtime = owner.stdout.readline().split()
+        pgid, runtime = int(pgid), Path(runtime)
+        assert len(process_group_members(pgid)) >= 2  # tritonserver and the model's stub
+        assert any(runtime.iterdir())
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        deadline = time.monotonic() + 20
+        while (process_group_members(pgid) or runtime.exists()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not process_group_members(pgid), "server processes outlived their owner"
+        assert not runtime.exists(), "the runtime directory outlived its owner"
+    finally:
+        owner.kill()

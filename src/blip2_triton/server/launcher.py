@@ -8,6 +8,10 @@
 TritonStartupError (with the tail of the server log) if the process exits early or the time-out
 passes. `stop()` sends SIGTERM to tritonserver so that it unloads its models (the Python-backend
 stubs run `finalize` and exit), then SIGKILLs whatever is left of the process group.
+
+Nothing outlives its owner: each server keeps its runtime files (backend directory, default log,
+the compute lock) in one runtime directory, and a watchdog process (server/watchdog.py) stops the
+server and removes that directory as soon as the owner goes, even when it is SIGKILLed.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from blip2_triton.server.discovery import (
     prepare_backend_directory,
     server_environment,
 )
+from blip2_triton.serving.compute_lock import RUNTIME_DIR_ENV
 
 LOGGER = logging.getLogger(__name__)
 
@@ -180,6 +185,8 @@ class TritonServer:
         self._env = dict(env or {})  # added to the server's environment (its model stubs inherit it)
         self._process: subprocess.Popen | None = None
         self._workdir: Path | None = None
+        self._watchdog: subprocess.Popen | None = None
+        self._owner_pipe: int | None = None  # write end of the watchdog's stdin: closed = owner gone
         self._log_handle: IO[bytes] | None = None
         self._pump: threading.Thread | None = None
         self.startup_seconds: float | None = None
@@ -259,8 +266,8 @@ class TritonServer:
         if busy:
             raise TritonStartupError(f"cannot start tritonserver: {', '.join(busy)} already in use on {self.host}")
 
-        env = server_environment(self._installation) | self._env
         self._workdir = Path(tempfile.mkdtemp(prefix="blip2-triton-server-"))
+        env = server_environment(self._installation) | self._env | {RUNTIME_DIR_ENV: str(self._workdir)}
         try:
             backends = prepare_backend_directory(self._installation, self._workdir / "backends")
             self.log_path = self._log_file or self._workdir / "tritonserver.log"
@@ -287,6 +294,7 @@ class TritonServer:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
             raise
+        self._start_watchdog()
         atexit.register(self.stop)
         if self.echo_log:
             self._pump = threading.Thread(target=self._copy_output, name="tritonserver-log", daemon=True)
@@ -302,6 +310,31 @@ class TritonServer:
             self.startup_seconds, self.grpc_url, self.http_url, self.metrics_url,
         )
         return self
+
+    @property
+    def runtime_dir(self) -> Path | None:
+        """The server's runtime files (backend directory, default log, compute lock), removed on stop."""
+        return self._workdir
+
+    def _start_watchdog(self) -> None:
+        read, self._owner_pipe = os.pipe()  # both ends non-inheritable: no other child holds the write end
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "blip2_triton.server.watchdog", str(self._process.pid), str(self._workdir)],
+                stdin=read, stdout=subprocess.DEVNULL, start_new_session=True,  # a Ctrl-C for the owner skips it
+            )
+        finally:
+            os.close(read)
+
+    def _stop_watchdog(self) -> None:
+        """Closing the pipe tells the watchdog the owner is done; it finds nothing left, and exits."""
+        if self._owner_pipe is not None:
+            os.close(self._owner_pipe)
+            self._owner_pipe = None
+        if self._watchdog is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(10)
+            self._watchdog = None
 
     def _copy_output(self) -> None:
         assert self._process is not None and self._process.stdout is not None
@@ -404,6 +437,7 @@ class TritonServer:
         if self._workdir is not None:  # the default log goes with it; pass log_file to keep one
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+        self._stop_watchdog()
         return proc.returncode
 
     @staticmethod

@@ -20,6 +20,9 @@ import tempfile
 import threading
 from pathlib import Path
 
+# The runtime directory of the server a process belongs to (set by server.launcher.TritonServer).
+RUNTIME_DIR_ENV = "BLIP2_TRITON_RUNTIME_DIR"
+
 
 class ComputeLock:
     def __init__(self, path: str | Path):
@@ -29,11 +32,14 @@ class ComputeLock:
         self._threads = threading.Lock()
 
     @classmethod
-    def for_repository(cls, repository: str | Path) -> "ComputeLock":
-        """The lock of every model served from `repository` (a file in the temp directory, so a
-        read-only repository works)."""
+    def for_repository(cls, repository: str | Path, runtime_dir: str | Path | None = None) -> "ComputeLock":
+        """The lock of every model served from `repository`: a file in the server's runtime
+        directory (`runtime_dir`, else RUNTIME_DIR_ENV, which the launcher sets for the server's
+        processes), so that it goes when the server does; else in the temp directory. Never in
+        the repository, which may be read-only."""
+        directory = runtime_dir or os.environ.get(RUNTIME_DIR_ENV) or tempfile.gettempdir()
         digest = hashlib.sha1(str(Path(repository).resolve()).encode()).hexdigest()[:16]
-        return cls(Path(tempfile.gettempdir()) / f"blip2-triton-compute-{digest}.lock")
+        return cls(Path(directory) / f"blip2-triton-compute-{digest}.lock")
 
     def __enter__(self) -> "ComputeLock":
         self._threads.acquire()
