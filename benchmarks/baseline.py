@@ -52,10 +52,18 @@ class TransformersRunner:
         }
 
     def _inputs(self, images: list[bytes], prompts: list[str]):
+        """Processor inputs; a caption's prompt is "" (not None): the processor then encodes the
+        image tokens and the tokenizer's special tokens, without which transformers cannot caption
+        with a T5 language model (its config has no bos_token_id to start input_ids from)."""
         from PIL import Image
 
         pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
         return self.processor(images=pictures, text=prompts, return_tensors="pt", padding=True)
+
+    def _first_new(self, inputs) -> int:
+        """Where generate()'s output starts its new ids: after the prompt for a decoder-only LM, after
+        the decoder start token for an encoder-decoder one (whose prompt went to the encoder)."""
+        return 1 if self.model.config.text_config.is_encoder_decoder else inputs["input_ids"].shape[1]
 
     def generate(self, image: bytes, prompt: str, controls: dict) -> dict:
         """One request, bytes to text; seconds, time to first token, token ids, text."""
@@ -63,7 +71,7 @@ class TransformersRunner:
         start = time.perf_counter()
         inputs = self._inputs([image], [prompt])
         out = self.model.generate(**inputs, do_sample=False, num_beams=1, streamer=clock, **controls)
-        tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+        tokens = out[0, self._first_new(inputs):].tolist()
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
         end = time.perf_counter()
         return {
@@ -79,6 +87,6 @@ class TransformersRunner:
         start = time.perf_counter()
         inputs = self._inputs(images, [prompt] * len(images))
         out = self.model.generate(**inputs, do_sample=False, num_beams=1, **controls)
-        new = out[:, inputs["input_ids"].shape[1]:]
+        new = out[:, self._first_new(inputs):]
         self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
         return {"seconds": time.perf_counter() - start, "tokens": int(new.numel()), "batch": len(images)}

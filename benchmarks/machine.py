@@ -1,8 +1,7 @@
-"""Machine facts, measured capabilities and the lower bound they put on one decode step.
-
-A batch-1 decode step of a decoder-only LM reads every weight it multiplies once, so it cannot be
-faster than (bytes of those weights) / (memory read bandwidth), nor than (2 FLOPs per weight) /
-(peak matmul rate). The benchmark reports how far the measured step is from the larger of the two.
+"""Machine facts and measured capabilities: memory read bandwidth and matmul rate, from which
+flops.py makes the floors (a batch-1 decode step reads every weight it multiplies and its cached
+keys and values once, so it cannot be faster than those bytes at the read bandwidth, nor than its
+FLOPs at the matmul rate); the machine's other users' share of the CPU.
 """
 from __future__ import annotations
 
@@ -15,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .records import DecodeRound, SideBySide, WeightBytes
 
 PACKAGES = ("torch", "transformers", "onnxruntime", "numpy", "tritonclient", "nvidia-pytriton", "tokenizers",
             "Pillow", "matplotlib", "psutil", "grpcio", "protobuf")
@@ -90,9 +91,9 @@ class Capabilities:
     matmul_gflops_torch: float  # fp32 n x n matmul, the benchmark's thread count
     matmul_gflops_numpy: float  # fp32 n x n matmul through numpy's BLAS (its own thread count)
     # fp32 MatMul in onnxruntime (the benchmark's threads), best of n x n and a ViT-B MLP's
-    # [257, 768] x [768, 3072]: onnxruntime's kernels run the graphs, and on this machine they
-    # reach ~1.8x torch's n x n rate on the smaller, cache-resident shape. Without it the "floor"
-    # of the vision encoder came out above its measured time.
+    # [257, 768] x [768, 3072]: onnxruntime's kernels run the graphs, and they can beat torch's
+    # n x n rate on the smaller, cache-resident shape. Without it the "floor" of the vision encoder
+    # came out above its measured time (benchmarks/README.md, "The floor").
     matmul_gflops_onnxruntime: float
     array_mib: int
     matmul_n: int
@@ -137,8 +138,8 @@ def _read_bandwidth(array_mib: int, repeats: int) -> tuple[float, float]:
 
 class BandwidthProbe:
     """The read bandwidth of this moment, for a ratio measured side by side: the machine's memory
-    bandwidth moves with other users' traffic (45-77 GB/s within one run), so a floor probed
-    minutes apart from the step it bounds can be off by more than the target's margin."""
+    bandwidth moves with other users' traffic within one run (README: "The floor"), so a
+    floor probed minutes apart from the step it bounds can be off by more than the target's margin."""
 
     def __init__(self, array_mib: int):
         import torch
@@ -149,15 +150,16 @@ class BandwidthProbe:
         return self.data.numel() * 4 / _best_seconds(lambda: float(self.data.sum()), repeats) / 1e9
 
 
-def side_by_side(weights: dict, rounds: list[dict], rows: int = 1) -> dict:
-    """Median over rounds of (decode step / bandwidth floor of the same round) at `rows` rows."""
+def side_by_side(bytes_read: int, rounds: list[DecodeRound], rows: int = 1) -> SideBySide:
+    """Median over rounds of (decode step / bandwidth floor of the same round) at `rows` rows, the
+    step reading `bytes_read` bytes."""
     import statistics
 
-    ratios = [r["step_ms"][rows] / (weights["bytes_read_per_step"] / (r["read_gbps"] * 1e9) * 1e3) for r in rounds]
-    return {"rounds": len(rounds), "ratio_median": round(statistics.median(ratios), 3),
-            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
-            "step_ms_median": round(statistics.median(r["step_ms"][rows] for r in rounds), 3),
-            "read_gbps_min": min(r["read_gbps"] for r in rounds), "read_gbps_max": max(r["read_gbps"] for r in rounds)}
+    ratios = [r.step_ms[rows] / (bytes_read / (r.read_gbps * 1e9) * 1e3) for r in rounds]
+    return SideBySide(rounds=len(rounds), ratio_median=round(statistics.median(ratios), 3),
+                      ratio_min=round(min(ratios), 3), ratio_max=round(max(ratios), 3),
+                      step_ms_median=round(statistics.median(r.step_ms[rows] for r in rounds), 3),
+                      read_gbps_min=min(r.read_gbps for r in rounds), read_gbps_max=max(r.read_gbps for r in rounds))
 
 
 def _onnxruntime_gflops(threads: int, shapes: list[tuple[int, int, int]], repeats: int) -> float:
@@ -200,12 +202,12 @@ def measure(threads: int, array_mib: int = 512, matmul_n: int = 2048, repeats: i
                         round(ort_gflops, 1), array_mib, matmul_n)
 
 
-def decoder_weights(onnx_path: Path) -> dict:
+def decoder_weights(onnx_path: Path) -> WeightBytes:
     """Bytes and parameters of the decoder graph's weights, and the part one decode step reads
     (see weights_read)."""
     import onnx
 
-    return weights_read(onnx.load(str(onnx_path), load_external_data=False))
+    return WeightBytes(**weights_read(onnx.load(str(onnx_path), load_external_data=False)))
 
 
 def weights_read(model) -> dict:
@@ -236,21 +238,6 @@ def weights_read(model) -> dict:
         if len(init.dims) == 2 and ops & {"MatMul", "Gemm"}:
             matmul_params += count
     return {"weight_bytes": total, "bytes_read_per_step": read, "matmul_params": matmul_params}
-
-
-def decode_floor(weights: dict, caps: Capabilities) -> dict:
-    """Lower bounds (ms) of one batch-1 decode step from bandwidth and from compute."""
-    bandwidth_ms = weights["bytes_read_per_step"] / (caps.read_gbps * 1e9) * 1e3
-    compute_ms = 2 * weights["matmul_params"] / (caps.matmul_gflops * 1e9) * 1e3
-    # Significant digits, not decimals: the tiny model's int8 floor is well under a microsecond,
-    # and rounding it to 0 made every ratio over it a division by zero.
-    sig = lambda x: float(f"{x:.4g}")  # noqa: E731
-    return {
-        "bandwidth_floor_ms": sig(bandwidth_ms),
-        "compute_floor_ms": sig(compute_ms),
-        "floor_ms": sig(max(bandwidth_ms, compute_ms)),
-        "bound_by": "memory bandwidth" if bandwidth_ms >= compute_ms else "compute",
-    }
 
 
 class CpuMeter:

@@ -1,15 +1,17 @@
 """`blip2-triton bench`: latency, throughput and memory of the served pipeline, side by side with
 transformers' generate(), in one run.
 
-    blip2-triton bench                                # base-opt (+ the trained tiny model if present)
+    blip2-triton bench                                # base-opt, base-t5 (+ the trained tiny model if present)
     blip2-triton bench --model tiny-opt --quick       # what CI's smoke test runs
 
-Per model it: measures the machine (bandwidth, matmul rate) and the decode-step floor they imply;
-starts the real tritonserver and two worker processes (transformers, and the in-process
-LocalPipeline); sends each workload's requests to all three in turn (so machine load hits them
-alike); times every stage in process and reads the server's own statistics; sweeps concurrent
-client streams; samples the server's memory; optionally runs perf_analyzer. Results go to
-`--output` as JSON (raw numbers), a markdown table and PNG plots.
+Per model it: counts what each stage's graphs compute and read; starts the real tritonserver and
+the worker processes (transformers, and the in-process LocalPipeline in fp32 and int8); sends each
+workload's requests to all of them in turn (so machine load hits them alike); times every stage in
+process and reads the server's own statistics; times decoder calls alone against the bandwidth of
+their moment; sweeps concurrent client streams; samples the server's memory; optionally runs
+perf_analyzer. The machine (bandwidth, matmul rate) is measured at the start and the end, and the
+floors follow from the best of both. Results go to `--output` as JSON (raw numbers; the records of
+records.py), a markdown table and PNG plots.
 """
 from __future__ import annotations
 
@@ -24,15 +26,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+from .records import (
+    INT8, IMAGE_STAGES, BaselineBatch, BatchStats, Batching, BenchResults, DecodeRound, DecodeVsRows, EndToEnd,
+    GraphCost, Int8Agreement, Memory, ModelResult, PerfAnalyzer, RowStep, Stages, StageFloor, StageFloors,
+    StageMedians, Summary, ServerStages, ThroughputBound, ThroughputLevel, TokenIdentity, WorkloadLatency,
+)
+from .tables import ratio
 
 log = logging.getLogger("blip2_triton.bench")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results"
 DEFAULT_WORKDIR = ROOT / "artifacts" / "bench"
-SYSTEMS = ("server", "in_process", "transformers")
-INT8 = "in_process_int8"  # the int8-weight export, in process (compared with fp32 transformers, not token-exact)
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,6 @@ class Settings:
     # time is lost to OpenMP threads waiting for cores that other processes hold
     extra_baseline_threads: tuple[int, ...] = (1,)
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
-    # Run time on base-opt, estimated from the run at 1807a3b (248 s with 12 / 6 / 3): ~405 s.
     requests_per_stream: int = 5
     baseline_batches: tuple[int, ...] = (1, 4, 16)
     decode_rows: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -71,21 +75,7 @@ class Settings:
         return cls(**(base | overrides))
 
 
-# ---- small helpers ------------------------------------------------------------------------------
-
-def summary_ms(seconds: list[float]) -> dict:
-    """n, mean and percentiles (linear interpolation) in milliseconds."""
-    values = np.asarray([s for s in seconds if s is not None], dtype=np.float64) * 1e3
-    if values.size == 0:
-        return {"n": 0}
-    pct = lambda q: round(float(np.percentile(values, q)), 3)  # noqa: E731
-    return {"n": int(values.size), "mean": round(float(values.mean()), 3), "p50": pct(50), "p90": pct(90),
-            "p99": pct(99), "min": round(float(values.min()), 3), "max": round(float(values.max()), 3)}
-
-
-def _ratio(ours: float | None, theirs: float | None) -> float | None:
-    return round(ours / theirs, 4) if ours and theirs else None
-
+# ---- progress -----------------------------------------------------------------------------------
 
 class Progress:
     """Progress on stderr: a tqdm bar per phase on a terminal, plain log lines otherwise."""
@@ -134,13 +124,11 @@ def baseline_name(threads: int) -> str:
     return f"transformers_{threads}_thread{'s' if threads != 1 else ''}"
 
 
-def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict:
+def bench_model(spec: str, settings: Settings, args, progress: Progress) -> ModelResult:
+    """Every measurement of one model (its floors are added once the run's machine measurements are in)."""
     from blip2_triton import repository, specs
-    from blip2_triton.server.launcher import TritonServer, model_stub_pids
-    from blip2_triton.serving.onnx_graph import THREADS_ENV
 
-    from . import end_to_end, machine, perf_analyzer
-    from .worker import Worker
+    from . import machine, perf_analyzer
     from .workloads import images as make_images
     from .workloads import prepare_model, workloads
 
@@ -152,240 +140,98 @@ def bench_model(spec: str, settings: Settings, args, progress: Progress) -> dict
     logs.mkdir(parents=True, exist_ok=True)
     loads = workloads(settings.caption_tokens, settings.vqa_tokens)
     pictures = make_images(settings.images)
-    result: dict = {"model": model.as_dict(), "workloads": [asdict(w) for w in loads],
-                    "decoder_weights": machine.decoder_weights(repository.graph_path(model.repository, specs.LLM_DECODER))}
-    if model.int8_repository:
-        result["decoder_weights_int8"] = machine.decoder_weights(
-            repository.graph_path(model.int8_repository, specs.LLM_DECODER))
-    result["graph_costs"] = graph_costs(model.repository, loads)
+    costs, past = graph_costs(model, loads)
+    decoder = lambda repo: machine.decoder_weights(repository.graph_path(repo, specs.LLM_DECODER))  # noqa: E731
+    found: dict = {"model": model.as_dict(), "workloads": [asdict(w) for w in loads],
+                   "decoder_weights": decoder(model.repository),
+                   "decoder_weights_int8": decoder(model.int8_repository) if model.int8_repository else None,
+                   "graph_costs": costs}
 
     progress.say(f"[{spec}] starting workers (transformers, in-process) and tritonserver")
     t_start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        # Workers load while tritonserver starts.
-        workers = {
-            "in_process": Worker("local", model.repository, settings.threads, logs / "in_process.log"),
-            **({INT8: Worker("local", model.int8_repository, settings.threads, logs / f"{INT8}.log")}
-               if model.int8_repository else {}),
-            "transformers": Worker("transformers", model.checkpoint, settings.threads, logs / "transformers.log"),
-        }
-        for n in settings.extra_baseline_threads:
-            workers[baseline_name(n)] = Worker("transformers", model.checkpoint, n, logs / f"{baseline_name(n)}.log")
+    with _Systems(model, settings, logs) as systems:
+        server, workers = systems.server, systems.workers
+        found["server_threads_env"] = systems.threads_env()
+        found["startup_seconds"] = {"tritonserver": server.startup_seconds} | {
+            f"{name}_load": w.info["load_seconds"] for name, w in workers.items()}
+        found["baseline_info"] = workers["transformers"].info
+        progress.say(f"[{spec}] all up in {time.perf_counter() - t_start:.1f}s")
         for worker in workers.values():
-            stack.enter_context(worker)
-        # Every served onnxruntime session runs the benchmark's thread count.
-        server = stack.enter_context(TritonServer(
-            model.repository, grpc_port=None, http_port=None, metrics_port=None,
-            log_file=logs / "tritonserver.log", startup_timeout=600, env={THREADS_ENV: str(settings.threads)}))
-        sampler = end_to_end.GroupMemorySampler(server.pgid).start()
+            worker.send_images(pictures)
+        loop = asyncio.new_event_loop()
         try:
-            # What the served models' processes really received, read back from /proc.
-            result["server_threads_env"] = {
-                model: _environment(pid).get(THREADS_ENV) for model, pid in model_stub_pids(server.pgid).items()}
-            result["startup_seconds"] = {"tritonserver": server.startup_seconds} | {
-                f"{name}_load": w.info["load_seconds"] for name, w in workers.items()}
-            result["baseline_info"] = workers["transformers"].info
-            progress.say(f"[{spec}] all up in {time.perf_counter() - t_start:.1f}s")
-            for worker in workers.values():
-                worker.send_images(pictures)
-            loop = asyncio.new_event_loop()
-            try:
-                result |= _measure(loop, server, workers, loads, pictures, settings, progress)
-                if args.perf_analyzer:
-                    progress.say(f"[{spec}] perf_analyzer cross-check")
-                    result["perf_analyzer"] = perf_analyzer.run(server.grpc_url, pictures[0], loads[0], logs,
-                                                                args.perf_analyzer_concurrency)
-                else:
-                    result["perf_analyzer"] = {"skipped": "run with --perf-analyzer"}
-            finally:
-                loop.close()
-            pss = sampler.pss()
+            found |= _measure(_Turns(loop, server, workers, pictures), loads, settings, past, progress)
+            if args.perf_analyzer:
+                progress.say(f"[{spec}] perf_analyzer cross-check")
+                found["perf_analyzer"] = PerfAnalyzer.from_dict(perf_analyzer.run(
+                    server.grpc_url, pictures[0], loads[0], logs, args.perf_analyzer_concurrency))
+            else:
+                found["perf_analyzer"] = PerfAnalyzer(skipped="run with --perf-analyzer")
         finally:
-            sampler.stop()
+            loop.close()
         progress.say(f"[{spec}] stopping")
-        result["memory"] = {
-            "server_peak_rss_mib": round(sampler.peak_total / 2**20, 1),
-            "server_peak_rss_by_process_mib": {k: round(v / 2**20, 1) for k, v in sorted(sampler.peak_by_process.items())},
-            "server_pss_at_end_mib": round(sum(pss.values()) / 2**20, 1) if pss else None,
-            "server_pss_by_process_mib": {k: round(v / 2**20, 1) for k, v in sorted(pss.items())},
-            "server_samples": sampler.samples,
-            **{f"{name}_peak_rss_mib": round(w.call("memory")["peak_rss_mib"], 1) for name, w in workers.items()},
-            "note": "server: sum over tritonserver and its stubs, sampled every 0.25 s (shared pages are "
-                    "counted once per process; PSS splits them); workers: their own peak (VmHWM)",
-        }
-    result["seconds"] = round(time.perf_counter() - t_model, 1)
-    return result
+        found["memory"] = systems.memory()
+    return ModelResult(**found, seconds=round(time.perf_counter() - t_model, 1))
 
 
-def _measure(loop, server, workers: dict, loads, pictures, settings: Settings, progress: Progress) -> dict:
-    from blip2_triton import interface as api
-    from blip2_triton.client import AsyncBlip2Client
+class _Systems:
+    """The systems under test, alive side by side for a model's whole run: tritonserver (every served
+    onnxruntime session at the benchmark's threads), the in-process pipeline (fp32, int8) and
+    transformers workers, and a sampler of the server's memory."""
 
-    from . import end_to_end, machine, stages
-    from .machine import CpuMeter
+    def __init__(self, model, settings: Settings, logs: Path):
+        self.model, self.settings, self.logs = model, settings, logs
+        self.stack = contextlib.ExitStack()
 
-    run = loop.run_until_complete
-    meter = CpuMeter()
-    per_workload = stages.PerWorkload(server.grpc_url, server.metrics_url)
+    def __enter__(self) -> "_Systems":
+        from blip2_triton.server.launcher import TritonServer
+        from blip2_triton.serving.onnx_graph import THREADS_ENV
 
-    async def connect():  # a grpc.aio channel belongs to the loop it is created on
-        client = AsyncBlip2Client(server.grpc_url, timeout=600)
-        streamer = end_to_end.stream_client(server.grpc_url)
-        await client.is_ready()
-        await streamer.is_model_ready(api.PIPELINE)
-        return client, streamer
+        from . import end_to_end
+        from .worker import Worker
 
-    client, streamer = run(connect())
-    systems = ["server", *workers]
+        model, threads, logs = self.model, self.settings.threads, self.logs
+        with self.stack as stack:
+            # Workers load while tritonserver starts.
+            self.workers = {"in_process": Worker("local", model.repository, threads, logs / "in_process.log")}
+            if model.int8_repository:
+                self.workers[INT8] = Worker("local", model.int8_repository, threads, logs / f"{INT8}.log")
+            self.workers["transformers"] = Worker("transformers", model.checkpoint, threads, logs / "transformers.log")
+            for n in self.settings.extra_baseline_threads:
+                self.workers[baseline_name(n)] = Worker("transformers", model.checkpoint, n,
+                                                        logs / f"{baseline_name(n)}.log")
+            for worker in self.workers.values():
+                stack.enter_context(worker)
+            self.server = stack.enter_context(TritonServer(
+                model.repository, grpc_port=None, http_port=None, metrics_port=None,
+                log_file=logs / "tritonserver.log", startup_timeout=600, env={THREADS_ENV: str(threads)}))
+            self.sampler = end_to_end.GroupMemorySampler(self.server.pgid).start()
+            stack.callback(self.sampler.stop)
+            self.stack = stack.pop_all()
+        return self
 
-    phase_start = time.perf_counter()
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
 
-    def measured(fn):
-        """fn()'s result plus how many cores other users' processes, and ours, kept busy meanwhile."""
-        before = meter.snapshot()
-        r = fn()
-        after = meter.snapshot()
-        r["others_cores"] = meter.others_cores(before, after)
-        r["our_cores"] = meter.our_cores(before, after)
-        return r
+    def threads_env(self) -> dict[str, str | None]:
+        """What the served models' processes really received, read back from /proc."""
+        from blip2_triton.server.launcher import model_stub_pids
+        from blip2_triton.serving.onnx_graph import THREADS_ENV
 
-    def call(system: str, workload, image: int) -> dict:
-        started = time.perf_counter() - phase_start
-        if system == "server":
-            before = per_workload.snapshot()
-            r = measured(lambda: run(end_to_end.request(client, pictures[image], workload)))
-            per_workload.add(workload.name, before, per_workload.snapshot())
-        else:
-            r = measured(lambda: workers[system].call("generate", image=image, prompt=workload.prompt,
-                                                      controls=workload.controls))
-        r["image"] = image
-        r["started"] = started
-        return r
+        return {name: _environment(pid).get(THREADS_ENV) for name, pid in model_stub_pids(self.server.pgid).items()}
 
-    try:
-        # Warm-up: first calls pay for lazy initialisation (thread pools, allocator growth).
-        bar = progress.phase("warm-up", settings.warmup * len(loads) * len(systems))
-        for k in range(settings.warmup):
-            for w in loads:
-                for system in systems:
-                    call(system, w, k % len(pictures))
-                    bar.update()
-        bar.close()
-        per_workload.reset()  # the warm-up does not count
-
-        # Interleaved single requests: the systems take turns (rotating order), so load from other
-        # users of the machine falls on all of them alike.
-        samples = {w.name: {s: [] for s in systems} for w in loads}
-        bar = progress.phase(f"latency ({', '.join(systems)} in turns)", settings.reps * len(loads) * len(systems))
-        for rep in range(settings.reps):
-            order = systems[rep % len(systems):] + systems[:rep % len(systems)]
-            for w in loads:
-                for system in order:
-                    samples[w.name][system].append(call(system, w, rep % len(pictures)))
-                    bar.update()
-        bar.close()
-        server_stages = per_workload.result()
-
-        streams = {w.name: [] for w in loads}
-        bar = progress.phase("streaming through the server (time to first token)", settings.stream_reps * len(loads))
-        for rep in range(settings.stream_reps):
-            for w in loads:
-                r = measured(lambda: run(end_to_end.stream(streamer, pictures[rep % len(pictures)], w)))
-                r["image"] = rep % len(pictures)
-                streams[w.name].append(r)
-                bar.update()
-        bar.close()
-
-        past = settings.caption_tokens // 2 + 40
-        decode_rows, decode_rounds = {}, {}
-        probe = machine.BandwidthProbe(settings.bandwidth_mib)
-        for system in ("in_process", INT8):
-            if system in workers:
-                bar = progress.phase(f"decode step vs rows {list(settings.decode_rows)}, next to a bandwidth probe "
-                                     f"({system})", settings.decode_rounds)
-                rounds = []
-                for _ in range(settings.decode_rounds):
-                    gbps = probe.read_gbps()
-                    steps = workers[system].call("decode_vs_rows", rows=list(settings.decode_rows), past_length=past)
-                    rounds.append({"read_gbps": round(gbps, 2),
-                                   "step_ms": {d["rows"]: round(d["step_seconds"] * 1e3, 4) for d in steps}})
-                    bar.update()
-                bar.close()
-                decode_rounds[system] = rounds
-                decode_rows[system] = [{"rows": n, "step_seconds": statistics.median(r["step_ms"][n] for r in rounds) / 1e3}
-                                       for n in settings.decode_rows]
-        del probe
-
-        caption = loads[0]
-        throughput = []
-        total = sum(c * settings.requests_per_stream for c in settings.concurrency)
-        bar = progress.phase(f"throughput vs concurrent streams {list(settings.concurrency)}", total)
-        for streams_n in settings.concurrency:
-            before = per_workload.snapshot()
-            r = measured(lambda: run(end_to_end.closed_loop(server.grpc_url, streams_n, settings.requests_per_stream,
-                                                            pictures, caption)))
-            after = per_workload.snapshot()
-            level = stages.server_stages(before[0], after[0], before[1], after[1])
-            r["server"] = _batching(level)
-            r["latency_ms"] = summary_ms(r.pop("latencies"))
-            throughput.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-            bar.update(streams_n * settings.requests_per_stream)
-        bar.close()
-
-        baseline_batches = []
-        bar = progress.phase(f"transformers static batches {list(settings.baseline_batches)}", len(settings.baseline_batches))
-        for n in settings.baseline_batches:
-            r = measured(lambda: workers["transformers"].call("batch", images=[i % len(pictures) for i in range(n)],
-                                                              prompt=caption.prompt, controls=caption.controls))
-            baseline_batches.append({"batch": n, "seconds": round(r["seconds"], 4), "tokens": r["tokens"],
-                                     "requests_per_s": round(n / r["seconds"], 4),
-                                     "tokens_per_s": round(r["tokens"] / r["seconds"], 4),
-                                     "others_cores": r["others_cores"]})
-            bar.update()
-        bar.close()
-    finally:
-        per_workload.close()
-        run(client.close())
-        run(streamer.close())
-
-    stage_medians = _stage_medians(loads, samples)
-    return {
-        "systems": systems,
-        "throughput_bound": _throughput_bound(stage_medians[caption.name], caption.max_new_tokens,
-                                              decode_rows["in_process"], throughput),
-        "raw": _raw(loads, samples, streams),
-        "end_to_end": _end_to_end(loads, samples, streams, systems, settings.quiet_cores),
-        "tokens_identical": _identical(loads, samples, streams, systems),
-        **({"int8_agreement": _int8_agreement(loads, samples)} if INT8 in systems else {}),
-        "stages": {"in_process": stage_medians, "server": server_stages,
-                   **{"decode_step_vs_rows" + ("_int8" if system == INT8 else ""):
-                      [{"rows": d["rows"], "step_ms": round(d["step_seconds"] * 1e3, 3),
-                        "ms_per_token": round(d["step_seconds"] * 1e3 / d["rows"], 3)} for d in rows]
-                      for system, rows in decode_rows.items()},
-                   "decode_step_rounds": decode_rounds,
-                   "decode_step_past_length": past},
-        "throughput": throughput,
-        "baseline_batches": baseline_batches,
-    }
-
-
-def _throughput_bound(stages_ms: dict, tokens: int, decode_rows: list[dict], throughput: list[dict], rows: int = 8) -> dict:
-    """Requests/s the machine could serve if no core ever idled: 1 / the CPU time one request costs.
-
-    Every in-process stage runs with one thread per core, so its median time is the whole machine's
-    time for it: preprocess + vision + Q-Former + prefill once, plus `tokens` decode steps at the
-    per-token cost of a `rows`-sequence batch (what continuous batching at that concurrency buys).
-    """
-    measured = {d["rows"]: d["step_seconds"] / d["rows"] for d in decode_rows}
-    at = max((r for r in measured if r <= rows), default=min(measured))
-    once = sum(stages_ms[f"{k}_ms"] for k in ("preprocess", "vision_encoder", "qformer", "prefill"))
-    cost_ms = once + tokens * measured[at] * 1e3
-    bound = 1e3 / cost_ms
-    level = next((t for t in throughput if t["streams"] == rows), None)
-    return {"rows": at, "once_ms": round(once, 3), "decode_ms_per_token": round(measured[at] * 1e3, 3),
-            "request_cost_ms": round(cost_ms, 3), "bound_requests_per_s": round(bound, 4),
-            "streams": rows, "measured_requests_per_s": level["requests_per_s"] if level else None,
-            "measured_over_bound": round(level["requests_per_s"] / bound, 4) if level else None}
+    def memory(self) -> Memory:
+        pss = self.sampler.pss()
+        self.sampler.stop()
+        mib = lambda sizes: {k: round(v / 2**20, 1) for k, v in sorted(sizes.items())}  # noqa: E731
+        return Memory(
+            server_peak_rss_mib=round(self.sampler.peak_total / 2**20, 1),
+            server_peak_rss_by_process_mib=mib(self.sampler.peak_by_process),
+            server_pss_at_end_mib=round(sum(pss.values()) / 2**20, 1) if pss else None,
+            server_pss_by_process_mib=mib(pss), server_samples=self.sampler.samples,
+            workers_peak_rss_mib={name: round(w.call("memory")["peak_rss_mib"], 1) for name, w in self.workers.items()},
+            note="server: sum over tritonserver and its stubs, sampled every 0.25 s (shared pages are "
+                 "counted once per process; PSS splits them); workers: their own peak (VmHWM)")
 
 
 def _environment(pid: int) -> dict[str, str]:
@@ -393,70 +239,231 @@ def _environment(pid: int) -> dict[str, str]:
     return dict(e.decode(errors="replace").partition("=")[::2] for e in entries if b"=" in e)
 
 
-def graph_costs(repo: Path, loads) -> dict:
-    """FLOPs and weight bytes of the vision encoder, the Q-Former and each workload's prefill, at
-    the shapes one request of that workload feeds them (batch 1; the prompt tokenized as served)."""
-    from blip2_triton import repository, specs
-    from blip2_triton.serving.preprocess import Preprocessor
+class _Turns:
+    """Timed calls to every system, each with the CPU other users' processes took meanwhile; the
+    server's statistics are summed per workload around its single requests."""
 
-    from . import flops
+    def __init__(self, loop, server, workers: dict, pictures: list[bytes]):
+        from blip2_triton import interface as api
+        from blip2_triton.client import AsyncBlip2Client
 
-    from transformers import AutoConfig
+        from . import end_to_end, stages
+        from .machine import CpuMeter
 
-    preprocessor = Preprocessor(repository.assets_dir(repo))
-    queries = AutoConfig.from_pretrained(repository.assets_dir(repo)).num_query_tokens
-    costs = {}
-    for graph in (specs.VISION_ENCODER, specs.QFORMER):
-        path = repository.graph_path(repo, graph)
-        costs[graph] = flops.graph_cost(path, {"batch_size": 1})
-    decoder = repository.graph_path(repo, specs.LLM_DECODER)
-    for w in loads:
-        prompt = len(preprocessor.prompt_ids(w.prompt))
-        total = queries + prompt
-        dims = {"batch_size": 1, "sequence_length": prompt, "prefix_length": queries,
-                "total_sequence_length": total, "max_sequence_length": total}
-        costs[f"prefill:{w.name}"] = flops.graph_cost(decoder, dims)
-    return costs
+        self.loop, self.server, self.workers, self.pictures = loop, server, workers, pictures
+        self.meter = CpuMeter()
+        self.per_workload = stages.PerWorkload(server.grpc_url, server.metrics_url)
+        self.systems = ["server", *workers]
+        self.start = time.perf_counter()
+
+        async def connect():  # a grpc.aio channel belongs to the loop it is created on
+            client = AsyncBlip2Client(server.grpc_url, timeout=600)
+            streamer = end_to_end.stream_client(server.grpc_url)
+            await client.is_ready()
+            await streamer.is_model_ready(api.PIPELINE)
+            return client, streamer
+
+        self.client, self.streamer = self.run(connect())
+
+    def run(self, coroutine):
+        return self.loop.run_until_complete(coroutine)
+
+    def measured(self, fn) -> dict:
+        """fn()'s result plus how many cores other users' processes, and ours, kept busy meanwhile."""
+        before = self.meter.snapshot()
+        r = fn()
+        after = self.meter.snapshot()
+        r["others_cores"] = self.meter.others_cores(before, after)
+        r["our_cores"] = self.meter.our_cores(before, after)
+        return r
+
+    def call(self, system: str, workload, image: int) -> dict:
+        """One single request of `workload` on `image` to `system`, timed."""
+        from . import end_to_end
+
+        started = time.perf_counter() - self.start
+        if system == "server":
+            before = self.per_workload.snapshot()
+            r = self.measured(lambda: self.run(end_to_end.request(self.client, self.pictures[image], workload)))
+            self.per_workload.add(workload.name, before, self.per_workload.snapshot())
+        else:
+            r = self.measured(lambda: self.workers[system].call("generate", image=image, prompt=workload.prompt,
+                                                                controls=workload.controls))
+        return r | {"image": image, "started": started}
+
+    def close(self) -> None:
+        self.per_workload.close()
+        self.run(self.client.close())
+        self.run(self.streamer.close())
 
 
-STAGE_GRAPHS = {"vision_encoder": "vision_encoder", "qformer": "qformer", "prefill": "prefill:{workload}"}
-
-
-def stage_floors(result: dict, caps) -> dict:
-    """Per workload and stage (vision encoder, Q-Former, prefill): the floor of its graph (FLOPs at
-    the measured matmul rate, weight bytes at the measured bandwidth, the larger of the two), and
-    measured / floor in process (median) and on the server (Triton's compute time, the engine's
-    prefill metric; means over the workload's requests)."""
-    from . import flops
-
-    out = {}
-    for w, inproc in result["stages"]["in_process"].items():
-        server = result["stages"]["server"].get(w, {})
-        models, gen = server.get("models", {}), server.get("generator_metrics", {})
-        served = {"vision_encoder": models.get("vision_encoder", {}).get("compute_infer_ms"),
-                  "qformer": models.get("qformer", {}).get("compute_infer_ms"),
-                  "prefill": gen.get("prefill_ms")}
-        out[w] = {}
-        for stage, graph in STAGE_GRAPHS.items():
-            f = flops.floor(result["graph_costs"][graph.format(workload=w)], caps.read_gbps, caps.matmul_gflops)
-            ours = inproc.get(f"{stage}_ms")
-            out[w][stage] = f | {"in_process_ms": ours, "server_ms": served[stage] and round(served[stage], 3),
-                                 "in_process_over_floor": _ratio(ours, f["floor_ms"]),
-                                 "server_over_floor": _ratio(served[stage], f["floor_ms"])}
-    return out
-
-
-def _batching(level: dict) -> dict:
-    """How the server batched at one concurrency level: each model's mean batch, queue and compute
-    per request, and the continuous batcher's mean rows per decode step."""
-    g = level["generator_metrics"]
-    rows = ((g["generated_tokens"] - g["prefills"]) / g["decode_steps"]) if g.get("decode_steps") else None
+def _measure(turns: _Turns, loads, settings: Settings, past: int, progress: Progress) -> dict:
+    """The measured sections of ModelResult, phase after phase."""
+    try:
+        _warm_up(turns, loads, settings, progress)
+        samples = _single_requests(turns, loads, settings, progress)
+        server_stages = turns.per_workload.result()
+        streams = _streams(turns, loads, settings, progress)
+        decode = _decode_vs_rows(turns.workers, settings, past, progress)
+        throughput = _throughput(turns, loads[0], settings, progress)
+        baseline_batches = _baseline_batches(turns, loads[0], settings, progress)
+    finally:
+        turns.close()
+    systems = turns.systems
+    medians = _stage_medians(loads, samples)
+    steps = {d.rows: d.step_ms / 1e3 for d in decode.by_system["in_process"]}
     return {
-        "decode_rows_per_step": round(rows, 2) if rows else None,
-        "models": {k: {"mean_batch": v["mean_batch"], "queue_ms": round(v["queue_ms"], 2),
-                       "compute_infer_ms": round(v["compute_infer_ms"], 2)}
-                   for k, v in level["models"].items() if k in ("preprocess", "vision_encoder", "qformer")},
+        "systems": systems,
+        "throughput_bound": _throughput_bound(medians[loads[0].name], loads[0].max_new_tokens, steps, throughput),
+        "raw": _raw(loads, samples, streams),
+        "end_to_end": EndToEnd(workloads={w.name: WorkloadLatency.of(samples[w.name], streams[w.name],
+                                                                     settings.quiet_cores) for w in loads}),
+        "tokens_identical": _identical(loads, samples, streams, systems),
+        "int8_agreement": _int8_agreement(loads, samples) if INT8 in systems else None,
+        "stages": Stages(in_process=medians, server=server_stages, decode=decode),
+        "throughput": throughput,
+        "baseline_batches": baseline_batches,
     }
+
+
+def _warm_up(turns: _Turns, loads, settings: Settings, progress: Progress) -> None:
+    """First calls pay for lazy initialisation (thread pools, allocator growth); they do not count."""
+    bar = progress.phase("warm-up", settings.warmup * len(loads) * len(turns.systems))
+    for k in range(settings.warmup):
+        for w in loads:
+            for system in turns.systems:
+                turns.call(system, w, k % len(turns.pictures))
+                bar.update()
+    bar.close()
+    turns.per_workload.reset()
+
+
+def _single_requests(turns: _Turns, loads, settings: Settings, progress: Progress) -> dict[str, dict[str, list]]:
+    """Interleaved single requests -> workload -> system -> timed calls. The systems take turns
+    (rotating order), so load from other users of the machine falls on all of them alike."""
+    systems = turns.systems
+    samples = {w.name: {s: [] for s in systems} for w in loads}
+    bar = progress.phase(f"latency ({', '.join(systems)} in turns)", settings.reps * len(loads) * len(systems))
+    for rep in range(settings.reps):
+        order = systems[rep % len(systems):] + systems[:rep % len(systems)]
+        for w in loads:
+            for system in order:
+                samples[w.name][system].append(turns.call(system, w, rep % len(turns.pictures)))
+                bar.update()
+    bar.close()
+    return samples
+
+
+def _streams(turns: _Turns, loads, settings: Settings, progress: Progress) -> dict[str, list[dict]]:
+    """Streaming requests through the server (time to first token) -> workload -> timed calls."""
+    from . import end_to_end
+
+    streams = {w.name: [] for w in loads}
+    bar = progress.phase("streaming through the server (time to first token)", settings.stream_reps * len(loads))
+    for rep in range(settings.stream_reps):
+        image = rep % len(turns.pictures)
+        for w in loads:
+            r = turns.measured(lambda: turns.run(end_to_end.stream(turns.streamer, turns.pictures[image], w)))
+            streams[w.name].append(r | {"image": image})
+            bar.update()
+    bar.close()
+    return streams
+
+
+def _decode_vs_rows(workers: dict, settings: Settings, past: int, progress: Progress) -> DecodeVsRows:
+    """Decoder calls alone at each row count, in rounds that each follow a bandwidth probe."""
+    from . import machine
+
+    by_system, all_rounds = {}, {}
+    probe = machine.BandwidthProbe(settings.bandwidth_mib)
+    for system in ("in_process", INT8):
+        if system not in workers:
+            continue
+        bar = progress.phase(f"decode step vs rows {list(settings.decode_rows)}, next to a bandwidth probe "
+                             f"({system})", settings.decode_rounds)
+        rounds = []
+        for _ in range(settings.decode_rounds):
+            gbps = probe.read_gbps()
+            steps = workers[system].call("decode_vs_rows", rows=list(settings.decode_rows), past_length=past)
+            rounds.append(DecodeRound(read_gbps=round(gbps, 2),
+                                      step_ms={d["rows"]: round(d["step_seconds"] * 1e3, 4) for d in steps}))
+            bar.update()
+        bar.close()
+        all_rounds[system] = rounds
+        medians = {n: statistics.median(r.step_ms[n] for r in rounds) for n in settings.decode_rows}
+        by_system[system] = [RowStep(rows=n, step_ms=round(ms, 3), ms_per_token=round(ms / n, 3))
+                             for n, ms in medians.items()]
+    return DecodeVsRows(by_system=by_system, decode_step_rounds=all_rounds, decode_step_past_length=past)
+
+
+def _throughput(turns: _Turns, caption, settings: Settings, progress: Progress) -> list[ThroughputLevel]:
+    """Captions from N closed-loop client streams at each concurrency level."""
+    from . import end_to_end, stages
+
+    levels = []
+    total = sum(c * settings.requests_per_stream for c in settings.concurrency)
+    bar = progress.phase(f"throughput vs concurrent streams {list(settings.concurrency)}", total)
+    for streams in settings.concurrency:
+        before = turns.per_workload.snapshot()
+        r = turns.measured(lambda: turns.run(end_to_end.closed_loop(
+            turns.server.grpc_url, streams, settings.requests_per_stream, turns.pictures, caption)))
+        after = turns.per_workload.snapshot()
+        level = stages.server_stages(before[0], after[0], before[1], after[1])
+        latencies = r.pop("latencies")
+        r = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+        levels.append(ThroughputLevel(**r, server=_batching(level), latency_ms=Summary.of(latencies)))
+        bar.update(streams * settings.requests_per_stream)
+    bar.close()
+    return levels
+
+
+def _baseline_batches(turns: _Turns, caption, settings: Settings, progress: Progress) -> list[BaselineBatch]:
+    """transformers' static batching: one generate() over N images."""
+    batches = []
+    bar = progress.phase(f"transformers static batches {list(settings.baseline_batches)}", len(settings.baseline_batches))
+    for n in settings.baseline_batches:
+        r = turns.measured(lambda: turns.workers["transformers"].call(
+            "batch", images=[i % len(turns.pictures) for i in range(n)], prompt=caption.prompt,
+            controls=caption.controls))
+        batches.append(BaselineBatch(batch=n, seconds=round(r["seconds"], 4), tokens=r["tokens"],
+                                     requests_per_s=round(n / r["seconds"], 4),
+                                     tokens_per_s=round(r["tokens"] / r["seconds"], 4), others_cores=r["others_cores"]))
+        bar.update()
+    bar.close()
+    return batches
+
+
+# ---- records from the timed calls ---------------------------------------------------------------
+
+def _throughput_bound(stages_ms: StageMedians, tokens: int, step_seconds: dict[int, float],
+                      throughput: list[ThroughputLevel], rows: int = 8) -> ThroughputBound:
+    """Requests/s the machine could serve if no core ever idled: 1 / the CPU time one request costs.
+
+    Every in-process stage runs with one thread per core, so its median time is the whole machine's
+    time for it: preprocess + vision + Q-Former + prefill once, plus `tokens` decode steps at the
+    per-token cost of a `rows`-sequence batch (what continuous batching at that concurrency buys).
+    """
+    per_token = {n: s / n for n, s in step_seconds.items()}
+    at = max((r for r in per_token if r <= rows), default=min(per_token))
+    once = stages_ms.preprocess_ms + stages_ms.vision_encoder_ms + stages_ms.qformer_ms + stages_ms.prefill_ms
+    cost_ms = once + tokens * per_token[at] * 1e3
+    bound = 1e3 / cost_ms
+    level = next((t for t in throughput if t.streams == rows), None)
+    return ThroughputBound(rows=at, once_ms=round(once, 3), decode_ms_per_token=round(per_token[at] * 1e3, 3),
+                           request_cost_ms=round(cost_ms, 3), bound_requests_per_s=round(bound, 4), streams=rows,
+                           measured_requests_per_s=level.requests_per_s if level else None,
+                           measured_over_bound=round(level.requests_per_s / bound, 4) if level else None)
+
+
+def _batching(level: ServerStages) -> Batching:
+    """How the server batched at one concurrency level: each image stage's mean batch, queue and
+    compute per request, and the continuous batcher's mean rows per decode step."""
+    g = level.generator_metrics
+    rows = ((g.generated_tokens - g.prefills) / g.decode_steps) if g.decode_steps else None
+    return Batching(decode_rows_per_step=round(rows, 2) if rows else None,
+                    models={k: BatchStats(mean_batch=v.mean_batch, queue_ms=round(v.queue_ms, 2),
+                                          compute_infer_ms=round(v.compute_infer_ms, 2))
+                            for k, v in level.models.items() if k in IMAGE_STAGES})
 
 
 def _raw(loads, samples, streams) -> dict:
@@ -475,87 +482,10 @@ def _raw(loads, samples, streams) -> dict:
                      "server_stream": [one(r) for r in streams[w.name]]} for w in loads}
 
 
-def _mean_step(r: dict) -> float | None:
-    """Seconds per decode step of one request: first token to last over the steps between.
-
-    Mean, not median, of the gaps: streamed responses can arrive in bursts (several tokens in one
-    read), which makes single gaps meaningless but leaves first-to-last intact.
-    """
-    if "stages" in r:
-        return r["stages"]["decode"] / r["decode_steps"] if r["decode_steps"] else None
-    gaps = r.get("inter_token")
-    return statistics.mean(gaps) if gaps else None
-
-
-def _end_to_end(loads, samples, streams, systems, quiet_cores: float) -> dict:
-    out = {}
-    for w in loads:
-        per = samples[w.name]
-        entry = {}
-        for system in systems:
-            runs = per[system]
-            entry[system] = {
-                "latency_ms": summary_ms([r["seconds"] for r in runs]),
-                # Only the requests during which other users' processes kept < quiet_cores busy.
-                "latency_ms_quiet": summary_ms([r["seconds"] for r in runs if r["others_cores"] < quiet_cores]),
-                "others_cores_mean": round(statistics.mean(r["others_cores"] for r in runs), 3),
-                "ttft_ms": summary_ms([r.get("ttft") for r in runs]) if system != "server" else None,
-                "tokens_per_request": statistics.mean(len(r["tokens"]) for r in runs),
-            }
-            entry[system]["tokens_per_s"] = round(
-                entry[system]["tokens_per_request"] / (entry[system]["latency_ms"]["p50"] / 1e3), 3)
-            gaps = [g for r in runs for g in r.get("inter_token", [])]
-            if gaps:
-                entry[system]["inter_token_ms"] = summary_ms(gaps)
-            entry[system]["decode_step_ms"] = summary_ms([_mean_step(r) for r in runs])
-        st = streams[w.name]
-        entry["server_stream"] = {
-            "others_cores_mean": round(statistics.mean(r["others_cores"] for r in st), 3) if st else None,
-            "latency_ms": summary_ms([r["seconds"] for r in st]),
-            "ttft_ms": summary_ms([r["ttft"] for r in st]),
-            "inter_token_ms": summary_ms([g for r in st for g in r["inter_token"]]),
-            "decode_step_ms": summary_ms([_mean_step(r) for r in st]),
-            "responses_per_request": statistics.mean(r["responses"] for r in st) if st else None,
-        }
-        p50 = {s: entry[s]["latency_ms"]["p50"] for s in systems}
-        best = {s: entry[s]["latency_ms"]["min"] for s in systems}
-        quiet = {s: entry[s]["latency_ms_quiet"].get("p50") if entry[s]["latency_ms_quiet"]["n"] >= 3 else None
-                 for s in systems}
-        ttft = {s: entry[s]["ttft_ms"]["p50"] for s in systems if s != "server"}
-        ttft["server"] = entry["server_stream"]["ttft_ms"].get("p50")
-        ratios = {}
-        for baseline in (s for s in systems if s.startswith("transformers")):
-            suffix = "" if baseline == "transformers" else f"_vs_{baseline}"
-            if INT8 in systems:
-                ratios[f"{INT8}_latency_p50{suffix}"] = _ratio(p50[INT8], p50[baseline])
-                ratios[f"{INT8}_latency_p50_quiet{suffix}"] = _ratio(quiet[INT8], quiet[baseline])
-            ratios[f"server_latency_p50{suffix}"] = _ratio(p50["server"], p50[baseline])
-            ratios[f"in_process_latency_p50{suffix}"] = _ratio(p50["in_process"], p50[baseline])
-            ratios[f"server_latency_p50_quiet{suffix}"] = _ratio(quiet["server"], quiet[baseline])
-            ratios[f"in_process_latency_p50_quiet{suffix}"] = _ratio(quiet["in_process"], quiet[baseline])
-            # The fastest of each: the request least disturbed by other users of the machine.
-            ratios[f"server_latency_min{suffix}"] = _ratio(best["server"], best[baseline])
-            ratios[f"in_process_latency_min{suffix}"] = _ratio(best["in_process"], best[baseline])
-            ratios[f"server_stream_ttft_p50{suffix}"] = _ratio(ttft["server"], ttft[baseline])
-            ratios[f"in_process_ttft_p50{suffix}"] = _ratio(ttft["in_process"], ttft[baseline])
-        ratios["server_tokens_per_s"] = _ratio(entry["server"]["tokens_per_s"], entry["transformers"]["tokens_per_s"])
-        entry["ratios_ours_over_transformers"] = ratios
-        paired = [(a["seconds"] - b["seconds"]) for a, b in zip(per["server"], per["in_process"])]
-        entry["server_overhead_ms"] = {
-            "p50_difference": round(p50["server"] - p50["in_process"], 3),
-            "p50_quiet_difference": round(quiet["server"] - quiet["in_process"], 3)
-            if quiet["server"] and quiet["in_process"] else None,
-            "paired_median": round(statistics.median(paired) * 1e3, 3) if paired else None,
-            "relative_to_in_process": _ratio(p50["server"] - p50["in_process"], p50["in_process"]),
-        }
-        out[w.name] = entry
-    return out
-
-
-def _identical(loads, samples, streams, systems) -> dict:
+def _identical(loads, samples, streams, systems) -> TokenIdentity:
     """Do the server (one-shot and streamed), the in-process pipeline (and transformers at other
     thread counts) produce exactly the token ids transformers generates for the same request?"""
-    out = {"all": True, "compared": 0, "mismatches": []}
+    compared, mismatches = 0, []
     for w in loads:
         reference = {r["image"]: r["tokens"] for r in samples[w.name]["transformers"]}
         candidates = [(s, r["image"], r["tokens"]) for s in systems if s not in ("transformers", INT8)
@@ -564,16 +494,16 @@ def _identical(loads, samples, streams, systems) -> dict:
         for system, image, tokens in candidates:
             if image not in reference:
                 continue
-            out["compared"] += 1
+            compared += 1
             if tokens != reference[image]:
-                out["all"] = False
-                out["mismatches"].append({"workload": w.name, "system": system, "image": image,
-                                          "ours": tokens, "transformers": reference[image]})
-    out["distinct_tokens_in_reference"] = len({t for w in loads for r in samples[w.name]["transformers"] for t in r["tokens"]})
-    return out
+                mismatches.append({"workload": w.name, "system": system, "image": image,
+                                   "ours": tokens, "transformers": reference[image]})
+    distinct = len({t for w in loads for r in samples[w.name]["transformers"] for t in r["tokens"]})
+    return TokenIdentity(all=not mismatches, compared=compared, mismatches=mismatches,
+                         distinct_tokens_in_reference=distinct)
 
 
-def _int8_agreement(loads, samples) -> dict:
+def _int8_agreement(loads, samples) -> Int8Agreement:
     """How close int8 weights stay to fp32: requests whose tokens equal transformers' fp32 tokens,
     and the mean share of tokens that agree before the first difference."""
     same = compared = 0
@@ -588,20 +518,90 @@ def _int8_agreement(loads, samples) -> dict:
             same += r["tokens"] == ref
             agree = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref)) if a != b), min(len(ref), len(r["tokens"])))
             prefix.append(agree / max(len(ref), 1))
-    return {"compared": compared, "identical": same,
-            "mean_agreeing_prefix": round(statistics.mean(prefix), 4) if prefix else None}
+    return Int8Agreement(compared=compared, identical=same,
+                         mean_agreeing_prefix=round(statistics.mean(prefix), 4) if prefix else None)
 
 
-def _stage_medians(loads, samples) -> dict:
+def _stage_medians(loads, samples) -> dict[str, StageMedians]:
     """Median per stage (ms) over the interleaved in-process requests."""
     out = {}
     for w in loads:
         runs = samples[w.name]["in_process"]
         keys = [k for k, v in runs[0]["stages"].items() if v is not None]
-        out[w.name] = {f"{k}_ms": round(statistics.median(r["stages"][k] for r in runs) * 1e3, 3) for k in keys}
-        out[w.name]["tokens"] = len(runs[0]["tokens"])
-        out[w.name]["decode_steps"] = runs[0]["decode_steps"]
+        medians = {f"{k}_ms": round(statistics.median(r["stages"][k] for r in runs) * 1e3, 3) for k in keys}
+        out[w.name] = StageMedians(**medians, tokens=len(runs[0]["tokens"]), decode_steps=runs[0]["decode_steps"])
     return out
+
+
+# ---- costs and floors ---------------------------------------------------------------------------
+
+def graph_costs(model, loads) -> tuple[dict[str, GraphCost], int]:
+    """What each stage's graph runs compute and read at the shapes one request of each workload
+    feeds them (batch 1; the prompt tokenized as served): the vision encoder, the Q-Former, each
+    workload's prefill, and a decode step in the middle of a caption (fp32 and int8), whose
+    self-attention depth (positions cached before it) is returned too."""
+    from blip2_triton import repository, specs
+    from blip2_triton.serving.preprocess import Preprocessor
+    from transformers import AutoConfig
+
+    from . import flops
+
+    repo = model.repository
+    preprocessor = Preprocessor(repository.assets_dir(repo))
+    queries = AutoConfig.from_pretrained(repository.assets_dir(repo)).num_query_tokens
+    prompts = {w.name: len(preprocessor.prompt_ids(w.prompt)) for w in loads}
+    costs = {graph: flops.graph_cost(repository.graph_path(repo, graph), {specs.BATCH: 1})
+             for graph in (specs.VISION_ENCODER, specs.QFORMER)}
+    for w in loads:
+        costs[f"prefill:{w.name}"] = flops.prefill_cost(repo, queries, prompts[w.name])
+    caption = loads[0]
+    past = flops.prefill_positions(repo, queries, prompts[caption.name]) + caption.max_new_tokens // 2
+    costs["decode_step"] = flops.decode_step_cost(repo, queries, prompts[caption.name], past)
+    if model.int8_repository:
+        costs["decode_step:int8"] = flops.decode_step_cost(model.int8_repository, queries, prompts[caption.name], past)
+    return costs, past
+
+
+STAGE_GRAPHS = {"vision_encoder": "vision_encoder", "qformer": "qformer", "prefill": "prefill:{workload}"}
+
+
+def add_floors(result: ModelResult, caps) -> None:
+    """The floors of `result`'s decode step (fp32, int8; over the best measured machine and round by
+    round) and of its other stages, once the machine is measured at the end of the run."""
+    from . import flops, machine
+
+    costs = result.graph_costs
+    result.floor = flops.decode_floor(costs["decode_step"], caps.read_gbps, caps.matmul_gflops)
+    if "decode_step:int8" in costs:
+        result.floor_int8 = flops.decode_floor(costs["decode_step:int8"], caps.read_gbps, caps.matmul_gflops)
+    result.stage_floors = stage_floors(result, caps)
+    result.floor_side_by_side = {
+        system: machine.side_by_side(costs["decode_step:int8" if system == INT8 else "decode_step"].bytes_read, rounds)
+        for system, rounds in result.stages.decode.decode_step_rounds.items()}
+
+
+def stage_floors(result: ModelResult, caps) -> StageFloors:
+    """Per workload and stage (vision encoder, Q-Former, prefill): the floor of its graph runs (FLOPs
+    at the measured matmul rate, bytes at the measured bandwidth, the larger of the two), and
+    measured / floor in process (median) and on the server (Triton's compute time, the engine's
+    prefill metric; means over the workload's requests)."""
+    from . import flops
+
+    out = {}
+    for w, inproc in result.stages.in_process.items():
+        server = result.stages.server.get(w)
+        models = server.models if server else {}
+        served = {"vision_encoder": models["vision_encoder"].compute_infer_ms if "vision_encoder" in models else None,
+                  "qformer": models["qformer"].compute_infer_ms if "qformer" in models else None,
+                  "prefill": server.generator_metrics.prefill_ms if server else None}
+        out[w] = {}
+        for stage, graph in STAGE_GRAPHS.items():
+            f = flops.floor(result.graph_costs[graph.format(workload=w)], caps.read_gbps, caps.matmul_gflops)
+            ours = getattr(inproc, f"{stage}_ms")
+            out[w][stage] = StageFloor(**f, in_process_ms=ours, server_ms=served[stage] and round(served[stage], 3),
+                                       in_process_over_floor=ratio(ours, f["floor_ms"]),
+                                       server_over_floor=ratio(served[stage], f["floor_ms"]))
+    return StageFloors(workloads=out)
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -609,7 +609,7 @@ def _stage_medians(loads, samples) -> dict:
 def default_models() -> list[str]:
     from blip2_triton.embedded import TRAINED_MODEL
 
-    models = ["base-opt"]
+    models = ["base-opt", "base-t5"]
     if (TRAINED_MODEL / "model.safetensors").exists():
         models.append(str(TRAINED_MODEL))
     return models
@@ -617,8 +617,8 @@ def default_models() -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", dest="models", metavar="PRESET_OR_DIR",
-                   help="a preset (base-opt, tiny-opt, ...) or a checkpoint directory; repeatable "
-                        "(default: base-opt, and the trained tiny model when present)")
+                   help="a preset (base-opt, base-t5, tiny-opt, ...) or a checkpoint directory; repeatable "
+                        "(default: base-opt, base-t5, and the trained tiny model when present)")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where bench.json, bench.md and the PNGs go")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="scratch: checkpoints, exported repositories, logs")
     p.add_argument("--quick", action="store_true", help="minimal repetitions (smoke test), small token counts")
@@ -665,38 +665,29 @@ def run_from_args(args) -> int:
     facts = machine.facts(settings.threads, ROOT)
     progress.say("measuring memory bandwidth and matmul rate")
     first = machine.measure(settings.threads, array_mib=settings.bandwidth_mib, matmul_n=settings.matmul_n)
-    results = {
-        "about": "blip2-triton bench: one run, all systems side by side; times in ms unless named otherwise",
-        "command": getattr(args, "command_line", None) or " ".join(["blip2-triton", *sys.argv[1:]]),
-        "facts": facts,
-        "settings": asdict(settings),
-        "models": {},
-    }
+    results = {}
     for spec in models:
         result = bench_model(spec, settings, args, progress)
-        results["models"][result["model"]["name"]] = result
+        results[result.model["name"]] = result
     # Measured again at the end: the best of both is the least disturbed by other load, and the
     # floor must be a lower bound.
     progress.say("measuring memory bandwidth and matmul rate again")
     last = machine.measure(settings.threads, array_mib=settings.bandwidth_mib, matmul_n=settings.matmul_n)
     caps = first.best(last)
-    results["capabilities"] = caps.as_dict() | {"at_start": first.as_dict(), "at_end": last.as_dict()}
-    for result in results["models"].values():
-        result["floor"] = machine.decode_floor(result["decoder_weights"], caps)
-        if "decoder_weights_int8" in result:
-            result["floor_int8"] = machine.decode_floor(result["decoder_weights_int8"], caps)
-        result["stage_floors"] = stage_floors(result, caps)
-        rounds = result["stages"]["decode_step_rounds"]
-        result["floor_side_by_side"] = {
-            system: machine.side_by_side(result["decoder_weights_int8" if system == INT8 else "decoder_weights"], r)
-            for system, r in rounds.items()}
-    results["facts"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["run_seconds"] = round(time.perf_counter() - start, 1)
+    for result in results.values():
+        add_floors(result, caps)
+    facts["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    bench = BenchResults(
+        about="blip2-triton bench: one run, all systems side by side; times in ms unless named otherwise",
+        command=getattr(args, "command_line", None) or " ".join(["blip2-triton", *sys.argv[1:]]),
+        facts=facts, settings=asdict(settings), models=results,
+        capabilities=caps.as_dict() | {"at_start": first.as_dict(), "at_end": last.as_dict()},
+        run_seconds=round(time.perf_counter() - start, 1))
     progress.say("writing results")
-    paths = report.write(results, Path(args.output))
+    paths = report.write(bench.to_dict(), Path(args.output))
     if not args.quiet:
-        print(report.markdown(results), file=sys.stderr)
-    progress.say("wrote " + ", ".join(str(p) for p in paths) + f" in {results['run_seconds']:.0f}s")
+        print(report.markdown(bench.to_dict()), file=sys.stderr)
+    progress.say("wrote " + ", ".join(str(p) for p in paths) + f" in {bench.run_seconds:.0f}s")
     return 0
 
 

@@ -7,6 +7,7 @@ compute times) and the `blip2` model's engine metrics, as differences between tw
 """
 from __future__ import annotations
 
+import io
 import statistics
 import time
 import urllib.request
@@ -14,6 +15,8 @@ import urllib.request
 import numpy as np
 
 from blip2_triton import specs
+
+from .records import GeneratorMetrics, ModelStats, ServerStages
 
 
 class _TimedLanguageModel:
@@ -112,31 +115,46 @@ class LocalRunner:
         }
 
     def decode_vs_rows(self, rows: list[int], past_length: int) -> list[dict]:
-        """Seconds of one decode step for each of `rows` sequence counts with `past_length` cached
-        positions, one after the other: one round. The caller repeats rounds (each next to its own
-        bandwidth probe), so a burst of load from other users hits every row count alike.
+        """Seconds of one decode step for each of `rows` sequence counts, each row with
+        `past_length` positions cached, one after the other: one round. The caller repeats rounds
+        (each next to its own bandwidth probe), so a burst of load from other users hits every row
+        count alike.
         """
         language_model = self.pipe.generator.language_model
-        rng = np.random.default_rng(0)
-        feeds = self._row_feeds
         for n in rows:
-            if (n, past_length) not in feeds:
-                # Every call writes position past_length of each row again: the cache stays the same size.
-                cache = language_model.new_cache(slots=n, capacity=past_length + 1)
-                for buffer in cache.buffers:
-                    buffer[...] = rng.standard_normal(buffer.shape)
-                feeds[n, past_length] = (np.full(n, 4, np.int64), np.full(n, past_length, np.int64), cache)
-                language_model.step(*feeds[n, past_length])  # warm-up for this shape, once
-        # One untimed call first: after the caller's pause (a bandwidth probe) the first call ran
-        # 1.7-2x slower (base-opt 1 row: 20 ms, not 11), whichever shape it was: cold cores, not
-        # the shape. Decode steps in a request follow each other; so do the timed ones.
-        language_model.step(*feeds[rows[0], past_length])
+            if (n, past_length) not in self._row_feeds:
+                self._row_feeds[n, past_length] = self._rows_at(n, past_length)
+                language_model.step(*self._row_feeds[n, past_length])  # warm-up for this shape, once
+        # One untimed call first: right after the caller's pause (a bandwidth probe) the first call
+        # runs markedly slower whatever its shape (cold cores, README: "Batched decoding"). Decode
+        # steps in a request follow each other; so do the timed ones.
+        language_model.step(*self._row_feeds[rows[0], past_length])
         steps = []
         for n in rows:
             start = time.perf_counter()
-            language_model.step(*feeds[n, past_length])
+            language_model.step(*self._row_feeds[n, past_length])
             steps.append({"rows": n, "step_seconds": time.perf_counter() - start})
         return steps
+
+    def _rows_at(self, rows: int, past_length: int) -> tuple:
+        """Step arguments (tokens, lengths, cache) for `rows` caption requests `past_length` positions
+        deep: each row prefilled through the language model as a request is (so an encoder-decoder
+        LM's cross-attention keys and values are in its cache), the positions between its prefill
+        and `past_length` left as the cache holds them. Every call writes position `past_length` of
+        each row again: the cache stays the same size."""
+        from PIL import Image
+
+        picture = io.BytesIO()
+        Image.new("RGB", (64, 64), (120, 80, 40)).save(picture, format="JPEG")
+        pixels, prompt_ids = self.pipe.stages.preprocess(picture.getvalue(), b"")
+        query = self.pipe.stages.query_embeds(pixels)
+        language_model = self.pipe.generator.language_model
+        cache = language_model.new_cache()
+        for slot in range(rows):
+            _, cached = language_model.prefill(query, prompt_ids, cache, slot)
+        if past_length < cached:
+            raise ValueError(f"past_length {past_length} is shorter than a prefill ({cached} positions)")
+        return np.full(rows, 4, np.int64), np.full(rows, past_length, np.int64), cache
 
 
 # ---- server side ---------------------------------------------------------------------------------
@@ -208,7 +226,7 @@ class PerWorkload:
         for k, v in after[1].items():
             metrics[k] = metrics.get(k, 0.0) + v - before[1].get(k, 0.0)
 
-    def result(self) -> dict:
+    def result(self) -> dict[str, ServerStages]:
         """workload -> server_stages() over that workload's requests."""
         return {w: server_stages({}, self.stats[w], {}, self.metrics[w]) for w in self.stats}
 
@@ -216,7 +234,7 @@ class PerWorkload:
         self.client.close()
 
 
-def server_stages(before: dict, after: dict, metrics_before: dict, metrics_after: dict) -> dict:
+def server_stages(before: dict, after: dict, metrics_before: dict, metrics_after: dict) -> ServerStages:
     """Per-request milliseconds per served model between two snapshots.
 
     For batched models, queue and compute are per request (a batch's compute time is counted
@@ -236,16 +254,11 @@ def server_stages(before: dict, after: dict, metrics_before: dict, metrics_after
         def per(part: str, diff=diff) -> float:
             return diff[f"{part}_ns"] / max(diff[f"{part}_count"], 1) / 1e6
 
-        models[name] = {
-            "requests": requests,
-            "executions": diff["execution_count"],
-            "mean_batch": round(diff["inference_count"] / diff["execution_count"], 2) if diff["execution_count"] else None,
-            "queue_ms": per("queue"),
-            "compute_input_ms": per("compute_input"),
-            "compute_infer_ms": per("compute_infer"),
-            "compute_output_ms": per("compute_output"),
-            "request_ms": per("success"),
-        }
+        models[name] = ModelStats(
+            requests=requests, executions=diff["execution_count"],
+            mean_batch=round(diff["inference_count"] / diff["execution_count"], 2) if diff["execution_count"] else None,
+            queue_ms=per("queue"), compute_input_ms=per("compute_input"), compute_infer_ms=per("compute_infer"),
+            compute_output_ms=per("compute_output"), request_ms=per("success"))
     delta = {k: metrics_after.get(k, 0.0) - metrics_before.get(k, 0.0) for k in metrics_after}
 
     def mean_ms(metric: str) -> float | None:
@@ -254,17 +267,10 @@ def server_stages(before: dict, after: dict, metrics_before: dict, metrics_after
 
     count = lambda name: int(round(delta[name])) if name in delta else None  # noqa: E731 - counters are floats
     prefills = count("blip2_prefills_total")
-    generator = {
-        "generated_tokens": count("blip2_generated_tokens_total"),
-        "decode_steps": count("blip2_decode_steps_total"),
-        "prefills": prefills,
-        # from execute() receiving the request to its first token: the image stages, the engine's
-        # queue and the prefill
-        "engine_ttft_ms": mean_ms("blip2_time_to_first_token"),
-        "prefill_ms": mean_ms("blip2_prefill"),
-        "decode_step_ms": mean_ms("blip2_decode_step"),
-        "detokenize_ms": mean_ms("blip2_detokenize"),
-        "detokenize_per_request": (round(delta.get("blip2_detokenize_seconds_count", 0.0) / prefills, 3)
-                                   if prefills else None),
-    }
-    return {"models": models, "generator_metrics": generator}
+    generator = GeneratorMetrics(
+        generated_tokens=count("blip2_generated_tokens_total"), decode_steps=count("blip2_decode_steps_total"),
+        prefills=prefills, engine_ttft_ms=mean_ms("blip2_time_to_first_token"), prefill_ms=mean_ms("blip2_prefill"),
+        decode_step_ms=mean_ms("blip2_decode_step"), detokenize_ms=mean_ms("blip2_detokenize"),
+        detokenize_per_request=(round(delta.get("blip2_detokenize_seconds_count", 0.0) / prefills, 3)
+                                if prefills else None))
+    return ServerStages(models=models, generator_metrics=generator)

@@ -1,23 +1,28 @@
-"""Smoke test of `blip2-triton bench`: the whole benchmark, end to end, on a tiny model with minimal
-repetitions. It checks that every section is there with sane values; it asserts nothing about
-speed (benchmarks are not tests)."""
+"""Smoke test of `blip2-triton bench`: the whole benchmark, end to end, on a tiny OPT and a tiny T5
+model with minimal repetitions. It checks that every section is there with sane values; it asserts
+nothing about speed (benchmarks are not tests). Also: bench.json's records read the committed
+results back unchanged, and the README's schema is the one the records define."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
+from blip2_triton.benchmarks import records
+from blip2_triton.benchmarks.report import markdown
 from blip2_triton.benchmarks.run import main
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-results")
     work = tmp_path_factory.mktemp("bench-work")
-    assert main(["--model", "tiny-opt", "--quick", "--output", str(out), "--workdir", str(work), "--quiet"]) == 0
+    assert main(["--model", "tiny-opt", "--model", "tiny-t5", "--quick", "--output", str(out), "--workdir", str(work),
+                 "--quiet"]) == 0
     return out, json.loads((out / "bench.json").read_text())
 
 
@@ -25,6 +30,8 @@ def positive(summary: dict) -> bool:
     return summary["n"] > 0 and 0 < summary["p50"] <= summary["p90"] <= summary["p99"]
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_run_records_where_and_how_it_ran(results):
     _, r = results
     facts = r["facts"]
@@ -39,9 +46,12 @@ def test_run_records_where_and_how_it_ran(results):
     assert set(served.values()) == {str(r["settings"]["threads"])}, served
 
 
-def test_every_section_is_present_with_sane_numbers(results):
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-t5"])
+def test_every_section_is_present_with_sane_numbers(results, model):
     _, r = results
-    m = r["models"]["tiny-opt"]
+    m = r["models"][model]
     assert m["floor"]["floor_ms"] > 0 and m["decoder_weights"]["bytes_read_per_step"] > 0
     for name, w in m["end_to_end"].items():
         for system in ("server", "in_process", "transformers"):
@@ -102,6 +112,8 @@ def test_every_section_is_present_with_sane_numbers(results):
     assert all(r["rounds"] == 3 and 0 < r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] for r in side.values())
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_graph_flops_match_the_architecture(results):
     """The FLOPs counted on the exported graphs equal the textbook count from the config: ViT
     (patch convolution, 4 projections + MLP per layer, QK^T and AV over every token) and the OPT
@@ -127,17 +139,72 @@ def test_graph_flops_match_the_architecture(results):
         assert cost["flops_by_op"]["GroupQueryAttention"] == 4 * positions**2 * h * layers
 
 
-def test_generated_tokens_are_identical_to_transformers(results):
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-t5"])
+def test_generated_tokens_are_identical_to_transformers(results, model):
     _, r = results
-    ident = r["models"]["tiny-opt"]["tokens_identical"]
+    ident = r["models"][model]["tokens_identical"]
     assert ident["compared"] > 0
     assert ident["all"], ident["mismatches"]
     assert ident["distinct_tokens_in_reference"] > 1
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_table_and_plots_are_written(results):
     out, _ = results
     assert "| workload | system |" in (out / "bench.md").read_text()
-    for kind in ("stages", "throughput", "vs_transformers"):
-        png = out / f"tiny-opt_{kind}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Models side by side" in (out / "bench.md").read_text()
+    for model in ("tiny-opt", "tiny-t5"):
+        for kind in ("stages", "throughput", "vs_transformers"):
+            png = out / f"{model}_{kind}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_decode_floor_counts_what_the_step_reads(results):
+    """The decode step's floor counts the decoder's weights and every cached key and value it reads:
+    the self-attention cache for both families, and T5's cross-attention keys and values over the
+    query embeddings and the prompt (2 x layers x heads x width x 4 bytes per position)."""
+    _, r = results
+    for name, m in r["models"].items():
+        config = json.loads((Path(m["model"]["checkpoint"]) / "config.json").read_text())
+        t = config["text_config"]
+        step = m["graph_costs"]["decode_step"]
+        past = m["stages"]["decode_step_past_length"]
+        if t["model_type"] == "t5":
+            heads, layers, head = t["num_heads"], t["num_decoder_layers"], t["d_kv"]
+        else:
+            heads, layers, head = t["num_attention_heads"], t["num_hidden_layers"], t["hidden_size"] // t["num_attention_heads"]
+        width = -(-head // 8) * 8  # the cache's heads are padded to a multiple of 8
+        assert step["input_bytes_read"]["max_sequence_length"] == 2 * layers * heads * past * width * 4, name
+        assert m["floor"]["bytes_read"] == step["weight_bytes_read"] + sum(step["input_bytes_read"].values())
+        prefill = m["graph_costs"]["prefill:caption"]
+        if t["model_type"] == "t5":
+            encoded = step["dims"]["encoder_sequence_length"]
+            assert encoded == config["num_query_tokens"] + 1  # the caption's prompt is "</s>"
+            assert step["input_bytes_read"]["encoder_sequence_length"] == 2 * layers * heads * encoded * t["d_kv"] * 4
+            assert list(prefill["parts"]) == ["llm_encoder", "llm_decoder"]
+            assert past == 1 + m["workloads"][0]["max_new_tokens"] // 2
+        else:
+            assert "encoder_sequence_length" not in step["input_bytes_read"] and "parts" not in prefill
+            assert past == config["num_query_tokens"] + 1 + m["workloads"][0]["max_new_tokens"] // 2
+
+
+def test_committed_results_read_back_unchanged():
+    """Old bench.json files stay readable: the records rebuild the committed one key for key, and
+    the report renders it."""
+    committed = json.loads((ROOT / "benchmarks" / "results" / "bench.json").read_text())
+    bench = records.BenchResults.from_dict(committed)
+    assert json.loads(json.dumps(bench.to_dict())) == committed
+    assert "### Decode step vs the floor" in markdown(committed)
+
+
+def test_every_record_field_is_documented_and_the_readme_shows_the_schema():
+    for cls in records.records():
+        documented = [k for k, _, _ in records.field_docs(cls)]
+        assert documented == [f.name for f in fields(cls)], cls.__name__
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    assert records.schema_markdown() in readme, "benchmarks/README.md: rerun python -m blip2_triton.benchmarks.records"
