@@ -1,4 +1,6 @@
 """Python client for the served BLIP-2 model: caption, ask, chat, batch and stream over gRPC."""
+from blip2_triton.interface import Reason
+
 from .aio import AsyncBlip2Client, Result
 from .errors import (
     Blip2Error,
@@ -13,5 +15,5 @@ from .sync import Blip2Client
 
 __all__ = [
     "AsyncBlip2Client", "Blip2Client", "Result", "Blip2Error", "CancelledError", "DeadlineExceededError",
-    "InvalidArgumentError", "ServerError", "UnavailableError", "chat_prompt", "vqa_prompt",
+    "InvalidArgumentError", "Reason", "ServerError", "UnavailableError", "chat_prompt", "vqa_prompt",
 ]

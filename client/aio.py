@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -255,15 +254,10 @@ async def _fit_history(history: Sequence[tuple[str, str]], question: str, attemp
             dropped += 1
 
 
-# The server's messages for a prompt that does not fit: preprocessing ("prompt: N tokens; ... the
-# language model's context ...", "prompt: N bytes, more than ...") and the generation parameters
-# ("max_new_tokens must be <= R for this prompt (N tokens, model context P)", "... shorten the prompt").
-_CONTEXT_OVERFLOW = re.compile(r"prompt: \d+ (tokens|bytes)|model context|shorten the prompt")
-
-
 def is_context_overflow(error: InvalidArgumentError) -> bool:
-    """Is this rejection about the prompt being too long for the model (so a shorter one may fit)?"""
-    return bool(_CONTEXT_OVERFLOW.search(error.message))
+    """Is this rejection about the prompt being too long for the model (so a shorter one may fit)?
+    Decided by the refusal's reason code, never by its wording."""
+    return error.reason is api.Reason.CONTEXT_EXCEEDED
 
 
 def _pair(images, prompts) -> tuple[list, list[str]]:
@@ -274,5 +268,6 @@ def _pair(images, prompts) -> tuple[list, list[str]]:
     elif len(images) == 1:
         images = images * len(prompts)
     if len(images) != len(prompts):
-        raise InvalidArgumentError(f"{len(images)} images but {len(prompts)} prompts: give one prompt, or one per image")
+        raise InvalidArgumentError(f"{len(images)} images but {len(prompts)} prompts: give one prompt, or one per image",
+                                   reason=api.Reason.INPUT)
     return images, prompts

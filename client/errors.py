@@ -1,9 +1,12 @@
 """Typed client exceptions, mapped from gRPC status codes (or, on streams, from the message).
 
 `from_status` is the one mapping; `from_triton` feeds it from whatever the transport raised
-(tritonclient's InferenceServerException, a grpc.aio.AioRpcError, an in-stream error).
+(tritonclient's InferenceServerException, a grpc.aio.AioRpcError, an in-stream error). A refusal's
+reason code (blip2_triton.interface.Reason) is read from its message, where the server puts it.
 """
 from __future__ import annotations
+
+from blip2_triton.interface import Reason, parse_refusal
 
 
 class Blip2Error(Exception):
@@ -23,9 +26,17 @@ class Blip2Error(Exception):
 
 
 class InvalidArgumentError(Blip2Error):
-    """The request is wrong (bad image, prompt too long, out-of-range control); fix it and retry."""
+    """The request is wrong (bad image, prompt too long, out-of-range control); fix it and retry.
+
+    `reason` says what, for programs to branch on (the message is for people): a Reason, or None
+    when the refusal came without a code this client knows (Triton's own checks, an older server).
+    """
 
     status = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, status: str | None = None, reason: Reason | None = None):
+        super().__init__(message, status)
+        self.reason = reason
 
 
 class UnavailableError(Blip2Error):
@@ -65,12 +76,12 @@ _BY_STATUS: dict[str, type[Blip2Error]] = {
 }
 
 # Streamed responses carry only a message, no status. The server's own models start their messages
-# with "invalid argument: ", "cancelled: " or "internal error: " (serving/triton_io.py); the other
-# phrases are Triton's own request validation and model lookup.
+# with "invalid argument [<reason>]: " (interface.refusal_message), "cancelled: " or "internal error: "
+# (serving/triton_io.py); the other phrases are Triton's own request validation and model lookup.
 _BY_PHRASE: tuple[tuple[str, type[Blip2Error]], ...] = (
     ("internal error: ", ServerError),
     ("cancelled: ", CancelledError),
-    ("invalid argument: ", InvalidArgumentError),
+    ("invalid argument", InvalidArgumentError),
     ("unknown model", UnavailableError),
     ("has no available versions", UnavailableError),
     ("is not ready", UnavailableError),
@@ -97,13 +108,20 @@ def from_status(status, message: str) -> Blip2Error:
     """One mapping from a status (may be unknown) and message to a typed exception."""
     name = status_name(status)
     if name in _BY_STATUS:
-        return _BY_STATUS[name](message, name)
+        return _typed(_BY_STATUS[name], message, name)
     if name == "UNKNOWN":
         lowered = message.lower()
         for phrase, cls in _BY_PHRASE:
             if phrase in lowered:
-                return cls(message)
+                return _typed(cls, message, None)
     return ServerError(message, name)
+
+
+def _typed(cls: type[Blip2Error], message: str, status: str | None) -> Blip2Error:
+    if cls is InvalidArgumentError:
+        refusal = parse_refusal(message)
+        return InvalidArgumentError(message, status, refusal.reason if refusal else None)
+    return cls(message, status)
 
 
 def from_triton(error: BaseException) -> Blip2Error:

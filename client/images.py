@@ -7,6 +7,8 @@ from typing import Union
 
 import numpy as np
 
+from blip2_triton.interface import Reason
+
 from .errors import InvalidArgumentError
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, "PIL.Image.Image", np.ndarray]  # noqa: F821
@@ -25,7 +27,8 @@ def image_bytes(image: ImageLike) -> bytes:
             with open(image, "rb") as f:
                 return f.read()
         except OSError as e:
-            raise InvalidArgumentError(f"image: cannot read {os.fspath(image)!r}: {e.strerror or e}") from None
+            raise InvalidArgumentError(f"image: cannot read {os.fspath(image)!r}: {e.strerror or e}",
+                                       reason=Reason.IMAGE) from None
     from PIL import Image
 
     if isinstance(image, np.ndarray):
@@ -35,8 +38,8 @@ def image_bytes(image: ImageLike) -> bytes:
         image.save(buf, format="PNG")
         return buf.getvalue()
     raise InvalidArgumentError(
-        f"image: unsupported type {type(image).__name__}; use a path, bytes, a PIL image or a uint8 numpy array"
-    )
+        f"image: unsupported type {type(image).__name__}; use a path, bytes, a PIL image or a uint8 numpy array",
+        reason=Reason.IMAGE)
 
 
 def _from_array(array: np.ndarray):
@@ -46,6 +49,6 @@ def _from_array(array: np.ndarray):
         array = array[:, :, 0]
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise InvalidArgumentError(
-            f"image: numpy images must be uint8 HxW, HxWx3 or HxWx4 arrays, got {array.dtype} {list(array.shape)}"
-        )
+            f"image: numpy images must be uint8 HxW, HxWx3 or HxWx4 arrays, got {array.dtype} {list(array.shape)}",
+            reason=Reason.IMAGE)
     return Image.fromarray(np.ascontiguousarray(array))

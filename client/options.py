@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blip2_triton.interface import CONTROLS
+from blip2_triton.interface import CONTROLS, Reason
 
 from .errors import InvalidArgumentError
 
@@ -30,18 +30,19 @@ class GenerationOptions:
             if value is None:
                 continue
             if name not in known:
-                raise InvalidArgumentError(f"unknown generation control {name!r}; known: {sorted(known)}")
+                raise InvalidArgumentError(f"unknown generation control {name!r}; known: {sorted(known)}",
+                                           reason=Reason.CONTROL)
             dtype = known[name].dtype
             kind = PYTHON_TYPES[dtype]
             is_bool = isinstance(value, (bool, np.bool_))
             if kind is bool and not is_bool:
-                raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be true or false, got {value!r}", reason=Reason.CONTROL)
             if kind is int and (is_bool or not isinstance(value, numbers.Integral)):
-                raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be an integer, got {value!r}", reason=Reason.CONTROL)
             if kind is int and not np.iinfo(dtype).min <= value <= np.iinfo(dtype).max:
-                raise InvalidArgumentError(f"{name} must fit {dtype}, got {value}")
+                raise InvalidArgumentError(f"{name} must fit {dtype}, got {value}", reason=Reason.CONTROL)
             if kind is float and (is_bool or not isinstance(value, numbers.Real)):
-                raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a number, got {value!r}", reason=Reason.CONTROL)
             values.append((name, kind(value)))
         return cls(tuple(values))
 

@@ -23,6 +23,8 @@ from blip2_triton.client import (
     CancelledError,
     DeadlineExceededError,
     InvalidArgumentError,
+    Reason,
+    Result,
     ServerError,
     UnavailableError,
     chat_prompt,
@@ -30,6 +32,7 @@ from blip2_triton.client import (
 )
 from blip2_triton.client.aio import is_context_overflow
 from blip2_triton.client.errors import from_status, from_triton
+from blip2_triton.interface import refusal_message
 from blip2_triton.server.launcher import TritonServer, free_port
 
 from .conftest import metric, random_image, wait_for_active
@@ -504,7 +507,8 @@ def test_from_status_maps_each_grpc_status(name):
 
 
 @pytest.mark.parametrize("message,expected", [
-    ("in ensemble 'blip2', invalid argument: image: empty", InvalidArgumentError),
+    ("in ensemble 'blip2', invalid argument [image]: image: empty", InvalidArgumentError),
+    ("in ensemble 'blip2', invalid argument: image: empty", InvalidArgumentError),  # an older server
     ("in ensemble 'blip2', cancelled: cancelled by the client", CancelledError),
     ("in ensemble 'blip2', internal error: RuntimeError: boom (expected shape)", ServerError),
     ("Request for unknown model: 'foo' is not found", UnavailableError),
@@ -535,6 +539,61 @@ def test_from_triton_reads_tritonclient_and_grpc_errors():
     assert from_triton(already) is already
 
 
+@pytest.mark.parametrize("reason", list(Reason), ids=[r.value for r in Reason])
+def test_a_refusals_reason_is_read_from_its_message(reason):
+    from tritonclient.utils import InferenceServerException
+
+    message = refusal_message(reason, "what is wrong")
+    for status, text in [("StatusCode.INVALID_ARGUMENT", message), (None, message),
+                         (None, "in ensemble 'blip2', " + message)]:  # a streamed error: no status
+        error = from_status(status, text)
+        assert type(error) is InvalidArgumentError and error.reason is reason and error.message == text
+    assert from_triton(InferenceServerException(message)).reason is reason
+
+
+@pytest.mark.parametrize("status,message", [
+    ("StatusCode.INVALID_ARGUMENT", "unexpected datatype TYPE_FP32 for inference input 'top_p'"),  # Triton's own
+    (None, "invalid argument: prompt: 900 tokens; shorten the prompt"),  # an older server
+    (None, "invalid argument [too_blue]: image: blue"),  # a newer server's code
+])
+def test_a_refusal_without_a_known_code_has_no_reason(status, message):
+    error = from_status(status, message)
+    assert type(error) is InvalidArgumentError and error.reason is None and not is_context_overflow(error)
+
+
+def test_chat_drops_turns_by_the_reason_code_not_the_wording():
+    """Turns go only when the server's reason is context_exceeded, whatever the message says."""
+    from tritonclient.utils import InferenceServerException
+
+    history = [(f"question {i}?", f"answer {i}") for i in range(4)]
+    fits = len(chat_prompt(history[2:], "and now?"))
+
+    async def chat(reason: Reason, wording: str):
+        prompts = []
+
+        async def generate(image, prompt, **controls):  # the server, refusing prompts longer than `fits`
+            prompts.append(prompt)
+            if len(prompt) > fits:
+                raise from_triton(InferenceServerException(refusal_message(reason, wording)))
+            return Result("it is red", [1, 2], prompt)
+
+        async with AsyncBlip2Client("127.0.0.1:1") as client:
+            client.generate = generate
+            try:
+                return await client.chat(b"png", history, "and now?"), prompts
+            except InvalidArgumentError as e:
+                return e, prompts
+
+    # Wording no earlier client matched, under the context code: the two oldest turns go.
+    result, prompts = asyncio.run(chat(Reason.CONTEXT_EXCEEDED, "needs 612 of the 512 slots"))
+    assert result.dropped_turns == 2 and result.prompt == chat_prompt(history[2:], "and now?") == prompts[-1]
+    assert len(prompts) == 3
+    # The old wording under another code: refused as it is, no turn dropped.
+    error, prompts = asyncio.run(chat(Reason.CONTROL, "prompt: 600 tokens; the model context is full; shorten the prompt"))
+    assert isinstance(error, InvalidArgumentError) and error.reason is Reason.CONTROL
+    assert prompts == [chat_prompt(history, "and now?")]
+
+
 # ---- typed errors: real cases -----------------------------------------------------------------
 @pytest.mark.parametrize("url", ["127.0.0.1:{free}", "no-such-host.invalid:8001"], ids=["nothing listening", "unknown host"])
 def test_unreachable_server_is_unavailable(url):
@@ -558,12 +617,13 @@ class _Pacer:
     tiny model's 120 tokens take about a second or more instead of ~40 ms. Between `freeze()` and
     `thaw()` the lock stays held and no decoder step runs."""
 
-    def __init__(self, repo, hold: float = 0.04):
+    def __init__(self, server, hold: float = 0.04):
         import threading
 
         from blip2_triton.serving.compute_lock import ComputeLock
 
-        self.lock, self.hold, self.stop = ComputeLock.for_repository(repo), hold, threading.Event()
+        lock = ComputeLock.for_repository(server.model_repository, server.runtime_dir)
+        self.lock, self.hold, self.stop = lock, hold, threading.Event()
         self.thread = threading.Thread(target=self._pace, daemon=True)
 
     def _pace(self) -> None:
@@ -599,7 +659,7 @@ def _counted(server, action) -> tuple[float, object]:
     what action returned). A dropped sequence's count is published when it is dropped."""
     wait_for_active(server, 0)
     before = metric(server, "blip2_generated_tokens_total")
-    with _Pacer(server.model_repository) as pacer:
+    with _Pacer(server) as pacer:
         returned = action(pacer)
         wait_for_active(server, 0)
     return metric(server, "blip2_generated_tokens_total") - before, returned

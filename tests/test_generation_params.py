@@ -6,6 +6,7 @@ import pytest
 from blip2_triton.generation import GenerationParams, InvalidGenerationParams
 from blip2_triton.generation.params import TRANSFORMERS_DEFAULTS
 from blip2_triton.errors import InvalidInput
+from blip2_triton.interface import Reason
 
 
 def test_defaults_are_transformers_defaults():
@@ -105,6 +106,7 @@ def test_bad_values_name_the_parameter(name, kwargs, allowed):
         with pytest.raises(InvalidGenerationParams) as err:
             build()
         assert name in str(err.value) and allowed in str(err.value)
+        assert err.value.reason is Reason.CONTROL
     assert isinstance(err.value, InvalidInput) and isinstance(err.value, ValueError)
 
 
@@ -132,6 +134,7 @@ def test_out_of_range_values_are_rejected_in_every_mode(mode, name, kwargs, allo
     with pytest.raises(InvalidGenerationParams) as err:
         GenerationParams.from_generation_config({}, **mode, **kwargs)
     assert str(err.value).startswith(name) and allowed in str(err.value)
+    assert err.value.reason is Reason.CONTROL
 
 
 def test_in_range_values_that_go_unused_are_accepted():
@@ -148,6 +151,30 @@ def test_validate_context():
         params.validate_context(prompt_length=99, max_positions=128)
     with pytest.raises(InvalidGenerationParams, match="prompt"):
         params.validate_context(prompt_length=128, max_positions=128)
+
+
+# The reason of every other raise site (the per-control ones: test_bad_values_name_the_parameter).
+REASONS = [
+    ("unknown override", lambda: GenerationParams.from_generation_config({}, max_tokens=5), Reason.CONTROL),
+    ("unknown config entry", lambda: GenerationParams.from_generation_config({"frobnicate": 1}), Reason.CONTROL),
+    ("unsupported config entry", lambda: GenerationParams.from_generation_config({"typical_p": 0.5}), Reason.CONTROL),
+    ("config max_length, no prompt length", lambda: GenerationParams.from_generation_config({"max_length": 50}),
+     Reason.CONTROL),
+    ("config max_length not above the prompt",
+     lambda: GenerationParams.from_generation_config({"max_length": 50}, prompt_length=50), Reason.CONTEXT_EXCEEDED),
+    ("prompt fills the context", lambda: GenerationParams().validate_context(128, max_positions=128),
+     Reason.CONTEXT_EXCEEDED),
+    ("no room for max_new_tokens", lambda: GenerationParams(max_new_tokens=30).validate_context(99, max_positions=128),
+     Reason.CONTEXT_EXCEEDED),
+    ("prompt length not positive", lambda: GenerationParams().validate_context(0, max_positions=128), Reason.INPUT),
+]
+
+
+@pytest.mark.parametrize("raises, reason", [r[1:] for r in REASONS], ids=[r[0] for r in REASONS])
+def test_each_rejection_carries_its_reason(raises, reason):
+    with pytest.raises(InvalidGenerationParams) as err:
+        raises()
+    assert err.value.reason is reason
 
 
 def test_params_are_frozen_and_hashable():

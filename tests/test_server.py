@@ -298,7 +298,7 @@ def test_concurrent_requests_are_batched_by_the_stateless_models(served):
     n = 16
     before = _stage_counts(server)
     with cf.ThreadPoolExecutor(1) as pool:
-        with ComputeLock.for_repository(server.model_repository):
+        with ComputeLock.for_repository(server.model_repository, server.runtime_dir):
             answers = pool.submit(client.batch, [_photo(seed) for seed in range(n)], max_new_tokens=2)
             deadline = time.time() + 60
             while _stage_counts(server)["preprocess"][0] < before["preprocess"][0] + n:
@@ -537,3 +537,7 @@ def test_http_generate_and_generate_stream(served):
     assert len(events) > 1 and "".join(e["text"] for e in events) == expected
     status, text = _http_generate(server, "generate", {**body, "image": base64.b64encode(b"junk").decode()})
     assert status == 400 and "image" in text
+    # The generate endpoints carry the refusal's message, so its reason too.
+    from blip2_triton.interface import Reason, parse_refusal
+
+    assert parse_refusal(json.loads(text)["error"]).reason is Reason.IMAGE

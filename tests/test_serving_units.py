@@ -9,6 +9,7 @@ import pytest
 
 from blip2_triton import interface as api
 from blip2_triton import repository, specs
+from blip2_triton.interface import Reason
 from blip2_triton.pbtxt import ConfigError, ModelConfig, Tensor, render
 from blip2_triton.errors import InvalidInput
 
@@ -309,3 +310,209 @@ def test_cancellation_is_polled_at_most_every_cancel_poll_s(pipeline):
     assert len(errors) == 1 and isinstance(errors[0], Cancelled)
     assert len(asked) == 4  # at admission, then once per 0.05 s until the answer was yes
     assert steps > len(asked) and elapsed >= 3 * 0.05
+
+
+# ---- refusals: every raise site's reason code, and the reason on the wire ---------------------------
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds no image data: it opens, and fails to load."""
+    import struct
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"junk") + _chunk(b"IEND", b"")
+
+
+def _zero_size_image(pipeline, monkeypatch):
+    """No format Pillow reads yields a 0-pixel image; the check behind it is reached with a stand-in."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "open", lambda f: SimpleNamespace(size=(0, 3), load=lambda: None))
+    pipeline.stages.preprocessor.decode_image(random_image(1))
+
+
+def _check_context(family: str, prompt_length: int, max_new_tokens: int, **limits):
+    """A family's context check on a stand-in that holds only its limits (no graphs loaded)."""
+    from types import SimpleNamespace
+
+    from blip2_triton.serving.opt import OPTLanguageModel
+    from blip2_triton.serving.t5 import T5LanguageModel
+
+    cls = {"opt": OPTLanguageModel, "t5": T5LanguageModel}[family]
+    cls.check_context(SimpleNamespace(**limits), np.ones(prompt_length, np.int64), max_new_tokens)
+
+
+def _ids(n: int) -> np.ndarray:
+    return np.full(n, 7, np.int64)
+
+
+def _max_beams() -> int:
+    from blip2_triton.serving.generator import MAX_BEAMS
+
+    return MAX_BEAMS
+
+
+def _preprocess_limits():
+    from blip2_triton.serving import preprocess
+
+    return preprocess.MAX_IMAGE_BYTES, preprocess.MAX_PROMPT_BYTES
+
+
+# (id, call(pipeline, monkeypatch) that raises InvalidInput, its reason, a pattern of its message:
+# the message pins the raise site).
+REFUSALS = [
+    ("image empty", lambda p, mp: p.stages.preprocessor.decode_image(b""), Reason.IMAGE, "empty"),
+    ("image over the byte limit",
+     lambda p, mp: p.stages.preprocessor.decode_image(b"\0" * (_preprocess_limits()[0] + 1)), Reason.IMAGE,
+     "bytes, more than"),
+    ("image over the pixel limit", lambda p, mp: p.stages.preprocessor.decode_image(_png_header(8000, 7000)),
+     Reason.IMAGE, "8000x7000 pixels"),
+    ("image a decompression bomb", lambda p, mp: p.stages.preprocessor.decode_image(_png_header(20000, 20000)),
+     Reason.IMAGE, "too many pixels"),
+    ("image in no known format", lambda p, mp: p.stages.preprocessor.decode_image(b"junk"), Reason.IMAGE,
+     "no format Pillow reads"),
+    ("image corrupt", lambda p, mp: p.stages.preprocessor.decode_image(_png_header(4, 4)), Reason.IMAGE,
+     r"cannot decode \(OSError"),
+    ("image of zero size", _zero_size_image, Reason.IMAGE, "degenerate size 0x3"),
+    ("prompt over the byte limit",
+     lambda p, mp: p.stages.preprocessor.decode_prompt(b"a" * (_preprocess_limits()[1] + 1)),
+     Reason.CONTEXT_EXCEEDED, "prompt: .* bytes, more than"),
+    ("prompt not UTF-8", lambda p, mp: p.stages.preprocessor.decode_prompt(b"\xff\xfe"), Reason.PROMPT, "UTF-8"),
+    ("control unknown", lambda p, mp: p.generator.params({"bogus": 1}, 10), Reason.CONTROL, "unknown generation"),
+    ("control out of range", lambda p, mp: p.generator.params({"top_p": 2.0}, 10), Reason.CONTROL, "top_p"),
+    ("num_beams over the server's bound",
+     lambda p, mp: p.generator.validate(_ids(3), {"num_beams": _max_beams() + 1}), Reason.CONTROL,
+     "num_beams must be <= .* on this server"),
+    ("prompt_ids not 1-D", lambda p, mp: p.generator.validate(np.ones((1, 3), np.int64), {}), Reason.INPUT,
+     "prompt_ids"),
+    ("query_embeds of the wrong shape",
+     lambda p, mp: p.generator.request(np.zeros((1, 1), np.float32), _ids(3), {}), Reason.INPUT, "query_embeds"),
+    ("OPT prompt beyond the context", lambda p, mp: p.generator.validate(_ids(1000), {}), Reason.CONTEXT_EXCEEDED,
+     r"prompt: 1000 tokens.*context"),
+    ("OPT no room for max_new_tokens", lambda p, mp: p.generator.validate(_ids(3), {"max_new_tokens": 10**4}),
+     Reason.CONTEXT_EXCEEDED, "max_new_tokens must be <= .* for this prompt"),
+    ("OPT context check, stand-in",
+     lambda p, mp: _check_context("opt", 100, 1, num_query_tokens=32, max_positions=128), Reason.CONTEXT_EXCEEDED,
+     "prompt: 100 tokens"),
+    ("T5 prompt beyond model_max_length", lambda p, mp: _check_context("t5", 513, 1, max_tokens=512),
+     Reason.CONTEXT_EXCEEDED, "prompt: 513 tokens"),
+    ("T5 max_new_tokens beyond model_max_length", lambda p, mp: _check_context("t5", 3, 513, max_tokens=512),
+     Reason.CONTEXT_EXCEEDED, "max_new_tokens must be <= 512"),
+    ("end to end: a junk image through the service", lambda p, mp: p.service.prepare(b"junk", b"", {}),
+     Reason.IMAGE, "image"),
+    ("end to end: a bad control through the service",
+     lambda p, mp: p.service.prepare(b"junk", b"", {"max_new_tokens": 0}), Reason.CONTROL, "max_new_tokens"),
+]
+
+
+@pytest.mark.parametrize("raises, reason, message", [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
+def test_every_refusal_carries_its_reason(pipeline, monkeypatch, raises, reason, message):
+    with pytest.raises(InvalidInput, match=message) as err:
+        raises(pipeline, monkeypatch)
+    assert err.value.reason is reason
+
+
+def test_every_reason_is_raised_by_some_tested_site():
+    assert {r[2] for r in REFUSALS} == set(Reason)
+
+
+REFUSAL_TEXTS = ["image: empty", "prompt: 3 tokens; shorten the prompt", "x [control]: invalid argument: y\nz", ""]
+
+
+@pytest.mark.parametrize("reason", list(Reason), ids=[r.value for r in Reason])
+def test_the_refusal_format_round_trips_through_the_parser(reason):
+    for text in REFUSAL_TEXTS:
+        message = api.refusal_message(reason, text)
+        assert message == f"invalid argument [{reason.value}]: {text}"
+        for before in ("", "in ensemble 'blip2', ", "[request id: 7] "):  # what Triton may put in front
+            assert api.parse_refusal(before + message) == (reason, text)
+
+
+def test_messages_that_are_no_refusal_or_name_no_known_code():
+    assert api.parse_refusal("internal error: RuntimeError: boom") is None
+    assert api.parse_refusal("cancelled: cancelled by the client") is None
+    assert api.parse_refusal("invalid argument: image: empty") == (None, "image: empty")  # an older server
+    assert api.parse_refusal("invalid argument [too_blue]: image: blue") == (None, "image: blue")  # a newer one
+
+
+class _TritonError:
+    INVALID_ARG, CANCELLED, INTERNAL = "INVALID_ARG", "CANCELLED", "INTERNAL"
+
+    def __init__(self, message: str, code: str = "INTERNAL"):
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> str:
+        return self._code
+
+
+@pytest.fixture
+def pb_stub(monkeypatch):
+    """triton_python_backend_utils as far as triton_io's request reading and error paths use it.
+    A request is a dict of arrays; a BLS call to a stage answers `stub.stage_error`."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    stub = ModuleType("triton_python_backend_utils")
+    stub.TritonError = _TritonError
+    stub.InferenceResponse = lambda output_tensors=None, error=None: SimpleNamespace(error=error)
+    stub.Tensor = lambda name, value: (name, value)
+    stub.get_input_tensor_by_name = lambda request, name: (
+        SimpleNamespace(as_numpy=lambda: request[name]) if name in request else None)
+    stub.stage_error = None
+    stub.InferenceRequest = lambda **kw: SimpleNamespace(exec=lambda: SimpleNamespace(
+        has_error=lambda: True, error=lambda: stub.stage_error))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    return stub
+
+
+@pytest.mark.parametrize("reason", list(Reason), ids=[r.value for r in Reason])
+def test_triton_io_sends_the_reason_and_reads_it_back_from_a_stage(pb_stub, reason):
+    from blip2_triton.serving import triton_io
+
+    error = triton_io.error_response(InvalidInput("prompt: 9 tokens", reason)).error
+    assert error.code() == _TritonError.INVALID_ARG
+    assert error.message() == api.refusal_message(reason, "prompt: 9 tokens")
+    for message in (error.message(), "in ensemble 'blip2', " + error.message()):
+        pb_stub.stage_error = _TritonError(message, _TritonError.INVALID_ARG)
+        with pytest.raises(InvalidInput) as err:
+            triton_io.BlsStages().preprocess(b"png", b"a photo of")
+        assert (str(err.value), err.value.reason) == ("prompt: 9 tokens", reason)
+
+
+def test_triton_io_other_errors_and_its_own_input_checks(pb_stub):
+    from blip2_triton.errors import Cancelled
+    from blip2_triton.serving import triton_io
+
+    cancelled = triton_io.error_response(Cancelled("cancelled by the client")).error
+    assert (cancelled.code(), cancelled.message()) == (_TritonError.CANCELLED, "cancelled: cancelled by the client")
+    internal = triton_io.error_response(RuntimeError("boom")).error
+    assert internal.code() == _TritonError.INTERNAL and api.parse_refusal(internal.message()) is None
+
+    # Triton's own check of a stage's inputs (no code in its message): an input refusal.
+    pb_stub.stage_error = _TritonError("unexpected shape for input 'image'", _TritonError.INVALID_ARG)
+    with pytest.raises(InvalidInput) as err:
+        triton_io.BlsStages().preprocess(b"png", None)
+    assert err.value.reason is Reason.INPUT and "unexpected shape" in str(err.value)
+    # An internal error that quotes a refusal stays internal.
+    pb_stub.stage_error = _TritonError("internal error: ValueError: " + api.refusal_message(Reason.IMAGE, "x"))
+    with pytest.raises(RuntimeError, match="model 'preprocess'"):
+        triton_io.BlsStages().preprocess(b"png", None)
+
+    one = np.asarray([[b"png"]], dtype=object)
+    for call, request in [(lambda r: triton_io.single(r, "image", required=True), {}),
+                          (lambda r: triton_io.single(r, "image"), {"image": np.asarray([[b"a", b"b"]], dtype=object)}),
+                          (lambda r: triton_io.row(r, "image"), {}),
+                          (lambda r: triton_io.row(r, "image"), {"image": np.concatenate([one, one])})]:
+        with pytest.raises(InvalidInput, match="image") as err:
+            call(request)
+        assert err.value.reason is Reason.INPUT

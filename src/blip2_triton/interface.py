@@ -1,8 +1,13 @@
-"""The served pipeline's tensors: the public `blip2` model API and the tensors between its stages.
+"""The served pipeline's tensors: the public `blip2` model API and the tensors between its stages,
+and the reason codes of the API's refusals with their wire format.
 
 The repository generator, the Python-backend models and the client all read these names.
 """
 from __future__ import annotations
+
+import enum
+import re
+from typing import NamedTuple
 
 from .pbtxt import Tensor
 
@@ -44,6 +49,49 @@ FINAL = Tensor("final", "bool", (1,))  # true on the last response of a request
 
 PUBLIC_INPUTS: tuple[Tensor, ...] = (IMAGE, PROMPT, STREAM, *CONTROLS)
 PUBLIC_OUTPUTS: tuple[Tensor, ...] = (TEXT, TOKEN_IDS, FINAL)
+
+# ---- refusals (INVALID_ARGUMENT) ---------------------------------------------------------------
+class Reason(str, enum.Enum):
+    """Why a request was refused: sent with every refusal, so clients branch on it, never on wording."""
+
+    INPUT = "input"  # a tensor is missing or has the wrong shape (Triton's own dtype checks send no code)
+    IMAGE = "image"  # the image is empty, too large, or not a readable image file
+    PROMPT = "prompt"  # the prompt is not valid UTF-8
+    # The prompt (over the byte limit, or once tokenized), or the prompt plus max_new_tokens, does not
+    # fit the language model's context: a shorter prompt or fewer new tokens may fit.
+    CONTEXT_EXCEEDED = "context_exceeded"
+    # A generation control is unknown, of the wrong type, out of range (num_beams: also this server's
+    # bound) or contradicts another; or the checkpoint's generation config asks for what is not implemented.
+    CONTROL = "control"
+
+
+class Refusal(NamedTuple):
+    reason: Reason | None  # None: an older server's refusal, or a code this version does not know
+    text: str  # what is wrong, for people
+
+
+# Triton errors carry only a status and a message (a streamed one only the message), so the reason
+# travels in the message: "invalid argument [context_exceeded]: prompt: 600 tokens; ...". Triton
+# may put text before it ("in ensemble 'blip2', "). Older servers sent "invalid argument: ...".
+_REFUSAL = re.compile(r"invalid argument(?: \[([a-z_]+)\])?: ")
+
+
+def refusal_message(reason: Reason, text: str) -> str:
+    """The message of a refusal, as the server sends it."""
+    return f"invalid argument [{Reason(reason).value}]: {text}"
+
+
+def parse_refusal(message: str) -> Refusal | None:
+    """A refusal message -> its reason and text; None when the message is no refusal."""
+    match = _REFUSAL.search(message)
+    if match is None:
+        return None
+    try:
+        reason = Reason(match.group(1)) if match.group(1) else None
+    except ValueError:  # a newer server's code
+        reason = None
+    return Refusal(reason, message[match.end():])
+
 
 # ---- between stages --------------------------------------------------------------------------
 PROMPT_IDS = Tensor("prompt_ids", "int64", (-1,))  # BOS + prompt tokens, no image placeholders

@@ -13,12 +13,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 from blip2_triton.errors import InvalidInput
+from blip2_triton.interface import Reason
 
 EarlyStopping = Union[bool, Literal["never"]]
 
 
 class InvalidGenerationParams(InvalidInput):
-    """A decoding control is missing, of the wrong type, out of range or contradicts another one."""
+    """A decoding control is missing, of the wrong type, out of range or contradicts another one
+    (reason `control`), or the prompt leaves it no room (`context_exceeded`)."""
+
+    reason = Reason.CONTROL
 
 
 # transformers' `GenerationConfig._get_default_generation_params()` for the controls we implement.
@@ -252,17 +256,18 @@ class GenerationParams:
         tokens, BOS and the text prompt); `max_positions` is the LLM's `max_position_embeddings`.
         """
         if not _is_int(prompt_length) or prompt_length < 1:
-            raise InvalidGenerationParams(f"prompt length must be a positive integer, got {prompt_length!r}")
+            raise InvalidGenerationParams(f"prompt length must be a positive integer, got {prompt_length!r}",
+                                          Reason.INPUT)
         room = max_positions - prompt_length
         if room < 1:
             raise InvalidGenerationParams(
                 f"the prompt is {prompt_length} tokens long but the model holds at most {max_positions} positions; "
-                "shorten the prompt"
+                "shorten the prompt", Reason.CONTEXT_EXCEEDED
             )
         if self.max_new_tokens > room:
             raise InvalidGenerationParams(
                 f"max_new_tokens must be <= {room} for this prompt ({prompt_length} tokens, model context "
-                f"{max_positions}), got {self.max_new_tokens}"
+                f"{max_positions}), got {self.max_new_tokens}", Reason.CONTEXT_EXCEEDED
             )
 
     # ---------------------------------------------------------------- construction
@@ -336,6 +341,7 @@ def _new_tokens_from_max_length(max_length: Any, prompt_length: int | None) -> i
         )
     if prompt_length >= max_length:
         raise InvalidGenerationParams(
-            f"the prompt is {prompt_length} tokens long but max_length is {max_length}; set max_new_tokens"
+            f"the prompt is {prompt_length} tokens long but max_length is {max_length}; set max_new_tokens",
+            Reason.CONTEXT_EXCEEDED,
         )
     return max_length - prompt_length

@@ -13,7 +13,7 @@ import numpy as np
 
 from blip2_triton import generation, repository
 from blip2_triton.errors import InvalidInput
-from blip2_triton.interface import CONTROL_NAMES
+from blip2_triton.interface import CONTROL_NAMES, Reason
 
 from .engine import EngineStats, GenerationEngine, GenerationRequest
 from .language_model import LanguageModel, load_language_model
@@ -44,22 +44,25 @@ class GeneratorService:
         """
         unknown = set(controls) - set(CONTROL_NAMES)
         if unknown:
-            raise InvalidInput(f"unknown generation controls {sorted(unknown)}; known: {list(CONTROL_NAMES)}")
+            raise InvalidInput(f"unknown generation controls {sorted(unknown)}; known: {list(CONTROL_NAMES)}",
+                               Reason.CONTROL)
         try:
             return generation.GenerationParams.from_generation_config(
                 self.generation_config, prompt_length=prompt_length, **controls
             )
         except generation.InvalidGenerationParams as e:
-            raise InvalidInput(str(e)) from None
+            raise InvalidInput(str(e), e.reason) from None
 
     def validate(self, prompt_ids: np.ndarray, controls: dict[str, Any]) -> "generation.GenerationParams":
         """Prompt ids + controls -> validated params; raises InvalidInput. Cheap: the pipeline calls it
         before running any graph, so a bad request costs no vision or decoder work."""
         if prompt_ids.ndim != 1 or prompt_ids.size == 0:
-            raise InvalidInput(f"prompt_ids: expected a non-empty 1-D array, got shape {list(prompt_ids.shape)}")
+            raise InvalidInput(f"prompt_ids: expected a non-empty 1-D array, got shape {list(prompt_ids.shape)}",
+                               Reason.INPUT)
         params = self.params(controls, len(self.language_model.history(prompt_ids)))
         if params.num_beams > MAX_BEAMS:
-            raise InvalidInput(f"num_beams must be <= {MAX_BEAMS} on this server, got {params.num_beams}")
+            raise InvalidInput(f"num_beams must be <= {MAX_BEAMS} on this server, got {params.num_beams}",
+                               Reason.CONTROL)
         self.language_model.check_context(prompt_ids, params.max_new_tokens)  # the one context check
         return params
 
@@ -90,7 +93,8 @@ class GeneratorService:
         """The engine request for params that `validate` returned for these prompt ids."""
         expected = (self.num_query_tokens, self.language_model.embed_dim)
         if query_embeds.shape != expected:
-            raise InvalidInput(f"query_embeds: expected shape {list(expected)}, got {list(query_embeds.shape)}")
+            raise InvalidInput(f"query_embeds: expected shape {list(expected)}, got {list(query_embeds.shape)}",
+                               Reason.INPUT)
         search = generation.make_decoder(params, self.language_model.history(prompt_ids))
         return GenerationRequest(
             # Beam search cannot stream (the best beam is known only at the end): one response.

@@ -40,7 +40,8 @@ class LanguageModel(Protocol):
     each row then has one more position cached.
     history: the ids transformers' generate() holds before the first new token (its input_ids),
     which repetition penalty and n-gram blocking see, and `max_length` counts.
-    check_context: InvalidInput when the prompt, or the prompt plus max_new_tokens, cannot fit.
+    check_context: InvalidInput (reason CONTEXT_EXCEEDED) when the prompt, or the prompt plus
+    max_new_tokens, cannot fit.
     """
 
     embed_dim: int  # width of the query embeddings prefill takes

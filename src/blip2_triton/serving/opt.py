@@ -7,6 +7,7 @@ import numpy as np
 
 from blip2_triton import repository, specs
 from blip2_triton.errors import InvalidInput
+from blip2_triton.interface import Reason
 
 from .decoder import DecoderGraph
 from .kv_cache import KVCache
@@ -51,8 +52,8 @@ class OPTLanguageModel:
             raise InvalidInput(
                 f"prompt: {len(prompt_ids)} tokens; with {self.num_query_tokens} image query tokens the language "
                 f"model's context of {self.max_positions} positions leaves room for at most "
-                f"{self.max_positions - self.num_query_tokens - 1}; shorten the prompt")
+                f"{self.max_positions - self.num_query_tokens - 1}; shorten the prompt", Reason.CONTEXT_EXCEEDED)
         if max_new_tokens > room:
             raise InvalidInput(
                 f"max_new_tokens must be <= {room} for this prompt ({prompt_length} tokens, model context "
-                f"{self.max_positions}), got {max_new_tokens}")
+                f"{self.max_positions}), got {max_new_tokens}", Reason.CONTEXT_EXCEEDED)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from blip2_triton.errors import InvalidInput
+from blip2_triton.interface import Reason
 
 MAX_IMAGE_BYTES = 32 * 2**20
 MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: larger images are rejected before they are decoded
@@ -61,9 +62,10 @@ class Preprocessor:
         from PIL import Image
 
         if not data:
-            raise InvalidInput("image: empty; send the bytes of an encoded image file (JPEG, PNG, WebP, ...)")
+            raise InvalidInput("image: empty; send the bytes of an encoded image file (JPEG, PNG, WebP, ...)",
+                               Reason.IMAGE)
         if len(data) > MAX_IMAGE_BYTES:
-            raise InvalidInput(f"image: {len(data)} bytes, more than the {MAX_IMAGE_BYTES} allowed")
+            raise InvalidInput(f"image: {len(data)} bytes, more than the {MAX_IMAGE_BYTES} allowed", Reason.IMAGE)
         width = height = 0
         try:
             with warnings.catch_warnings():
@@ -72,8 +74,8 @@ class Preprocessor:
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise InvalidInput(
-                        f"image: {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} allowed; downscale it first"
-                    )
+                        f"image: {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} allowed; downscale it first",
+                        Reason.IMAGE)
                 image.load()
         except InvalidInput:
             raise
@@ -81,16 +83,16 @@ class Preprocessor:
             # Pillow's own guard fires in Image.open, before our size check sees the image.
             raise InvalidInput(
                 f"image: {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} allowed; downscale it first"
-                if width else f"image: too many pixels, more than the {MAX_IMAGE_PIXELS} allowed; downscale it first"
-            ) from None
+                if width else f"image: too many pixels, more than the {MAX_IMAGE_PIXELS} allowed; downscale it first",
+                Reason.IMAGE) from None
         except Image.UnidentifiedImageError:
             raise InvalidInput(
-                f"image: cannot decode: {len(data)} bytes in no format Pillow reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
-            ) from None
+                f"image: cannot decode: {len(data)} bytes in no format Pillow reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)",
+                Reason.IMAGE) from None
         except Exception as e:  # Pillow raises many types for corrupt or unknown files
-            raise InvalidInput(f"image: cannot decode ({type(e).__name__}: {e})") from None
+            raise InvalidInput(f"image: cannot decode ({type(e).__name__}: {e})", Reason.IMAGE) from None
         if width < 1 or height < 1:
-            raise InvalidInput(f"image: degenerate size {width}x{height}")
+            raise InvalidInput(f"image: degenerate size {width}x{height}", Reason.IMAGE)
         return image.convert("RGB")
 
     def pixel_values(self, images) -> np.ndarray:
@@ -108,11 +110,13 @@ class Preprocessor:
         if data is None:
             return ""
         if len(data) > MAX_PROMPT_BYTES:
-            raise InvalidInput(f"prompt: {len(data)} bytes, more than the {MAX_PROMPT_BYTES} allowed")
+            # Far beyond any context (64 KiB is ~16k tokens), and refused before it is tokenized.
+            raise InvalidInput(f"prompt: {len(data)} bytes, more than the {MAX_PROMPT_BYTES} allowed",
+                               Reason.CONTEXT_EXCEEDED)
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InvalidInput(f"prompt: not valid UTF-8 ({e})") from None
+            raise InvalidInput(f"prompt: not valid UTF-8 ({e})", Reason.PROMPT) from None
 
     def __call__(self, image: bytes, prompt: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One request -> (pixel_values [3, H, W], prompt_ids [S])."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from blip2_triton import repository, specs
 from blip2_triton.errors import InvalidInput
+from blip2_triton.interface import Reason
 
 from .decoder import DecoderGraph
 from .kv_cache import EncoderDecoderCache, KVCache
@@ -64,8 +65,8 @@ class T5LanguageModel:
         if len(prompt_ids) > self.max_tokens:
             raise InvalidInput(
                 f"prompt: {len(prompt_ids)} tokens, more than the {self.max_tokens} this model's tokenizer allows "
-                f"(model_max_length); shorten the prompt")
+                f"(model_max_length); shorten the prompt", Reason.CONTEXT_EXCEEDED)
         if max_new_tokens > self.max_tokens:
             raise InvalidInput(
                 f"max_new_tokens must be <= {self.max_tokens} for this model (its tokenizer's model_max_length), "
-                f"got {max_new_tokens}")
+                f"got {max_new_tokens}", Reason.CONTEXT_EXCEEDED)

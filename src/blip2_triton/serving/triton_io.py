@@ -14,11 +14,15 @@ from typing import Iterable
 
 import numpy as np
 
-from .engine import TIMED_STAGES, EngineStats
+from blip2_triton import interface as api
+from blip2_triton import specs
 from blip2_triton.errors import Cancelled, InvalidInput
+from blip2_triton.repository import EXCLUSIVE_COMPUTE
+
+from .compute_lock import ComputeLock
+from .engine import TIMED_STAGES, EngineStats
 
 log = logging.getLogger("blip2_triton.serving")
-INVALID_PREFIX = "invalid argument: "
 
 
 def pb():
@@ -50,10 +54,6 @@ class ModelArgs:
 
     def compute_lock(self):
         """The repository's ComputeLock if config.pbtxt asks for exclusive compute, else None."""
-        from blip2_triton.repository import EXCLUSIVE_COMPUTE
-
-        from .compute_lock import ComputeLock
-
         value = self.parameter(EXCLUSIVE_COMPUTE, "false").lower()
         if value not in ("true", "false"):
             raise ValueError(f"model {self.name!r}: parameter {EXCLUSIVE_COMPUTE!r} must be \"true\" or \"false\", got {value!r}")
@@ -86,18 +86,17 @@ def single(request, name: str, required: bool = False):
     value = tensor(request, name)
     if value is None:
         if required:
-            raise InvalidInput(f"{name}: required input is missing")
+            raise InvalidInput(f"{name}: required input is missing", api.Reason.INPUT)
         return None
     if value.size != 1:
-        raise InvalidInput(f"{name}: expected one value per request (shape [1, 1]), got shape {list(value.shape)}")
+        raise InvalidInput(f"{name}: expected one value per request (shape [1, 1]), got shape {list(value.shape)}",
+                           api.Reason.INPUT)
     item = value.reshape(-1)[0]
     return item if isinstance(item, bytes) else item.item()
 
 
 def pipeline_inputs(request) -> dict:
     """The public `blip2` inputs of one request, as Blip2Service.prepare's keyword arguments."""
-    from blip2_triton import interface as api
-
     return {
         "image": single(request, api.IMAGE.name, required=True),
         "prompt": single(request, api.PROMPT.name),
@@ -110,9 +109,10 @@ def row(request, name: str) -> np.ndarray:
     """A per-request [1, ...] input without its batch dimension."""
     value = tensor(request, name)
     if value is None:
-        raise InvalidInput(f"{name}: required input is missing")
+        raise InvalidInput(f"{name}: required input is missing", api.Reason.INPUT)
     if value.shape[0] != 1:
-        raise InvalidInput(f"{name}: send one item per request (batch dimension 1), got {value.shape[0]}")
+        raise InvalidInput(f"{name}: send one item per request (batch dimension 1), got {value.shape[0]}",
+                           api.Reason.INPUT)
     return value[0]
 
 
@@ -128,12 +128,13 @@ def error_response(error: BaseException):
     """INVALID_ARGUMENT for the client's mistakes, CANCELLED for cancellation, INTERNAL otherwise.
 
     The message starts with the status in words too: gRPC stream responses carry only a message,
-    so that prefix is how a streaming client tells the kinds apart. Internal errors are logged
-    with their traceback here and reach the client as one line.
+    so that prefix is how a streaming client tells the kinds apart. A refusal's message carries
+    its reason code (interface.refusal_message). Internal errors are logged with their traceback
+    here and reach the client as one line.
     """
     p = pb()
     if isinstance(error, InvalidInput):
-        code, message = p.TritonError.INVALID_ARG, f"{INVALID_PREFIX}{error}"
+        code, message = p.TritonError.INVALID_ARG, api.refusal_message(error.reason, str(error))
     elif isinstance(error, Cancelled):
         code, message = p.TritonError.CANCELLED, f"cancelled: {error}"
     else:
@@ -158,13 +159,10 @@ class BlsStages:
     """Blip2Service's stages as BLS calls to the `preprocess`, `vision_encoder` and `qformer` models.
 
     Each call is a separate Triton request, so calls from concurrent requests meet in those models'
-    dynamic batchers. A stage's INVALID_ARGUMENT comes back as InvalidInput with its message.
+    dynamic batchers. A stage's INVALID_ARGUMENT comes back as InvalidInput with its text and reason.
     """
 
     def preprocess(self, image: bytes, prompt: bytes | None) -> tuple[np.ndarray, np.ndarray]:
-        from blip2_triton import interface as api
-        from blip2_triton import specs
-
         inputs = {api.IMAGE.name: np.asarray([[image]], dtype=object)}
         if prompt is not None:
             inputs[api.PROMPT.name] = np.asarray([[prompt]], dtype=object)
@@ -172,8 +170,6 @@ class BlsStages:
         return out[specs.PIXEL_VALUES][0], out[api.PROMPT_IDS.name][0]
 
     def query_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
-        from blip2_triton import specs
-
         image = _call(specs.VISION_ENCODER, {specs.PIXEL_VALUES: pixel_values[None]}, [specs.IMAGE_EMBEDS])
         return _call(specs.QFORMER, image, [specs.QUERY_EMBEDS])[specs.QUERY_EMBEDS][0]
 
@@ -188,8 +184,11 @@ def _call(model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict
         error = result.error()
         message = error.message()
         code = error.code() if hasattr(error, "code") else None
-        if code == p.TritonError.INVALID_ARG or message.startswith(INVALID_PREFIX):
-            raise InvalidInput(message.removeprefix(INVALID_PREFIX))
+        refusal = api.parse_refusal(message) if code in (None, p.TritonError.INVALID_ARG) else None
+        if refusal is not None:
+            raise InvalidInput(refusal.text, refusal.reason)
+        if code == p.TritonError.INVALID_ARG:  # Triton's own input checks
+            raise InvalidInput(message, api.Reason.INPUT)
         raise RuntimeError(f"model {model!r}: {message}")
     return {n: p.get_output_tensor_by_name(result, n).as_numpy() for n in outputs}
 
@@ -283,8 +282,6 @@ class GeneratorMetrics(EngineStats):
 
 def piece_sender(sender):
     """Blip2Service emit callback -> one decoupled response per piece, the last one flagged final."""
-    from blip2_triton import interface as api
-
     def send(piece) -> None:
         resp = response({
             api.TEXT.name: np.asarray([piece.text.encode("utf-8")], dtype=object),
