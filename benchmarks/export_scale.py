@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from blip2_triton import tiny
+from blip2_triton.toy import presets
 
-LARGE = tiny.TinyPreset(
+LARGE = presets.TinyPreset(
     image_size=224, patch_size=14, vision_hidden=768, vision_layers=12, vision_heads=12,
     qformer_hidden=768, qformer_layers=12, qformer_heads=12, num_query_tokens=32,
     text_hidden=2048, text_layers=24, text_heads=32, max_position_embeddings=2048, init_std=0.02,
@@ -30,9 +30,9 @@ RESULTS = Path(__file__).parent / "results" / "export_scale.json"
 
 
 def _child(stage: str, workdir: Path) -> None:
-    tiny.PRESETS["large-opt"] = LARGE
+    presets.ALL_PRESETS["large-opt"] = LARGE  # the table build_tiny_checkpoint reads
     if stage == "build":
-        tiny.build_tiny_checkpoint(workdir / "checkpoint", "large-opt")
+        presets.build_tiny_checkpoint(workdir / "checkpoint", "large-opt")
         return
     from blip2_triton.export.exporter import export_checkpoint
 

@@ -607,7 +607,7 @@ def stage_floors(result: ModelResult, caps) -> StageFloors:
 # ---- the command --------------------------------------------------------------------------------
 
 def default_models() -> list[str]:
-    from blip2_triton.embedded import TRAINED_MODEL
+    from blip2_triton.toy.embedded import TRAINED_MODEL
 
     models = ["base-opt", "base-t5"]
     if (TRAINED_MODEL / "model.safetensors").exists():

@@ -41,7 +41,7 @@ def images(count: int, size: tuple[int, int] = IMAGE_SIZE) -> list[bytes]:
     """`count` JPEG files made from the bundled sample scenes (deterministic), cycled if needed."""
     from PIL import Image
 
-    from blip2_triton.embedded import samples
+    from blip2_triton.toy.embedded import samples
 
     scenes = [s.path for s in samples()]
     out = []
@@ -88,14 +88,14 @@ def _code_fingerprint() -> str:
 
 
 def prepare_model(spec: str, workdir: Path, rebuild: bool = False, seed: int = 0, int8: bool = False) -> PreparedModel:
-    """`spec` is a preset name (tiny.ALL_PRESETS) or a checkpoint directory.
+    """`spec` is a preset name (toy.presets.ALL_PRESETS) or a checkpoint directory.
 
     Builds (presets only) and exports into `workdir/<name>/` (with `int8`, also an int8-weight
     export), reusing both while the preset, the checkpoint file and the export code are unchanged.
     """
     from blip2_triton import repository
     from blip2_triton.export.exporter import export_checkpoint
-    from blip2_triton.tiny import ALL_PRESETS, build_tiny_checkpoint
+    from blip2_triton.toy.presets import ALL_PRESETS, build_tiny_checkpoint
 
     presets = ALL_PRESETS
     if spec in presets:

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """preset name -> checkpoint directory (built lazily)."""
-    from blip2_triton.tiny import build_tiny_checkpoint
+    from blip2_triton.toy.presets import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     cache = {}

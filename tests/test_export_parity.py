@@ -19,7 +19,7 @@ from blip2_triton import repository, specs
 from blip2_triton.families import FAMILIES, graph_specs
 from blip2_triton.serving.decoder import DecoderGraph
 from blip2_triton.serving.onnx_graph import OnnxGraph
-from blip2_triton.tiny import ALL_PRESETS, PRESETS
+from blip2_triton.toy.presets import ALL_PRESETS, PRESETS
 
 from .conftest import random_image
 
@@ -163,7 +163,7 @@ def test_every_family_has_parity_presets_a_builder_and_a_runtime(family):
     builds a checkpoint of that family, and the export and serving layers both know the family."""
     from blip2_triton.export.families import BUILDERS
     from blip2_triton.serving.language_model import RUNTIMES
-    from blip2_triton.tiny import blip2_config
+    from blip2_triton.toy.presets import blip2_config
 
     assert family in BUILDERS and family in RUNTIMES
     presets = FAMILIES[family].parity_presets
@@ -179,7 +179,7 @@ def test_gate_rejects_graphs_of_other_weights(tiny_checkpoints, exported, tmp_pa
     from blip2_triton.export.exporter import load_checkpoint
     from blip2_triton.export.families import family_graphs
     from blip2_triton.export.validate import check_graph
-    from blip2_triton.tiny import build_tiny_checkpoint
+    from blip2_triton.toy.presets import build_tiny_checkpoint
 
     _, repo, _ = exported("tiny-opt")
     other = build_tiny_checkpoint(tmp_path / "other", "tiny-opt", seed=1)
@@ -275,7 +275,7 @@ def test_int8_export_is_validated_and_serves(exported, tmp_path):
     from blip2_triton.export.families import family_graphs
     from blip2_triton.export.validate import check_graph
     from blip2_triton.serving.pipeline import LocalPipeline
-    from blip2_triton.tiny import build_tiny_checkpoint
+    from blip2_triton.toy.presets import build_tiny_checkpoint
 
     ckpt, _, _ = exported("tiny-opt")
     report = export_checkpoint(ckpt, tmp_path / "int8", quantize="int8", progress=False)

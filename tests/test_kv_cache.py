@@ -80,7 +80,7 @@ def test_sequences_leaving_at_different_steps_keep_the_others_tokens(pipeline):
 def _narrow_head_model():
     from transformers import Blip2ForConditionalGeneration
 
-    from blip2_triton.tiny import TinyPreset, blip2_config
+    from blip2_triton.toy.presets import TinyPreset, blip2_config
 
     torch.manual_seed(0)
     config = blip2_config(TinyPreset(text_hidden=20, text_heads=5), vocab_size=60, image_token_index=59)

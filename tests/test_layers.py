@@ -14,8 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"blip2_triton": "src/blip2_triton", "blip2_triton.export": "export", "blip2_triton.client": "client",
             "blip2_triton.benchmarks": "benchmarks", "blip2_triton.model_repository": "model_repository"}
 CORE = ("specs", "families", "interface", "api", "errors", "pbtxt", "repository", "generation")
-FEATURES = ("export", "serving", "server", "client", "benchmarks", "toy", "model_repository", "embedded",
-            "training", "scenes", "evaluation", "precision", "tiny")
+FEATURES = ("export", "serving", "server", "client", "benchmarks", "toy", "model_repository")
 ENTRY_POINTS = ("cli", "demo")
 # What each feature may import besides the core: the served code must not pull in the exporter
 # (torch tracing) or the client, and the client only the core (its users install no torch).

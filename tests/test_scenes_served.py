@@ -11,10 +11,12 @@ from __future__ import annotations
 import pytest
 
 from blip2_triton.client import Blip2Client
-from blip2_triton.evaluation import CAPTION, ClientAnswerer, GenerateAnswerer, evaluate
-from blip2_triton.scenes import HELDOUT_SEED, QA_KINDS, generate_scenes
 from blip2_triton.server.launcher import TritonServer
-from blip2_triton.training import CAPTION_TARGET, DEFAULT_OUTPUT, VQA_TARGET
+from blip2_triton.toy.embedded import TRAINED_MODEL
+from blip2_triton.toy.evaluation import (
+    CAPTION, CAPTION_TARGET, VQA_TARGET, ClientAnswerer, GenerateAnswerer, evaluate,
+)
+from blip2_triton.toy.scenes import HELDOUT_SEED, QA_KINDS, generate_scenes
 
 pytestmark = pytest.mark.server
 NUM_SCENES = 100
@@ -32,7 +34,7 @@ def served(tmp_path_factory):
     from blip2_triton.export.exporter import export_checkpoint
 
     repo = tmp_path_factory.mktemp("repos") / "blip2-tiny-scenes"
-    export_checkpoint(DEFAULT_OUTPUT, repo, progress=False)
+    export_checkpoint(TRAINED_MODEL, repo, progress=False)
     log = tmp_path_factory.mktemp("logs") / "blip2-tiny-scenes.log"
     with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server:
         with Blip2Client(server.grpc_url, timeout=120) as client:
@@ -44,7 +46,7 @@ def reports(served, scenes):
     """The same held-out scenes asked through the served fp32 export and through transformers."""
     # 64 concurrent requests at a time: the server's dynamic and continuous batching see real load
     report = evaluate(scenes, ClientAnswerer(served), batch_size=64, max_misses=ALL)
-    reference = evaluate(scenes, GenerateAnswerer.from_pretrained(DEFAULT_OUTPUT), batch_size=64, max_misses=ALL)
+    reference = evaluate(scenes, GenerateAnswerer.from_pretrained(TRAINED_MODEL), batch_size=64, max_misses=ALL)
     print(f"\n{NUM_SCENES} held-out scenes through tritonserver (fp32 export)\n{report.table()}")
     return report, reference
 
@@ -59,8 +61,8 @@ def test_prompted_captions_and_answers_are_transformers_tokens(served, scenes):
     import torch
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-    model = Blip2ForConditionalGeneration.from_pretrained(DEFAULT_OUTPUT).eval()
-    processor = AutoProcessor.from_pretrained(DEFAULT_OUTPUT)
+    model = Blip2ForConditionalGeneration.from_pretrained(TRAINED_MODEL).eval()
+    processor = AutoProcessor.from_pretrained(TRAINED_MODEL)
     jobs = []
     for scene in scenes[:6]:
         png = io.BytesIO()

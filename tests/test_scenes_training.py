@@ -10,14 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from blip2_triton.evaluation import CAPTION, GenerateAnswerer, eval_items, evaluate, normalize
-from blip2_triton.scenes import (
+from blip2_triton.toy.config import TrainConfig
+from blip2_triton.toy.dataset import IGNORE_INDEX, SceneDataset, encode_example
+from blip2_triton.toy.embedded import TRAINED_MODEL
+from blip2_triton.toy.evaluation import CAPTION, GenerateAnswerer, eval_items, evaluate, normalize
+from blip2_triton.toy.losses import lm_loss
+from blip2_triton.toy.model import build_model_and_processor
+from blip2_triton.toy.presets import TinyPreset
+from blip2_triton.toy.scenes import (
     HELDOUT_SEED, OBJECT_COLORS, QA_KINDS, SHAPES, SceneObject, caption_for, generate_scenes, make_scene,
 )
-from blip2_triton.tiny import IMAGE_TOKEN, TinyPreset
-from blip2_triton.training import (
-    DEFAULT_OUTPUT, IGNORE_INDEX, SceneDataset, TrainConfig, build_model_and_processor, encode_example, lm_loss, train,
-)
+from blip2_triton.toy.tokenizer import IMAGE_TOKEN
+from blip2_triton.toy.train import train
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "blip2_triton" / "assets"
 MODEL_DIR = ASSETS / "blip2-tiny-scenes"
@@ -164,7 +168,7 @@ def test_a_continued_run_records_both_stages(tmp_path):
     both runs were made, so the chain stays reproducible."""
     import json
 
-    from blip2_triton.training import train_main
+    from blip2_triton.toy.train import train_main
 
     small = ["--batch-size", "8", "--train-scenes", "16", "--eval-scenes", "2", "--warmup-steps", "1",
              "--threads", "1", "--no-progress"]
@@ -233,7 +237,7 @@ def test_evaluate_counts_a_stub_answerer():
 def bundled():
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-    assert MODEL_DIR == DEFAULT_OUTPUT.resolve()
+    assert MODEL_DIR == TRAINED_MODEL
     model = Blip2ForConditionalGeneration.from_pretrained(MODEL_DIR)
     processor = AutoProcessor.from_pretrained(MODEL_DIR)
     return model, processor
@@ -284,7 +288,7 @@ def test_bundled_model_answers_the_samples(bundled):
 
 
 def test_precision_section_is_replaced_not_appended(tmp_path):
-    from blip2_triton.precision import SECTION, update_card
+    from blip2_triton.toy.precision import SECTION, update_card
 
     report = {"num_scenes": 2, "accuracy": {"caption": 1.0, "color": 0.5, "shape": 1.0, "count": 1.0,
                                             "position": 1.0, "vqa_all": 0.9}}

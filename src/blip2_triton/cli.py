@@ -32,7 +32,7 @@ def _export(args) -> int:
 
 
 def _make_tiny(args) -> int:
-    from blip2_triton.tiny import build_tiny_checkpoint
+    from blip2_triton.toy.presets import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(args.output, args.preset, seed=args.seed)
     print(f"wrote tiny checkpoint {args.preset!r} to {path}")
@@ -54,7 +54,7 @@ def _bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.export.exporter import DTYPES
     from blip2_triton.export.quantize import QUANTIZATIONS
-    from blip2_triton.tiny import ALL_PRESETS, DEFAULT_PRESET
+    from blip2_triton.toy.presets import ALL_PRESETS, DEFAULT_PRESET
 
     parser = argparse.ArgumentParser(prog="blip2-triton", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")

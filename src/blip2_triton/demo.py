@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import embedded
+from .toy import embedded
 
 
 def run_demo(workdir: str | Path = "artifacts/demo", model: str | None = None) -> int:

@@ -20,7 +20,7 @@ from .specs import GraphSpec
 class Family:
     name: str  # text_config.model_type
     lm_specs: Callable[[object, str], tuple[GraphSpec, ...]]  # (Blip2Config, float dtype) -> the LM's graphs
-    # The tiny presets (blip2_triton.tiny) the parity tests export for this family.
+    # The tiny presets (blip2_triton.toy.presets) the parity tests export for this family.
     parity_presets: tuple[str, ...]
 
     def graph_specs(self, config, float_dtype: str = "float32") -> tuple[GraphSpec, ...]:

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TRAINED_MODEL = ASSETS / "blip2-tiny-scenes"
 SAMPLES = ASSETS / "samples"
 
@@ -22,7 +22,7 @@ def default_checkpoint(cache: Path | str) -> Path:
     """The trained tiny scene model when it is present, else a random tiny BLIP-2 built into `cache`."""
     if (TRAINED_MODEL / "model.safetensors").exists():
         return TRAINED_MODEL
-    from .tiny import build_tiny_checkpoint
+    from .presets import build_tiny_checkpoint
 
     target = Path(cache) / "tiny-opt"
     if not (target / "model.safetensors").exists():

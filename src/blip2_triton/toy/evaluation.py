@@ -7,9 +7,9 @@ in-process (`PipelineAnswerer`: the served graphs and decoding, without Triton) 
 Triton server (`ClientAnswerer`). An answerer may also offer `answer_batch(images, prompts) ->
 texts`, which is used when present.
 
-    python -m blip2_triton.evaluation --model src/blip2_triton/assets/blip2-tiny-scenes --scenes 200
-    python -m blip2_triton.evaluation --repository artifacts/repo-fp16 --scenes 200
-    python -m blip2_triton.evaluation --url localhost:8001 --scenes 200
+    python -m blip2_triton.toy.evaluation --model src/blip2_triton/assets/blip2-tiny-scenes --scenes 200
+    python -m blip2_triton.toy.evaluation --repository artifacts/repo-fp16 --scenes 200
+    python -m blip2_triton.toy.evaluation --url localhost:8001 --scenes 200
 """
 from __future__ import annotations
 
@@ -23,11 +23,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from blip2_triton.scenes import HELDOUT_SEED, QA_KINDS, Scene, generate_scenes
+from .scenes import HELDOUT_SEED, QA_KINDS, Scene, generate_scenes
 
 CAPTION = "caption"
 CAPTION_PROMPT = ""
 KINDS = (CAPTION, *QA_KINDS)
+# What every embedded trained model is meant to reach on held-out scenes: caption exact match,
+# and VQA accuracy on each question type.
+CAPTION_TARGET, VQA_TARGET = 0.90, 0.95
 
 AnswerFn = Callable[[Image.Image, str], str]
 
@@ -222,7 +225,7 @@ class ClientAnswerer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_triton.evaluation", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m blip2_triton.toy.evaluation", description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--compare", nargs="+", metavar="NAME=JSON",
                        help="print one table comparing reports written earlier with --json")

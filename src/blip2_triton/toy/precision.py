@@ -1,6 +1,6 @@
 """Held-out accuracy of a trained checkpoint in every precision the exporter offers.
 
-    python -m blip2_triton.precision src/blip2_triton/assets/blip2-tiny-scenes [--workdir DIR]
+    python -m blip2_triton.toy.precision src/blip2_triton/assets/blip2-tiny-scenes [--workdir DIR]
 
 Exports the checkpoint as fp32, fp16 and int8 model repositories, evaluates each in-process
 (`PipelineAnswerer`: the served preprocessing, ONNX Runtime graphs, KV-cached decoding and
@@ -16,8 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from blip2_triton.evaluation import GenerateAnswerer, PipelineAnswerer, comparison_table, evaluate
-from blip2_triton.scenes import HELDOUT_SEED, generate_scenes
+from .evaluation import GenerateAnswerer, PipelineAnswerer, comparison_table, evaluate
+from .scenes import HELDOUT_SEED, generate_scenes
 
 REFERENCE = "transformers generate() (PyTorch fp32)"
 # column name -> export options
@@ -51,7 +51,7 @@ def card_section(reports: dict[str, dict]) -> str:
 The same {scenes} held-out scenes through the exported graphs, run in-process with the served
 preprocessing, ONNX Runtime graphs, KV-cached greedy decoding and detokenization (`LocalPipeline`):
 fp32, `--dtype fp16` (ONNX Runtime's CPU provider; the Q-Former stays fp32 inside its graph) and
-`--quantize int8` (int8 MatMul weights). Made by `python -m blip2_triton.precision <this directory>`;
+`--quantize int8` (int8 MatMul weights). Made by `python -m blip2_triton.toy.precision <this directory>`;
 raw numbers: `precision.json`. Through the real Triton server the answers are those of
 transformers `generate()`, item for item (`tests/test_scenes_served.py`).
 
@@ -70,7 +70,7 @@ def update_card(checkpoint: Path, reports: dict[str, dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip2_triton.precision", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m blip2_triton.toy.precision", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a checkpoint with a model card (README.md)")
     parser.add_argument("--workdir", type=Path, help="where the exported repositories go (default: a temporary directory)")
     parser.add_argument("--scenes", type=int, default=200)

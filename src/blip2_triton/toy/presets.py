@@ -11,93 +11,11 @@ more decoder than encoder layers.
 """
 from __future__ import annotations
 
-import itertools
 import math
-import re
-import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_TOKEN = "<image>"
-
-COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink")
-SHAPES = ("circle", "square", "triangle")
-NUMBERS = ("zero", "one", "two", "three", "four", "five")
-POSITIONS = ("left", "right", "above", "below", "top", "bottom", "middle")
-
-
-def scene_corpus() -> list[str]:
-    """Sentences over the scene vocabulary, used to train the offline BPE tokenizer."""
-    lines = ["a photo of", "a picture of", "this is", "an image of", "Question: Answer:", "yes", "no"]
-    for color, shape in itertools.product(COLORS, SHAPES):
-        lines.append(f"a {color} {shape}")
-        lines.append(f"two {color} {shape}s")
-        lines.append(f"Question: what color is the {shape}? Answer: {color}")
-        lines.append(f"Question: is there a {color} {shape}? Answer: yes")
-        lines.append(f"a {color} {shape} on a {color} background")
-    for n, shape in itertools.product(NUMBERS, SHAPES):
-        lines.append(f"Question: how many {shape}s are there? Answer: {n}")
-    for pos, shape in itertools.product(POSITIONS, SHAPES):
-        lines.append(f"Question: where is the {shape}? Answer: {pos}")
-        lines.append(f"the {shape} is on the {pos} of the image, and a dog and a cat")
-    # The trained default model's captions and questions (blip2_triton.scenes).
-    from blip2_triton.scenes import scene_sentences
-
-    lines.extend(scene_sentences())
-    return lines
-
-
-def build_tokenizer(vocab_size: int = 512):
-    """Byte-level BPE tokenizer in OPT's conventions (bos = eos = </s> = 2, pad = 1).
-
-    Trained offline on `scene_corpus()`; the processor later adds the `<image>` token.
-    """
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2TokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        scene_corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>"]
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tokenizer.json"
-        bpe.save(str(path))
-        return GPT2TokenizerFast(
-            tokenizer_file=str(path),
-            bos_token="</s>",
-            eos_token="</s>",
-            pad_token="<pad>",
-            unk_token="<unk>",
-            add_bos_token=True,
-            padding_side="left",
-        )
-
-
-def build_t5_tokenizer():
-    """SentencePiece-style Unigram tokenizer in T5's conventions (pad = 0, eos = </s> = 1, unk = 2).
-
-    T5Tokenizer supplies T5's Metaspace pre-tokenizer and decoder and appends </s> to every text.
-    The pieces are the corpus's words (punctuation split off) scored by frequency, falling back to
-    printable-ASCII characters for unseen words. Not UnigramTrainer: its seeds count each distinct
-    word once, so on a corpus of ~70 distinct words it keeps mostly characters ("red" = _ r e d).
-    """
-    from transformers import T5TokenizerFast
-
-    counts = Counter()
-    for line in scene_corpus():
-        for word in line.split():
-            first, *rest = re.findall(r"\w+|[^\w\s]", word)
-            counts.update(["\u2581" + first, *rest])
-    total = sum(counts.values())
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [(piece, math.log(n / total)) for piece, n in counts.most_common()]
-    # Below every word, so a seen word is always one piece.
-    fallback = math.log(1 / total) - 1.0
-    chars = [chr(c) for c in range(33, 127)]
-    vocab += [(piece, fallback) for piece in ["\u2581", *chars, *("\u2581" + c for c in chars if c.isalnum())]
-              if piece not in counts]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+from .tokenizer import IMAGE_TOKEN, build_t5_tokenizer, build_tokenizer
 
 
 @dataclass(frozen=True)

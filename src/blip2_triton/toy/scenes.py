@@ -240,7 +240,7 @@ def write_samples(directory, count: int = 4) -> list[dict]:
         scene.image.save(directory / name, optimize=True)
         entries.append({"file": name, "seed": seed, "caption": scene.caption,
                         "question": {"kind": qa.kind, "prompt": qa.prompt, "answer": qa.answer}})
-    doc = {"about": "Held-out scenes written by blip2_triton.scenes.write_samples; captions list objects left to right.",
+    doc = {"about": "Held-out scenes written by blip2_triton.toy.scenes.write_samples; captions list objects left to right.",
            "samples": entries}
     (directory / "samples.json").write_text(json.dumps(doc, indent=2) + "\n")
     return entries

@@ -1,0 +1,111 @@
+"""The training losses: BLIP-2's language-model loss and the training-only auxiliary heads.
+
+The auxiliary heads read the Q-Former's query outputs or the vision tower's tokens; they are not
+part of the checkpoint, only their gradient into the image stages is kept (see TrainConfig).
+"""
+from __future__ import annotations
+
+from .presets import TinyPreset
+from .scenes import MAX_OBJECTS, OBJECT_COLORS, SHAPES
+
+
+def aux_heads(preset: TinyPreset, slot: bool, shape_count: bool, slot_per_query: bool = False):
+    """The training-only auxiliary heads (a ModuleDict; None when every one is off)."""
+    import torch
+
+    heads = {}
+    if slot and slot_per_query:
+        heads["slot_query"] = torch.nn.Linear(preset.qformer_hidden, len(SHAPES) + 1 + len(OBJECT_COLORS) + 1)
+    elif slot:
+        heads["slot"] = slot_head(preset.num_query_tokens, preset.qformer_hidden)
+    if shape_count:
+        heads["shape_count"] = torch.nn.Linear(preset.vision_hidden, len(SHAPES) * (MAX_OBJECTS + 1))
+    return torch.nn.ModuleDict(heads) if heads else None
+
+
+def shape_count_loss(head, image_embeds, slots):
+    """Cross-entropy of how many objects of each shape (0..MAX_OBJECTS) the image holds, read by a
+    linear `head` from the mean of the vision tower's output tokens image_embeds [B, T, Dv]: a
+    direct, translation-invariant shape signal into the vision tower."""
+    import torch
+    import torch.nn.functional as F
+
+    counts = torch.stack([(slots[..., 0] == k).sum(-1) for k in range(len(SHAPES))], -1)  # [B, S]
+    logits = head(image_embeds.mean(1)).view(-1, len(SHAPES), MAX_OBJECTS + 1)
+    return F.cross_entropy(logits.reshape(-1, MAX_OBJECTS + 1), counts.reshape(-1))
+
+
+def slot_head(num_query_tokens: int, qformer_hidden: int):
+    """Training-only auxiliary head: the Q-Former's query outputs -> each object's shape and color.
+
+    BLIP-2 trains its Q-Former in a first stage with losses on the query outputs themselves
+    (image-text contrastive and matching) before the LM loss; here one linear layer reads the
+    flattened query outputs [B, Q * H] and classifies, for each of the MAX_OBJECTS slots left to
+    right, the shape (or "none") and the color (or "none"). It is not part of the checkpoint:
+    only its gradient into the Q-Former and the vision tower is kept. See TrainConfig.aux_weight.
+    """
+    import torch
+
+    n_out = MAX_OBJECTS * (len(SHAPES) + 1 + len(OBJECT_COLORS) + 1)
+    return torch.nn.Linear(num_query_tokens * qformer_hidden, n_out)
+
+
+def slot_loss(head, query_output, slots, per_query: bool = False):
+    """Mean cross-entropy of `head` over the slots' shapes and colors; query_output [B, Q, H].
+
+    per_query: `head` reads query k alone for slot k (the first MAX_OBJECTS queries then hold
+    the objects left to right); otherwise it reads all queries flattened.
+    """
+    import torch.nn.functional as F
+
+    n_shape, n_color = len(SHAPES) + 1, len(OBJECT_COLORS) + 1
+    if per_query:
+        logits = head(query_output[:, :MAX_OBJECTS])
+    else:
+        logits = head(query_output.flatten(1)).view(-1, MAX_OBJECTS, n_shape + n_color)
+    return (F.cross_entropy(logits[..., :n_shape].reshape(-1, n_shape), slots[..., 0].reshape(-1))
+            + F.cross_entropy(logits[..., n_shape:].reshape(-1, n_color), slots[..., 1].reshape(-1))) / 2
+
+
+def losses_for(model, batch, heads=None):
+    """(LM loss, auxiliary loss) for a batch; each image row is encoded once.
+
+    The LM loss is None for an image-only batch (`SceneDataset.image_batch`); the auxiliary loss
+    (the sum of the `heads`' losses, see `aux_heads`) is None without heads.
+
+    The LM loss is BLIP-2's, `model(**batch).loss` when every example has its own image row: the
+    query outputs of every row of `pixel_values` (`Blip2ForConditionalGeneration.
+    get_image_features`) are gathered per example with `image_index` (when given) and scattered
+    into the `<image>` positions exactly as the model's own forward does.
+    """
+    features = model.get_image_features(batch["pixel_values"], return_dict=True)
+    aux = None
+    if heads is not None:
+        parts = []
+        if "slot" in heads:
+            parts.append(slot_loss(heads["slot"], features.qformer_outputs.last_hidden_state, batch["slots"]))
+        if "slot_query" in heads:
+            parts.append(slot_loss(heads["slot_query"], features.qformer_outputs.last_hidden_state, batch["slots"],
+                                   per_query=True))
+        if "shape_count" in heads:
+            parts.append(shape_count_loss(heads["shape_count"], features.last_hidden_state, batch["slots"]))
+        aux = sum(parts)
+    if "input_ids" not in batch:  # an image-only batch (`SceneDataset.image_batch`)
+        return None, aux
+    image_features = features.pooler_output
+    if "image_index" in batch:
+        image_features = image_features[batch["image_index"]]
+    input_ids = batch["input_ids"]
+    inputs_embeds = model.get_input_embeddings()(input_ids)
+    mask = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds)
+    inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+    logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    lm = model.loss_function(logits=logits[:, -labels.size(1):, :], labels=labels,
+                             vocab_size=model.config.text_config.vocab_size)
+    return lm, aux
+
+
+def lm_loss(model, batch):
+    """BLIP-2's LM loss for a batch (see `losses_for`)."""
+    return losses_for(model, batch)[0]
