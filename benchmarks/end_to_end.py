@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 
-from blip2_triton import interface as api
+from blip2_triton import api
 from blip2_triton.client import AsyncBlip2Client
 from blip2_triton.client.aio import build_inputs
 from blip2_triton.client.options import GenerationOptions

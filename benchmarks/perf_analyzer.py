@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from blip2_triton import interface as api
+from blip2_triton import api
 
 from .workloads import Workload
 

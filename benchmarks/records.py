@@ -401,7 +401,7 @@ class ModelStats(Record):
 
 
 @dataclass(kw_only=True)
-class GeneratorMetrics(Record):
+class EngineMetrics(Record):
     """The `blip2` model's engine over a set of requests (its blip2_* metrics' differences)."""
 
     generated_tokens: int | None  # tokens generated
@@ -419,7 +419,7 @@ class ServerStages(Record):
     """The server's side of a set of requests: Triton's statistics and the engine's metrics."""
 
     models: dict[str, ModelStats]  # served model -> its statistics (blip2's compute is only the hand-off)
-    generator_metrics: GeneratorMetrics  # the blip2 engine's stages
+    generator_metrics: EngineMetrics  # the blip2 engine's stages
 
 
 @dataclass(kw_only=True)

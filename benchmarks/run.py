@@ -244,7 +244,7 @@ class _Turns:
     server's statistics are summed per workload around its single requests."""
 
     def __init__(self, loop, server, workers: dict, pictures: list[bytes]):
-        from blip2_triton import interface as api
+        from blip2_triton import api
         from blip2_triton.client import AsyncBlip2Client
 
         from . import end_to_end, stages

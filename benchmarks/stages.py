@@ -16,7 +16,7 @@ import numpy as np
 
 from blip2_triton import specs
 
-from .records import GeneratorMetrics, ModelStats, ServerStages
+from .records import EngineMetrics, ModelStats, ServerStages
 
 
 class _TimedLanguageModel:
@@ -267,7 +267,7 @@ def server_stages(before: dict, after: dict, metrics_before: dict, metrics_after
 
     count = lambda name: int(round(delta[name])) if name in delta else None  # noqa: E731 - counters are floats
     prefills = count("blip2_prefills_total")
-    generator = GeneratorMetrics(
+    generator = EngineMetrics(
         generated_tokens=count("blip2_generated_tokens_total"), decode_steps=count("blip2_decode_steps_total"),
         prefills=prefills, engine_ttft_ms=mean_ms("blip2_time_to_first_token"), prefill_ms=mean_ms("blip2_prefill"),
         decode_step_ms=mean_ms("blip2_decode_step"), detokenize_ms=mean_ms("blip2_detokenize"),

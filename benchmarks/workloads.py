@@ -79,7 +79,7 @@ def _code_fingerprint() -> str:
     from blip2_triton.model_repository import SOURCE_DIR
 
     files = sorted(Path(export_pkg.__file__).parent.glob("*.py")) + sorted(SOURCE_DIR.rglob("*.py"))
-    files += [Path(blip2_triton.__file__).parent / name for name in ("specs.py", "repository.py", "pbtxt.py", "interface.py")]
+    files += [Path(blip2_triton.__file__).parent / name for name in ("specs.py", "repository.py", "pbtxt.py", "api.py")]
     digest = hashlib.sha256()
     for f in files:
         if f.exists():

@@ -1,5 +1,5 @@
 """Python client for the served BLIP-2 model: caption, ask, chat, batch and stream over gRPC."""
-from blip2_triton.interface import Reason
+from blip2_triton.api import Reason
 
 from .aio import AsyncBlip2Client, Result
 from .errors import (

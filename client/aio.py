@@ -17,7 +17,7 @@ from typing import AsyncIterator, Sequence
 
 import numpy as np
 
-from blip2_triton import interface as api
+from blip2_triton import api
 
 from .errors import Blip2Error, DeadlineExceededError, InvalidArgumentError, UnavailableError, from_triton
 from .images import ImageLike, image_bytes

@@ -1,7 +1,7 @@
 """`blip2-triton caption | ask | chat`: the client workflows from a shell.
 
 `register(subparsers)` adds the subcommands to the `blip2-triton` parser. Every generation control
-of the served API (`blip2_triton.interface.CONTROLS`) becomes a flag derived from its name and
+of the served API (`blip2_triton.api.CONTROLS`) becomes a flag derived from its name and
 dtype: `max_new_tokens` -> `--max-new-tokens INT`, `do_sample` -> `--do-sample/--no-do-sample`.
 Absent flags leave the control to the checkpoint's generation config.
 
@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Callable, TextIO
 
-from blip2_triton.interface import CONTROLS, PIPELINE
+from blip2_triton.api import CONTROLS, PIPELINE
 
 from .aio import DEFAULT_TIMEOUT, DEFAULT_URL, Result
 from .errors import Blip2Error

@@ -2,11 +2,11 @@
 
 `from_status` is the one mapping; `from_triton` feeds it from whatever the transport raised
 (tritonclient's InferenceServerException, a grpc.aio.AioRpcError, an in-stream error). A refusal's
-reason code (blip2_triton.interface.Reason) is read from its message, where the server puts it.
+reason code (blip2_triton.api.Reason) is read from its message, where the server puts it.
 """
 from __future__ import annotations
 
-from blip2_triton.interface import Reason, parse_refusal
+from blip2_triton.api import Reason, parse_refusal
 
 
 class Blip2Error(Exception):
@@ -76,7 +76,7 @@ _BY_STATUS: dict[str, type[Blip2Error]] = {
 }
 
 # Streamed responses carry only a message, no status. The server's own models start their messages
-# with "invalid argument [<reason>]: " (interface.refusal_message), "cancelled: " or "internal error: "
+# with "invalid argument [<reason>]: " (api.refusal_message), "cancelled: " or "internal error: "
 # (serving/triton_io.py); the other phrases are Triton's own request validation and model lookup.
 _BY_PHRASE: tuple[tuple[str, type[Blip2Error]], ...] = (
     ("internal error: ", ServerError),

@@ -7,7 +7,7 @@ from typing import Union
 
 import numpy as np
 
-from blip2_triton.interface import Reason
+from blip2_triton.api import Reason
 
 from .errors import InvalidArgumentError
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blip2_triton.interface import CONTROLS, Reason
+from blip2_triton.api import CONTROLS, Reason
 
 from .errors import InvalidArgumentError
 

@@ -9,7 +9,7 @@ import queue
 import threading
 from typing import Iterator, Sequence
 
-from blip2_triton import interface as api
+from blip2_triton import api
 
 from .aio import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncBlip2Client, Result
 from .images import ImageLike

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from blip2_triton import interface as api
+from blip2_triton import api
 from blip2_triton import specs
 from blip2_triton.model_repository import SOURCE_DIR
 from blip2_triton.pbtxt import render

@@ -56,13 +56,13 @@ def pipeline(exported):
 
 
 def run_together(pipeline, jobs, timeout: float = 60):
-    """Submit every (image, prompt, controls) job to a fresh GenerationEngine before it starts, so
+    """Submit every (image, prompt, controls) job to a fresh Engine before it starts, so
     they decode side by side; -> (each job's final token ids, in job order; the stopped engine)."""
     import threading
 
-    from blip2_triton.serving.engine import GenerationEngine
+    from blip2_triton.serving.engine import Engine
 
-    engine = GenerationEngine(pipeline.generator.language_model)
+    engine = Engine(pipeline.generator.language_model)
     results, done = {}, threading.Event()
 
     def on_tokens(index):

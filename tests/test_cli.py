@@ -10,7 +10,7 @@ import pytest
 
 from blip2_triton.cli import build_parser
 from blip2_triton.client import chat_prompt, vqa_prompt
-from blip2_triton.interface import CONTROLS
+from blip2_triton.api import CONTROLS
 from blip2_triton.server.launcher import free_port
 
 from .conftest import random_image

@@ -32,7 +32,7 @@ from blip2_triton.client import (
 )
 from blip2_triton.client.aio import is_context_overflow
 from blip2_triton.client.errors import from_status, from_triton
-from blip2_triton.interface import refusal_message
+from blip2_triton.api import refusal_message
 from blip2_triton.server.launcher import TritonServer, free_port
 
 from .conftest import metric, random_image, wait_for_active

@@ -6,7 +6,7 @@ import pytest
 from blip2_triton.generation import GenerationParams, InvalidGenerationParams
 from blip2_triton.generation.params import TRANSFORMERS_DEFAULTS
 from blip2_triton.errors import InvalidInput
-from blip2_triton.interface import Reason
+from blip2_triton.api import Reason
 
 
 def test_defaults_are_transformers_defaults():

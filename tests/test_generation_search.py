@@ -17,7 +17,7 @@ from blip2_triton.generation import (  # noqa: E402
     BeamSearch,
     GenerationParams,
     GreedyOrSample,
-    make_decoder,
+    make_search,
     pad_outputs,
     step_batch,
 )
@@ -79,7 +79,7 @@ def run_decoders(model, decoders, prompts):
 
 def run_numpy(model, params, prompts=(PROMPT,), calls=None):
     """Generated ids in transformers' padded layout; `calls` (a list) receives the model call count."""
-    decoders = [make_decoder(params, p) for p in prompts]
+    decoders = [make_search(params, p) for p in prompts]
     with _counting(model, calls):
         outputs = run_decoders(model, decoders, prompts)
     return pad_outputs(outputs, params.effective_pad_token_id)
@@ -194,7 +194,7 @@ def test_mixed_batch_equals_requests_alone(model):
     """Greedy and beam requests with different lengths share one call per step, as in the server."""
     cases = [params(max_new_tokens=6), params(num_beams=3, max_new_tokens=9), params(num_beams=2, eos_token_id=87)]
     prompts = [BATCH[0], BATCH[1], BATCH[2]]
-    together = run_decoders(model, [make_decoder(c, p) for c, p in zip(cases, prompts)], prompts)
+    together = run_decoders(model, [make_search(c, p) for c, p in zip(cases, prompts)], prompts)
     for case, prompt, output in zip(cases, prompts, together):
         np.testing.assert_array_equal(output, run_transformers(model, case, [prompt])[0])
 
@@ -240,7 +240,7 @@ def test_beam_keeps_live_beams_when_several_eos_ids_dominate():
 
 def test_emitted_tokens_concatenate_to_the_output(model):
     for case in (params(eos_token_id=EARLY_EOS), params(num_beams=2, eos_token_id=87, length_penalty=0.5)):
-        decoder = make_decoder(case, PROMPT)
+        decoder = make_search(case, PROMPT)
         emitted, rows = [], [list(PROMPT)]
         while not decoder.finished:
             with torch.no_grad():

@@ -118,11 +118,11 @@ def test_decoder_logits_equal_transformers_for_a_head_width_gqa_cannot_take(tmp_
 
 def test_generate_refuses_to_share_a_running_engine(pipeline):
     """The cache belongs to one thread: a synchronous generate() beside the loop would corrupt it."""
-    from blip2_triton.serving.engine import GenerationEngine
+    from blip2_triton.serving.engine import Engine
 
     pixels, prompt_ids = pipeline.stages.preprocess(random_image(30), b"")
     request = pipeline.generator.request(pipeline.stages.query_embeds(pixels), prompt_ids, {})
-    engine = GenerationEngine(pipeline.generator.language_model).start()
+    engine = Engine(pipeline.generator.language_model).start()
     try:
         with pytest.raises(RuntimeError, match="submit"):
             engine.generate(request)

@@ -169,7 +169,7 @@ def _raw_request(server, inputs: dict[str, tuple[str, np.ndarray]], timeout: flo
 
 
 def _inputs(image: bytes, prompt: str = "", **values) -> dict[str, tuple[str, np.ndarray]]:
-    from blip2_triton import interface as api
+    from blip2_triton import api
 
     triton = {"bytes": "BYTES", "bool": "BOOL", "int32": "INT32", "int64": "INT64", "float32": "FP32"}
     dtypes = {t.name: t.dtype for t in api.PUBLIC_INPUTS}
@@ -363,7 +363,7 @@ class _Pacer:
     """
 
     def __init__(self, server, run: float = 0.001, pause: float = 0.05):
-        from blip2_triton import interface as api
+        from blip2_triton import api
         from blip2_triton.server import model_stub_pids
 
         self.pid = model_stub_pids(server.pgid)[api.PIPELINE]
@@ -538,6 +538,6 @@ def test_http_generate_and_generate_stream(served):
     status, text = _http_generate(server, "generate", {**body, "image": base64.b64encode(b"junk").decode()})
     assert status == 400 and "image" in text
     # The generate endpoints carry the refusal's message, so its reason too.
-    from blip2_triton.interface import Reason, parse_refusal
+    from blip2_triton.api import Reason, parse_refusal
 
     assert parse_refusal(json.loads(text)["error"]).reason is Reason.IMAGE

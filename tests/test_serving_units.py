@@ -7,10 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from blip2_triton import interface as api
+from blip2_triton import api
 from blip2_triton import repository, specs
-from blip2_triton.interface import Reason
-from blip2_triton.pbtxt import ConfigError, ModelConfig, Tensor, render
+from blip2_triton.api import Reason
+from blip2_triton.pbtxt import ConfigError, ModelConfig, ModelTensor, render
 from blip2_triton.errors import InvalidInput
 
 from .conftest import random_image, run_together
@@ -32,15 +32,15 @@ def test_configs_follow_the_specs(exported):
 
 
 def test_missing_values_fail_at_generation_time():
-    tensor = Tensor("x", "float32", (3,))
+    tensor = ModelTensor("x", "float32", (3,))
     with pytest.raises(ConfigError, match="backend / platform"):
         render(ModelConfig("m", 1, (tensor,), (tensor,), backend=None))
     with pytest.raises(ConfigError, match="'x': dims"):
-        render(ModelConfig("m", 1, (Tensor("x", "float32", ()),), (tensor,)))
+        render(ModelConfig("m", 1, (ModelTensor("x", "float32", ()),), (tensor,)))
     with pytest.raises(ConfigError, match="no value"):
         render(ModelConfig("m", 1, (tensor,), (tensor,), parameters={"onnx_file": None}))
     with pytest.raises(ConfigError, match="no Triton type"):
-        render(ModelConfig("m", 1, (Tensor("x", "complex64", (1,)),), (tensor,)))
+        render(ModelConfig("m", 1, (ModelTensor("x", "complex64", (1,)),), (tensor,)))
 
 
 MISSING = [
@@ -56,12 +56,12 @@ MISSING = [
     ("dynamic batching", dict(dynamic_batching=None), "missing dynamic_batching"),
     ("parameters", dict(parameters=None), "missing parameters"),
     ("backend and platform", dict(backend=None, platform=None), "backend / platform"),
-    ("tensor name", dict(inputs=(Tensor(None, "float32", (3,)),)), "missing name"),
-    ("tensor dtype", dict(inputs=(Tensor("x", None, (3,)),)), "'x': no Triton type for dtype None"),
-    ("tensor dims", dict(inputs=(Tensor("x", "float32", None),)), "'x': dims"),
-    ("a None dim", dict(outputs=(Tensor("y", "float32", (3, None)),)), "'y': dims"),
-    ("a zero dim", dict(outputs=(Tensor("y", "float32", (0,)),)), "'y': dims"),
-    ("tensor optional", dict(inputs=(Tensor("x", "float32", (3,), optional=None),)), "'x': optional"),
+    ("tensor name", dict(inputs=(ModelTensor(None, "float32", (3,)),)), "missing name"),
+    ("tensor dtype", dict(inputs=(ModelTensor("x", None, (3,)),)), "'x': no Triton type for dtype None"),
+    ("tensor dims", dict(inputs=(ModelTensor("x", "float32", None),)), "'x': dims"),
+    ("a None dim", dict(outputs=(ModelTensor("y", "float32", (3, None)),)), "'y': dims"),
+    ("a zero dim", dict(outputs=(ModelTensor("y", "float32", (0,)),)), "'y': dims"),
+    ("tensor optional", dict(inputs=(ModelTensor("x", "float32", (3,), optional=None),)), "'x': optional"),
 ]
 
 
@@ -69,7 +69,7 @@ MISSING = [
 def test_every_missing_value_fails_generation_naming_the_field(field, overrides, message):
     import dataclasses
 
-    tensor = Tensor("x", "float32", (3,))
+    tensor = ModelTensor("x", "float32", (3,))
     good = ModelConfig("m", 1, (tensor,), (tensor,), parameters={"onnx_file": "model.onnx"})
     assert 'string_value: "model.onnx"' in render(good)
     with pytest.raises(ConfigError, match=message):
@@ -79,9 +79,9 @@ def test_every_missing_value_fails_generation_naming_the_field(field, overrides,
 def test_a_spec_with_a_missing_dim_fails_generation_naming_the_tensor():
     from blip2_triton.specs import TensorSpec
 
-    assert Tensor.from_spec(TensorSpec("x", "float32", ("batch", 3, "seq"))).dims == (3, -1)
+    assert ModelTensor.from_spec(TensorSpec("x", "float32", ("batch", 3, "seq"))).dims == (3, -1)
     with pytest.raises(ConfigError, match="'x': dims"):
-        Tensor.from_spec(TensorSpec("x", "float32", ("batch", None)))
+        ModelTensor.from_spec(TensorSpec("x", "float32", ("batch", None)))
 
 
 def test_onnxruntime_backend_variant(exported):
@@ -213,13 +213,13 @@ def test_controls_are_checked_before_the_image_is_read(pipeline):
 
 
 def test_a_failing_request_does_not_stop_the_engine(pipeline):
-    from blip2_triton.serving.engine import GenerationEngine, GenerationRequest
+    from blip2_triton.serving.engine import Engine, Request
 
-    engine = GenerationEngine(pipeline.generator.language_model)
+    engine = Engine(pipeline.generator.language_model)
     errors = []
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
-    bad = GenerationRequest(query_embeds=query[:, :3], prompt_ids=ids, search=None, on_error=errors.append)
+    bad = Request(query_embeds=query[:, :3], prompt_ids=ids, search=None, on_error=errors.append)
     engine._admit(bad)
     assert errors and not engine._active
     good = pipeline.generator.request(query, ids, {"max_new_tokens": 5})
@@ -236,10 +236,10 @@ def test_too_many_beams_is_refused(pipeline):
 
 
 def test_stop_answers_waiting_and_active_requests(pipeline):
-    from blip2_triton.serving.engine import GenerationEngine
+    from blip2_triton.serving.engine import Engine
     from blip2_triton.errors import Cancelled
 
-    engine = GenerationEngine(pipeline.generator.language_model)
+    engine = Engine(pipeline.generator.language_model)
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
     errors = []
@@ -253,10 +253,10 @@ def test_stop_answers_waiting_and_active_requests(pipeline):
 
 def test_cancelling_the_last_sequence_reports_zero_active(pipeline):
     """The active-sequences gauge is what operators (and the server tests) watch to see a slot freed."""
-    from blip2_triton.serving.engine import GenerationEngine
+    from blip2_triton.serving.engine import Engine
     from blip2_triton.errors import Cancelled
 
-    engine = GenerationEngine(pipeline.generator.language_model, cancel_poll_s=0)
+    engine = Engine(pipeline.generator.language_model, cancel_poll_s=0)
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
     cancelled, errors = threading.Event(), []
@@ -274,9 +274,9 @@ def test_cancelling_the_last_sequence_reports_zero_active(pipeline):
 def test_a_sequence_is_counted_active_before_its_first_token_goes_out(pipeline):
     """A client holding its first token must find its sequence in the gauge: the last CI failure was
     a cancelled stream whose gauge went 0 -> 1 -> 0 because the count was raised after that token."""
-    from blip2_triton.serving.engine import GenerationEngine
+    from blip2_triton.serving.engine import Engine
 
-    engine = GenerationEngine(pipeline.generator.language_model)
+    engine = Engine(pipeline.generator.language_model)
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
     seen = []
@@ -291,10 +291,10 @@ def test_a_sequence_is_counted_active_before_its_first_token_goes_out(pipeline):
 def test_cancellation_is_polled_at_most_every_cancel_poll_s(pipeline):
     """In Triton each is_cancelled() is a round trip to the server: asked once per interval, not
     once per step, and a cancelled sequence still stops within one interval plus a step."""
-    from blip2_triton.serving.engine import GenerationEngine
+    from blip2_triton.serving.engine import Engine
     from blip2_triton.errors import Cancelled
 
-    engine = GenerationEngine(pipeline.generator.language_model, cancel_poll_s=0.05)
+    engine = Engine(pipeline.generator.language_model, cancel_poll_s=0.05)
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
     asked, errors = [], []

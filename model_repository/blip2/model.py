@@ -9,7 +9,7 @@ cancels is the one this model holds, a client's cancellation frees its sequence 
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from blip2_triton import interface as api
+from blip2_triton import api
 from blip2_triton.serving import triton_io as io
 from blip2_triton.serving.service import Blip2Service
 
@@ -19,7 +19,7 @@ class TritonPythonModel:
         self.args = io.ModelArgs(args)
         self.args.require_io([t.name for t in api.PUBLIC_INPUTS], [t.name for t in api.PUBLIC_OUTPUTS])
         self.service = Blip2Service(
-            self.args.repository, stages=io.BlsStages(), stats=io.GeneratorMetrics(self.args.name),
+            self.args.repository, stages=io.BlsStages(), stats=io.EngineMetrics(self.args.name),
             compute_lock=self.args.compute_lock(),
         )
         self.service.engine.start()

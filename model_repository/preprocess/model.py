@@ -1,5 +1,5 @@
 """Triton model `preprocess`: encoded image + prompt -> pixel values + prompt token ids."""
-from blip2_triton import interface as api
+from blip2_triton import api
 from blip2_triton import specs
 from blip2_triton.repository import assets_dir
 from blip2_triton.serving import triton_io as io

@@ -4,14 +4,14 @@ The Triton adapter (serving.triton_io) maps them to status codes; the CLI prints
 """
 from __future__ import annotations
 
-from .interface import Reason
+from .api import Reason
 
 
 class InvalidInput(ValueError):
     """The client's request is wrong (bad image, prompt too long, bad control): INVALID_ARGUMENT.
 
     The message is sent to the client as it is, so it names the input and what is allowed;
-    `reason` (interface.Reason) goes with it, for programs. Subclasses set their own default.
+    `reason` (api.Reason) goes with it, for programs. Subclasses set their own default.
     """
 
     reason: Reason = Reason.INPUT

@@ -32,7 +32,7 @@ TRITON_DTYPES = {
 
 
 @dataclass(frozen=True)
-class Tensor:
+class ModelTensor:
     """A Triton input/output: dims exclude the batch dimension when the model batches."""
 
     name: str
@@ -41,7 +41,7 @@ class Tensor:
     optional: bool = False
 
     @classmethod
-    def from_spec(cls, spec: TensorSpec, batched: bool = True, optional: bool = False) -> "Tensor":
+    def from_spec(cls, spec: TensorSpec, batched: bool = True, optional: bool = False) -> "ModelTensor":
         """Symbolic axes become -1; any other dim must be an int (ConfigError naming the tensor)."""
         dims = spec.dims[1:] if batched else spec.dims
         bad = [d for d in dims if not isinstance(d, str) and not _is_int(d)]
@@ -58,8 +58,8 @@ class Tensor:
 class ModelConfig:
     name: str
     max_batch_size: int
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[Tensor, ...]
+    inputs: tuple[ModelTensor, ...]
+    outputs: tuple[ModelTensor, ...]
     backend: str | None = "python"
     platform: str | None = None
     dynamic_batching: bool = False
@@ -76,9 +76,9 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _tensor(t: Tensor, indent: str) -> str:
-    if not isinstance(t, Tensor):
-        raise ConfigError(f"expected a Tensor, got {t!r}")
+def _tensor(t: ModelTensor, indent: str) -> str:
+    if not isinstance(t, ModelTensor):
+        raise ConfigError(f"expected a ModelTensor, got {t!r}")
     if not isinstance(t.name, str) or not t.name:
         raise ConfigError(f"tensor {t!r}: missing name")
     if t.dtype not in TRITON_DTYPES:

@@ -10,17 +10,17 @@
     <repo>/qformer/{config.pbtxt,1/model.py,1/model.onnx}         dynamic batching
 
 Every config.pbtxt is generated here from the graph specs (blip2_triton.specs) and the pipeline
-interface (blip2_triton.interface); export/repository_writer.py writes them, with the model.py
+interface (blip2_triton.api); export/repository_writer.py writes them, with the model.py
 files copied from the `model_repository/` sources.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import interface as api
+from . import api
 from . import specs
 from .families import graph_specs
-from .pbtxt import ModelConfig, Tensor
+from .pbtxt import ModelConfig, ModelTensor
 
 # The image stages are Triton models of their own (batched across requests); every other graph is
 # a language-model graph, held by the `blip2` model that owns the KV caches.
@@ -59,14 +59,14 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
     containers only).
     """
     graphs = graph_specs(config, float_dtype)
-    pixel_values = Tensor.from_spec(graphs[specs.VISION_ENCODER].input(specs.PIXEL_VALUES))
+    pixel_values = ModelTensor.from_spec(graphs[specs.VISION_ENCODER].input(specs.PIXEL_VALUES))
 
     def stateless(spec: specs.GraphSpec) -> ModelConfig:
         common = dict(
             name=spec.name,
             max_batch_size=MAX_BATCH_SIZE,
-            inputs=tuple(Tensor.from_spec(t) for t in spec.inputs),
-            outputs=tuple(Tensor.from_spec(t) for t in spec.outputs),
+            inputs=tuple(ModelTensor.from_spec(t) for t in spec.inputs),
+            outputs=tuple(ModelTensor.from_spec(t) for t in spec.outputs),
             dynamic_batching=True,
             max_queue_delay_us=QUEUE_DELAY_US,
         )

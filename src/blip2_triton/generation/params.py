@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 from blip2_triton.errors import InvalidInput
-from blip2_triton.interface import Reason
+from blip2_triton.api import Reason
 
 EarlyStopping = Union[bool, Literal["never"]]
 

@@ -1,7 +1,7 @@
-"""Step-wise decoders that turn each step's logits into the next tokens, as `model.generate()` does.
+"""Step-wise searches that turn each step's logits into the next tokens, as `model.generate()` does.
 
-The generator process owns the ONNX decoder and its KV cache; these classes own only the search.
-One decoder serves one request. Per step the caller runs the LLM on the decoder's `num_rows`
+The engine owns the language model and its cache; these classes own only the search. One
+search serves one request. Per step the caller runs the language model on the search's `num_rows`
 rows, passes the last-position logits `[num_rows, vocab]` to `step()` and gets a `StepResult`:
 
 * `tokens[i]` is the input token of next step's row i, which continues this step's row
@@ -13,7 +13,7 @@ rows, passes the last-position logits `[num_rows, vocab]` to `step()` and gets a
 * `finished`: no more steps; `tokens` and `parent_rows` are then empty.
 
 Many requests share one LLM call with `step_batch`, which slices the stacked logits by each
-decoder's `num_rows` and returns the next rows of the still-running decoders, with `parent_rows`
+search's `num_rows` and returns the next rows of the still-running searches, with `parent_rows`
 indexing the stacked input rows.
 
 Output convention: `output_tokens()` is the generated ids only (no prompt), ending with the EOS
@@ -73,8 +73,9 @@ def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
     return candidates[order[:k]]
 
 
-class _Decoder:
-    """Shared bookkeeping: the params, the prompt history and the finished flag."""
+class Search:
+    """One request's decoding strategy over its rows (greedy, sampling, beam search): the params,
+    the prompt history and the finished flag; subclasses decide the tokens."""
 
     def __init__(self, params: GenerationParams, prompt_tokens: Sequence[int] | np.ndarray):
         self.params = params
@@ -95,10 +96,10 @@ class _Decoder:
 
     def _check_running(self) -> None:
         if self.finished:
-            raise RuntimeError("step() called on a finished decoder")
+            raise RuntimeError("step() called on a finished search")
 
 
-class GreedyOrSample(_Decoder):
+class GreedyOrSample(Search):
     """Greedy decoding or multinomial sampling (`num_beams == 1`): one row per request.
 
     prompt_tokens: the ids the repetition penalty and n-gram blocking see before the first
@@ -144,7 +145,7 @@ class GreedyOrSample(_Decoder):
         return np.asarray(self._generated, dtype=np.int64)
 
 
-class BeamSearch(_Decoder):
+class BeamSearch(Search):
     """transformers' beam search (`num_beams > 1`, no sampling) for one request.
 
     The first step takes the single prefilled row and returns `num_beams` next rows, all with
@@ -255,12 +256,12 @@ class BeamSearch(_Decoder):
     def output_tokens(self) -> np.ndarray:
         """The best finished hypothesis' generated ids, ending with EOS if it stopped on one."""
         if not self.finished:
-            raise RuntimeError("beam search output is only known once the decoder has finished")
+            raise RuntimeError("beam search output is only known once the search has finished")
         return self._final_tokens[0, : self._final_lengths[0]].copy()
 
 
-def make_decoder(params: GenerationParams, prompt_tokens: Sequence[int] | np.ndarray) -> GreedyOrSample | BeamSearch:
-    """The decoder `params` asks for: beam search when num_beams > 1, else greedy / sampling."""
+def make_search(params: GenerationParams, prompt_tokens: Sequence[int] | np.ndarray) -> GreedyOrSample | BeamSearch:
+    """The search `params` asks for: beam search when num_beams > 1, else greedy / sampling."""
     if params.is_beam_search:
         return BeamSearch(params, prompt_tokens)
     return GreedyOrSample(params, prompt_tokens)
@@ -271,10 +272,10 @@ class BatchStep:
     """Result of `step_batch`.
 
     tokens: int64 [next_rows], input tokens of the next call's rows, which belong, in order, to the
-    decoders still running (`[d for d in decoders if not d.finished]`).
+    searches still running (`[s for s in searches if not s.finished]`).
     parent_rows: int64 [next_rows], index into this call's stacked rows that each next row continues
     (gather the KV cache with it; rows of finished requests simply drop out).
-    results: one StepResult per decoder, in order (per-request `emitted` and `finished`).
+    results: one StepResult per search, in order (per-request `emitted` and `finished`).
     """
 
     tokens: np.ndarray
@@ -282,19 +283,19 @@ class BatchStep:
     results: list[StepResult]
 
 
-def step_batch(decoders: Sequence[GreedyOrSample | BeamSearch], logits: np.ndarray) -> BatchStep:
+def step_batch(searches: Sequence[GreedyOrSample | BeamSearch], logits: np.ndarray) -> BatchStep:
     """Step several requests whose rows were stacked into one LLM call.
 
-    decoders: running decoders, in the order of their rows. logits: [sum(d.num_rows), vocab].
+    searches: running searches, in the order of their rows. logits: [sum(s.num_rows), vocab].
     """
-    counts = [d.num_rows for d in decoders]
+    counts = [s.num_rows for s in searches]
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[0] != sum(counts):
         raise ValueError(f"expected logits of shape [{sum(counts)}, vocab], got {list(logits.shape)}")
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     results, tokens, parents = [], [], []
-    for decoder, start, stop in zip(decoders, offsets[:-1], offsets[1:]):
-        result = decoder.step(logits[start:stop])
+    for search, start, stop in zip(searches, offsets[:-1], offsets[1:]):
+        result = search.step(logits[start:stop])
         results.append(result)
         tokens.append(result.tokens)
         parents.append(result.parent_rows + start)

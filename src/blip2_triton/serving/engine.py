@@ -16,26 +16,19 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
 from .language_model import LanguageModel
 from blip2_triton.errors import Cancelled
+from blip2_triton.generation import Search
 
 log = logging.getLogger("blip2_triton.engine")
 
 
-class Search(Protocol):
-    """One request's decoding strategy (greedy, sampling, beam search) over its rows."""
-
-    def step(self, logits: np.ndarray): ...  # -> object with tokens, parent_rows, finished
-
-    def output_tokens(self) -> np.ndarray: ...
-
-
 @dataclass
-class GenerationRequest:
+class Request:
     query_embeds: np.ndarray  # [Q, E]
     prompt_ids: np.ndarray  # [S]: BOS + prompt
     search: Search
@@ -50,8 +43,8 @@ class GenerationRequest:
 
 
 @dataclass
-class _Active:
-    request: GenerationRequest
+class _Sequence:
+    request: Request
     rows: int  # beams are rows
     length: int  # positions cached per row
     start: int  # first KV-cache slot (the engine keeps sequences packed: see _set_active)
@@ -96,8 +89,8 @@ class EngineStats:
         """Called before a request's last answer goes out: whatever is reported lazily is due."""
 
 
-class GenerationEngine:
-    """Continuous batching: every active sequence advances by one batched decoder call per step.
+class Engine:
+    """Continuous batching: every active sequence advances by one batched language-model call per step.
 
     `cancel_poll_s`: a sequence asks whether its client cancelled at most this often. In Triton
     the question is a round trip to the server (~50 us); asked every step it cost the tiny model
@@ -111,13 +104,13 @@ class GenerationEngine:
         self.stats = stats or EngineStats()
         self.cancel_poll_s = cancel_poll_s
         self.cache = language_model.new_cache()
-        self._queue: queue.Queue[GenerationRequest] = queue.Queue()
-        self._active: list[_Active] = []
+        self._queue: queue.Queue[Request] = queue.Queue()
+        self._active: list[_Sequence] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def start(self) -> "GenerationEngine":
+    def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._loop, name="blip2-generation", daemon=True)
         self._thread.start()
         return self
@@ -136,10 +129,10 @@ class GenerationEngine:
             except queue.Empty:
                 break
 
-    def submit(self, request: GenerationRequest) -> None:
+    def submit(self, request: Request) -> None:
         self._queue.put(request)
 
-    def generate(self, request: GenerationRequest) -> list[int]:
+    def generate(self, request: Request) -> list[int]:
         """Run one request to completion on the calling thread (tests, benchmarks, no server)."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("generate() runs the engine on the calling thread; this engine's loop is running: submit()")
@@ -161,7 +154,7 @@ class GenerationEngine:
                     self._fail(seq.request, e)
                 self._set_active([])
 
-    def _set_active(self, sequences: list[_Active]) -> None:
+    def _set_active(self, sequences: list[_Sequence]) -> None:
         """Every change of the active set goes through here, so the reported count never goes stale
         and the cache stays packed: sequences move down over the slots of those that left (in
         admission order, so a move never overwrites a sequence not yet moved).
@@ -193,7 +186,7 @@ class GenerationEngine:
             self._admit(request)
             rows = sum(s.rows for s in self._active)
 
-    def _admit(self, request: GenerationRequest) -> None:
+    def _admit(self, request: Request) -> None:
         """Prefill one request and take its first token.
 
         The sequence counts as active before its first token goes out: a client that has a token
@@ -207,7 +200,7 @@ class GenerationEngine:
             began = time.perf_counter()
             logits, length = self.language_model.prefill(request.query_embeds, request.prompt_ids, self.cache, start)
             self.stats.on_stage("prefill", time.perf_counter() - began)
-            seq = _Active(request, rows=1, length=length, start=start, pending=np.zeros(0, np.int64),
+            seq = _Sequence(request, rows=1, length=length, start=start, pending=np.zeros(0, np.int64),
                           next_cancel_check=time.monotonic() + self.cancel_poll_s)
             self.stats.on_prefill()
             self._set_active([*self._active, seq])
@@ -256,12 +249,12 @@ class GenerationEngine:
                 still.append(seq)
         self._set_active(still)
 
-    def _batched_call(self, live: list[_Active]) -> np.ndarray:
+    def _batched_call(self, live: list[_Sequence]) -> np.ndarray:
         """One language-model step over cache slots [0:rows): each row's pending token at its own position."""
         lengths = np.concatenate([np.full(s.rows, s.length, np.int64) for s in live])
         return self.language_model.step(np.concatenate([s.pending for s in live]), lengths, self.cache)
 
-    def _advance(self, seq: _Active, logits: np.ndarray) -> None:
+    def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
         """Feed one step's logits to the request's search; reorder rows for beams; emit tokens."""
         request = seq.request
         result = request.search.step(logits)
@@ -288,7 +281,7 @@ class GenerationEngine:
                 request.on_tokens(list(tokens), len(tokens) - seq.emitted, seq.finished)
                 seq.emitted = len(tokens)
 
-    def _fail(self, request: GenerationRequest, error: BaseException) -> None:
+    def _fail(self, request: Request, error: BaseException) -> None:
         self.stats.flush()
         try:
             request.on_error(error)

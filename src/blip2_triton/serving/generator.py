@@ -13,9 +13,9 @@ import numpy as np
 
 from blip2_triton import generation, repository
 from blip2_triton.errors import InvalidInput
-from blip2_triton.interface import CONTROL_NAMES, Reason
+from blip2_triton.api import CONTROL_NAMES, Reason
 
-from .engine import EngineStats, GenerationEngine, GenerationRequest
+from .engine import EngineStats, Engine, Request
 from .language_model import LanguageModel, load_language_model
 
 
@@ -23,7 +23,7 @@ from .language_model import LanguageModel, load_language_model
 # request from taking the memory and the batch of all others.
 MAX_BEAMS = 16
 
-class GeneratorService:
+class Generator:
     def __init__(self, repo: str | Path, tokenizer, threads: int | None = None, max_rows: int = 64,
                  stats: EngineStats | None = None, compute_lock=None):
         from transformers import AutoConfig, GenerationConfig
@@ -33,7 +33,7 @@ class GeneratorService:
         self.generation_config = GenerationConfig.from_pretrained(assets)
         self.language_model: LanguageModel = load_language_model(
             repo, self.config, self.generation_config, tokenizer, threads=threads, compute_lock=compute_lock)
-        self.engine = GenerationEngine(self.language_model, max_rows=max_rows, stats=stats)
+        self.engine = Engine(self.language_model, max_rows=max_rows, stats=stats)
         self.num_query_tokens = self.config.num_query_tokens
 
     def params(self, controls: dict[str, Any], prompt_length: int) -> "generation.GenerationParams":
@@ -75,7 +75,7 @@ class GeneratorService:
         on_tokens: Callable[[list[int], int, bool], None] = lambda ids, new, final: None,
         on_error: Callable[[BaseException], None] = lambda e: None,
         is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> GenerationRequest:
+    ) -> Request:
         """Build a validated engine request; raises InvalidInput before any work is done."""
         return self.build(query_embeds, prompt_ids, self.validate(prompt_ids, controls), stream, on_tokens, on_error,
                           is_cancelled)
@@ -89,14 +89,14 @@ class GeneratorService:
         on_tokens: Callable[[list[int], int, bool], None] = lambda ids, new, final: None,
         on_error: Callable[[BaseException], None] = lambda e: None,
         is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> GenerationRequest:
+    ) -> Request:
         """The engine request for params that `validate` returned for these prompt ids."""
         expected = (self.num_query_tokens, self.language_model.embed_dim)
         if query_embeds.shape != expected:
             raise InvalidInput(f"query_embeds: expected shape {list(expected)}, got {list(query_embeds.shape)}",
                                Reason.INPUT)
-        search = generation.make_decoder(params, self.language_model.history(prompt_ids))
-        return GenerationRequest(
+        search = generation.make_search(params, self.language_model.history(prompt_ids))
+        return Request(
             # Beam search cannot stream (the best beam is known only at the end): one response.
             query_embeds=query_embeds, prompt_ids=prompt_ids, search=search, stream=stream and not params.is_beam_search,
             on_tokens=on_tokens, on_error=on_error, is_cancelled=is_cancelled,

@@ -13,7 +13,7 @@ from .service import Blip2Service, LocalStages
 
 
 @dataclass
-class Generation:
+class Result:
     text: str
     token_ids: list[int]
 
@@ -26,8 +26,8 @@ class LocalPipeline:
         self.generator = self.service.generator
         self.detokenizer = self.service.detokenizer
 
-    def __call__(self, image: bytes, prompt: str = "", **controls: Any) -> Generation:
+    def __call__(self, image: bytes, prompt: str = "", **controls: Any) -> Result:
         pieces = []
         request = self.service.prepare(image, prompt.encode("utf-8"), controls, emit=pieces.append)
         tokens = [int(t) for t in self.generator.engine.generate(request)]
-        return Generation("".join(p.text for p in pieces), tokens)
+        return Result("".join(p.text for p in pieces), tokens)

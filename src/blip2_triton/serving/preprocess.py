@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from blip2_triton.errors import InvalidInput
-from blip2_triton.interface import Reason
+from blip2_triton.api import Reason
 
 MAX_IMAGE_BYTES = 32 * 2**20
 MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: larger images are rejected before they are decoded

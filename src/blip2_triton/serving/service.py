@@ -1,6 +1,6 @@
 """One BLIP-2 request from encoded image + prompt to streamed text: what the `blip2` model serves.
 
-    stages.preprocess -> stages.query_embeds -> GenerationEngine (KV-cached, continuous batching)
+    stages.preprocess -> stages.query_embeds -> Engine (KV-cached, continuous batching)
     -> incremental detokenization -> emit(Piece)
 
 The stateless stages are pluggable: inside Triton they are BLS calls to the dynamically batched
@@ -20,8 +20,8 @@ import numpy as np
 from blip2_triton import repository, specs
 
 from .detokenize import Detokenizer
-from .engine import EngineStats, GenerationRequest
-from .generator import GeneratorService
+from .engine import EngineStats, Request
+from .generator import Generator
 from .onnx_graph import OnnxGraph
 from .preprocess import Preprocessor
 
@@ -73,7 +73,7 @@ class Blip2Service:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(repository.assets_dir(repo))
-        self.generator = GeneratorService(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock)
+        self.generator = Generator(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock)
         self.detokenizer = Detokenizer(tokenizer)
 
     @property
@@ -89,7 +89,7 @@ class Blip2Service:
         emit: Callable[[Piece], None] = lambda piece: None,
         on_error: Callable[[BaseException], None] = lambda e: None,
         is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> GenerationRequest:
+    ) -> Request:
         """Run the stateless stages on the calling thread and return the engine request.
 
         Raises InvalidInput for a bad image, prompt or control. Controls are checked before any

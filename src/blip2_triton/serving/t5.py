@@ -13,7 +13,7 @@ import numpy as np
 
 from blip2_triton import repository, specs
 from blip2_triton.errors import InvalidInput
-from blip2_triton.interface import Reason
+from blip2_triton.api import Reason
 
 from .decoder import DecoderGraph
 from .kv_cache import EncoderDecoderCache, KVCache

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from blip2_triton import interface as api
+from blip2_triton import api
 from blip2_triton import specs
 from blip2_triton.errors import Cancelled, InvalidInput
 from blip2_triton.repository import EXCLUSIVE_COMPUTE
@@ -129,7 +129,7 @@ def error_response(error: BaseException):
 
     The message starts with the status in words too: gRPC stream responses carry only a message,
     so that prefix is how a streaming client tells the kinds apart. A refusal's message carries
-    its reason code (interface.refusal_message). Internal errors are logged with their traceback
+    its reason code (api.refusal_message). Internal errors are logged with their traceback
     here and reach the client as one line.
     """
     p = pb()
@@ -213,7 +213,7 @@ def gauge(name: str, description: str, labels: dict[str, str]):
     return _metric(name, description, "GAUGE", labels)
 
 
-class GeneratorMetrics(EngineStats):
+class EngineMetrics(EngineStats):
     """Engine events as Prometheus metrics on Triton's metrics endpoint (next to its own).
 
     Every metric update is a round trip from the stub to the server (~17 us). The per-step

@@ -9,7 +9,7 @@ import enum
 import re
 from typing import NamedTuple
 
-from .pbtxt import Tensor
+from .pbtxt import ModelTensor
 
 # The model clients call. It runs the stateless stages (preprocess, vision encoder, Q-Former) as
 # separate, dynamically batched Triton models and owns the LLM decoder, its KV caches and the
@@ -18,13 +18,13 @@ PIPELINE = "blip2"
 PREPROCESS = "preprocess"
 
 # ---- public inputs (per request; the model has a batch dimension, so clients send [1, ...]) ----
-IMAGE = Tensor("image", "bytes", (1,))
-PROMPT = Tensor("prompt", "bytes", (1,), optional=True)
-STREAM = Tensor("stream", "bool", (1,), optional=True)
+IMAGE = ModelTensor("image", "bytes", (1,))
+PROMPT = ModelTensor("prompt", "bytes", (1,), optional=True)
+STREAM = ModelTensor("stream", "bool", (1,), optional=True)
 
 # Generation controls, named as transformers' generate() arguments. Absent = checkpoint default.
-CONTROLS: tuple[Tensor, ...] = tuple(
-    Tensor(name, dtype, (1,), optional=True)
+CONTROLS: tuple[ModelTensor, ...] = tuple(
+    ModelTensor(name, dtype, (1,), optional=True)
     for name, dtype in (
         ("max_new_tokens", "int32"),
         ("min_new_tokens", "int32"),
@@ -43,12 +43,12 @@ CONTROLS: tuple[Tensor, ...] = tuple(
 CONTROL_NAMES = tuple(t.name for t in CONTROLS)
 
 # ---- public outputs --------------------------------------------------------------------------
-TEXT = Tensor("text", "bytes", (1,))  # the new text of this response (all of it when not streaming)
-TOKEN_IDS = Tensor("token_ids", "int64", (-1,))  # the token ids of this response
-FINAL = Tensor("final", "bool", (1,))  # true on the last response of a request
+TEXT = ModelTensor("text", "bytes", (1,))  # the new text of this response (all of it when not streaming)
+TOKEN_IDS = ModelTensor("token_ids", "int64", (-1,))  # the token ids of this response
+FINAL = ModelTensor("final", "bool", (1,))  # true on the last response of a request
 
-PUBLIC_INPUTS: tuple[Tensor, ...] = (IMAGE, PROMPT, STREAM, *CONTROLS)
-PUBLIC_OUTPUTS: tuple[Tensor, ...] = (TEXT, TOKEN_IDS, FINAL)
+PUBLIC_INPUTS: tuple[ModelTensor, ...] = (IMAGE, PROMPT, STREAM, *CONTROLS)
+PUBLIC_OUTPUTS: tuple[ModelTensor, ...] = (TEXT, TOKEN_IDS, FINAL)
 
 # ---- refusals (INVALID_ARGUMENT) ---------------------------------------------------------------
 class Reason(str, enum.Enum):
@@ -94,4 +94,4 @@ def parse_refusal(message: str) -> Refusal | None:
 
 
 # ---- between stages --------------------------------------------------------------------------
-PROMPT_IDS = Tensor("prompt_ids", "int64", (-1,))  # BOS + prompt tokens, no image placeholders
+PROMPT_IDS = ModelTensor("prompt_ids", "int64", (-1,))  # BOS + prompt tokens, no image placeholders
