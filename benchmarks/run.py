@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from blip2_triton.progress import Progress
+
 from .records import (
     INT8, IMAGE_STAGES, BaselineBatch, BatchStats, Batching, BenchResults, DecodeRound, DecodeVsRows, EndToEnd,
     GraphCost, Int8Agreement, Memory, ModelResult, PerfAnalyzer, RowStep, Stages, StageFloor, StageFloors,
@@ -73,49 +75,6 @@ class Settings:
                     baseline_batches=(2,), decode_rows=(1, 2), decode_rounds=3, bandwidth_mib=128, matmul_n=1024, caption_tokens=8, vqa_tokens=4,
                     images=2)
         return cls(**(base | overrides))
-
-
-# ---- progress -----------------------------------------------------------------------------------
-
-class Progress:
-    """Progress on stderr: a tqdm bar per phase on a terminal, plain log lines otherwise."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.start = time.perf_counter()
-
-    def phase(self, name: str, total: int):
-        if sys.stderr.isatty() and not self.quiet:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=f"  {name}", unit="req", file=sys.stderr, leave=True, dynamic_ncols=True)
-        return _LogPhase(name, total, self.quiet)
-
-    def say(self, message: str) -> None:
-        if not self.quiet:
-            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-class _LogPhase:
-    """tqdm's update()/close() as log lines: at the start, every quarter and at the end."""
-
-    def __init__(self, name: str, total: int, quiet: bool):
-        self.name, self.total, self.quiet, self.done = name, max(total, 1), quiet, 0
-        self.start = time.perf_counter()
-        self._say(f"  {name}: {total} to do")
-
-    def _say(self, text: str) -> None:
-        if not self.quiet:
-            print(text, file=sys.stderr, flush=True)
-
-    def update(self, n: int = 1) -> None:
-        before = self.done * 4 // self.total
-        self.done += n
-        if self.done * 4 // self.total > before and self.done < self.total:
-            self._say(f"  {self.name}: {self.done}/{self.total} ({time.perf_counter() - self.start:.0f}s)")
-
-    def close(self) -> None:
-        self._say(f"  {self.name}: done in {time.perf_counter() - self.start:.1f}s")
 
 
 # ---- one model --------------------------------------------------------------------------------
@@ -658,7 +617,7 @@ def run_from_args(args) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     settings = settings_from(args)
-    progress = Progress(args.quiet)
+    progress = Progress("bench", not args.quiet)
     start = time.perf_counter()
     models = args.models or default_models()
     progress.say(f"blip2-triton bench: models {models}, {settings.threads} threads, output {args.output}")

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from blip2_triton import repository
+from blip2_triton.progress import Progress, peak_rss_mib
 
 from .checkpoint import check_image_size, load_checkpoint  # noqa: F401  (load_checkpoint: public here)
 from .families import family_graphs
 from .onnx_io import consolidate_external_data, export_module, graph_bytes
-from .progress import Progress, peak_rss_mib
 from .quantize import QUANTIZATIONS, quantize_graph
 from .repository_writer import remove_stale_models, write_repository
 from .shapes import fold_reshape_shapes
@@ -75,7 +75,8 @@ def export_checkpoint(
         raise ValueError(f"--quantize must be one of {QUANTIZATIONS} and needs --dtype fp32, got {quantize!r}")
     float_dtype = DTYPES[dtype]
     output = Path(output)
-    say = Progress(progress)
+    steps = Progress("export", progress)
+    say = steps.say
     report = ExportReport(model=str(model), dtype=dtype if quantize is None else f"{dtype}+{quantize}",
                           validated=validate)
 
@@ -85,7 +86,7 @@ def export_checkpoint(
     config, generation_config = blip2.config, blip2.generation_config
     graphs = family_graphs(blip2, float_dtype)
     names = [g.spec.name for g in graphs]
-    say(f"loaded in {time.perf_counter() - say.start:.1f} s, peak RSS {peak_rss_mib():.0f} MiB; "
+    say(f"loaded in {time.perf_counter() - steps.start:.1f} s, peak RSS {peak_rss_mib():.0f} MiB; "
         f"{len(graphs)} graphs: {', '.join(names)}")
 
     def step(n: int):
@@ -108,7 +109,7 @@ def export_checkpoint(
         shutil.rmtree(staging / FULL_PRECISION, ignore_errors=True)  # emptied graph by graph; not shipped
         report.checks = [asdict(c) | {"ok": c.ok} for c in checks]
         report.max_abs_diff = summarize(checks)
-        report.seconds = round(time.perf_counter() - say.start, 2)
+        report.seconds = round(time.perf_counter() - steps.start, 2)
         report.peak_rss_mib = round(peak_rss_mib(), 1)
         if any(not c.ok for c in checks):
             kept = failed_dir(output)

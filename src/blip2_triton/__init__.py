@@ -6,8 +6,8 @@ Layers (imports point down only, and tests/test_layers.py holds every module to 
     features       export/ (tracing, gate, repository writing), serving/ (what the Triton models
                    run), server/ (starting tritonserver), client/, benchmarks/, toy/ (the trained
                    tiny models), model_repository/ (thin Triton model.py files)
-    core           specs, families, api, errors, pbtxt, repository (layout + config generation),
-                   generation/ (numpy decoding that reproduces transformers' generate())
+    core           specs, families, api, errors, pbtxt, progress, repository (layout and
+                   config generation), generation/ (numpy decoding that reproduces generate())
 
 Glossary (one word per concept; modules are named after them):
 
