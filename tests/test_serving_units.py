@@ -220,8 +220,8 @@ def test_a_failing_request_does_not_stop_the_engine(pipeline):
     pixels, ids = pipeline.stages.preprocess(random_image(1), b"")
     query = pipeline.stages.query_embeds(pixels)
     bad = Request(query_embeds=query[:, :3], prompt_ids=ids, search=None, on_error=errors.append)
-    engine._admit(bad)
-    assert errors and not engine._active
+    engine.admit(bad)
+    assert errors and not engine.sequences
     good = pipeline.generator.request(query, ids, {"max_new_tokens": 5})
     assert [int(t) for t in engine.generate(good)] == pipeline(random_image(1), "", max_new_tokens=5).token_ids
 
@@ -245,7 +245,7 @@ def test_stop_answers_waiting_and_active_requests(pipeline):
     errors = []
     active = pipeline.generator.request(query, ids, {"max_new_tokens": 50, "min_new_tokens": 50}, on_error=errors.append)
     waiting = pipeline.generator.request(query, ids, {"max_new_tokens": 5}, on_error=errors.append)
-    engine._admit(active)
+    engine.admit(active)
     engine.submit(waiting)
     engine.stop()
     assert len(errors) == 2 and all(isinstance(e, Cancelled) for e in errors)
@@ -262,12 +262,12 @@ def test_cancelling_the_last_sequence_reports_zero_active(pipeline):
     cancelled, errors = threading.Event(), []
     request = pipeline.generator.request(query, ids, {"max_new_tokens": 50, "min_new_tokens": 50},
                                          on_error=errors.append, is_cancelled=cancelled.is_set)
-    engine._admit(request)
-    engine._step()
+    engine.admit(request)
+    engine.step()
     assert engine.stats.active == 1
     cancelled.set()
-    engine._step()
-    assert engine.stats.active == 0 and not engine._active
+    engine.step()
+    assert engine.stats.active == 0 and not engine.sequences
     assert len(errors) == 1 and isinstance(errors[0], Cancelled)
 
 
@@ -284,7 +284,7 @@ def test_a_sequence_is_counted_active_before_its_first_token_goes_out(pipeline):
         request = pipeline.generator.request(query, ids, {"max_new_tokens": max_new, "min_new_tokens": max_new},
                                              stream=True, on_tokens=lambda i, n, f: seen.append(engine.stats.active))
         engine.generate(request)
-        assert engine.stats.active == 0 and not engine._active
+        assert engine.stats.active == 0 and not engine.sequences
     assert seen and all(active == 1 for active in seen)
 
 
@@ -300,10 +300,10 @@ def test_cancellation_is_polled_at_most_every_cancel_poll_s(pipeline):
     asked, errors = [], []
     request = pipeline.generator.request(query, ids, {"max_new_tokens": 100, "min_new_tokens": 100},
                                          on_error=errors.append, is_cancelled=lambda: asked.append(1) or len(asked) > 3)
-    engine._admit(request)
+    engine.admit(request)
     steps, start = 0, time.monotonic()
-    while engine._active:
-        engine._step()
+    while engine.sequences:
+        engine.step()
         steps += 1
         time.sleep(0.005)  # a tiny-model step is far shorter than a real one
     elapsed = time.monotonic() - start

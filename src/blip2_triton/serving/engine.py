@@ -129,6 +129,11 @@ class Engine:
             except queue.Empty:
                 break
 
+    @property
+    def sequences(self) -> int:
+        """Sequences being decoded now (what the active-sequences metric reports)."""
+        return len(self._active)
+
     def submit(self, request: Request) -> None:
         self._queue.put(request)
 
@@ -136,9 +141,9 @@ class Engine:
         """Run one request to completion on the calling thread (tests, benchmarks, no server)."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("generate() runs the engine on the calling thread; this engine's loop is running: submit()")
-        self._admit(request)
+        self.admit(request)
         while self._active:
-            self._step()
+            self.step()
         return request.search.output_tokens()
 
     # ---- the loop -------------------------------------------------------------------------
@@ -147,7 +152,7 @@ class Engine:
             try:
                 self._admit_waiting(block=not self._active)
                 if self._active:
-                    self._step()
+                    self.step()
             except BaseException as e:  # a bug must cost the active requests, never the model
                 log.exception("generation loop error")
                 for seq in self._active:
@@ -183,11 +188,14 @@ class Engine:
             except queue.Empty:
                 return
             block = False
-            self._admit(request)
+            self.admit(request)
             rows = sum(s.rows for s in self._active)
 
-    def _admit(self, request: Request) -> None:
+    def admit(self, request: Request) -> None:
         """Prefill one request and take its first token.
+
+        admit() and step() drive the engine on the calling thread; only generate() and tests call
+        them, and only while the loop is not running (the cache belongs to one thread).
 
         The sequence counts as active before its first token goes out: a client that has a token
         in hand must see its sequence in the active count (it is reported synchronously).
@@ -212,7 +220,7 @@ class Engine:
         if seq is not None and seq.finished:
             self._set_active([s for s in self._active if s is not seq])
 
-    def _step(self) -> None:
+    def step(self) -> None:
         """One batched language-model call for every active sequence's rows."""
         live = []
         now = time.monotonic()
