@@ -1,10 +1,14 @@
-"""Shared fixtures: tiny checkpoints built offline and their exported repositories, once per session."""
+"""Shared fixtures and helpers: tiny checkpoints built offline, their exported repositories, the
+served tiny model, and transformers' generate() as the reference, once per session."""
 from __future__ import annotations
 
+import functools
 import io
 import os
 import time
 import urllib.request
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -110,3 +114,88 @@ def wait_for_active(server, count: int, timeout: float = 30) -> float:
         assert time.monotonic() - start < timeout, f"blip2_active_sequences never read {count}"
         time.sleep(0.005)
     return time.monotonic() - start
+
+
+# ---- transformers, the reference ------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def reference_model(ckpt: str):
+    """(Blip2ForConditionalGeneration, processor) of a checkpoint, loaded once per session."""
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    return Blip2ForConditionalGeneration.from_pretrained(ckpt).eval(), AutoProcessor.from_pretrained(ckpt)
+
+
+def pil(seed: int):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(random_image(seed))).convert("RGB")
+
+
+def strip_after_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def reference(ckpt, image_seed: int, prompt: str, checkpoint_config: bool = False, **controls) -> tuple[list[int], str]:
+    """transformers' generate() on the same weights for random_image(image_seed) and `prompt`:
+    (new token ids up to EOS, their text). The one reference every parity test compares with.
+
+    OPT without a prompt: pixel values alone (generate() adds the image tokens and BOS). T5: the
+    processor's encoding of the prompt, "" included (transformers 5 cannot caption a T5 checkpoint
+    without input_ids); its new ids follow the decoder start token; with more decoder than
+    encoder layers transformers' own cache fails, so that config decodes without it.
+    checkpoint_config: decode with the checkpoint's generation_config.json under `controls`, as
+    the server does (transformers 5's BLIP-2 generate() otherwise hands its language model the
+    global defaults).
+    """
+    import copy
+
+    import torch
+
+    model, processor = reference_model(str(ckpt))
+    text = model.config.text_config
+    encoder_decoder = text.is_encoder_decoder
+    if prompt or encoder_decoder:
+        inputs = processor(images=pil(image_seed), text=prompt, return_tensors="pt")
+        start = 1 if encoder_decoder else inputs["input_ids"].shape[1]
+    else:
+        inputs = {"pixel_values": processor(images=pil(image_seed), return_tensors="pt")["pixel_values"]}
+        start = model.config.num_query_tokens + 1  # generate() returns the image placeholders and BOS too
+    if encoder_decoder and text.num_decoder_layers != text.num_layers:
+        controls["use_cache"] = False
+    controls.pop("seed", None)  # sampling draws from torch's generator there, from numpy's here
+    if checkpoint_config:
+        config = copy.deepcopy(model.generation_config)
+        for name, value in controls.items():
+            setattr(config, name, value)
+        controls = {"generation_config": config}
+    with torch.no_grad():
+        out = model.generate(**inputs, **controls)
+    ids = strip_after_eos(out[0, start:].tolist(), model.generation_config.eos_token_id)
+    return ids, processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# ---- the served tiny model ---------------------------------------------------------------------------
+class Served(NamedTuple):
+    """A checkpoint's export served by a running tritonserver, and a client of it."""
+
+    checkpoint: Path
+    server: object  # blip2_triton.server.TritonServer
+    client: object  # blip2_triton.client.Blip2Client
+
+
+@pytest.fixture(scope="session")
+def served(exported, tmp_path_factory):
+    """tiny-opt on one tritonserver for the session: the client and CLI tests share it."""
+    from blip2_triton.client import Blip2Client
+    from blip2_triton.server import TritonServer
+
+    ckpt, repo, _ = exported("tiny-opt")
+    log = tmp_path_factory.mktemp("served") / "tritonserver.log"
+    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server, \
+            Blip2Client(server.grpc_url, timeout=60) as client:
+        yield Served(ckpt, server, client)
+
+
+@pytest.fixture
+def client(served):
+    return served.client

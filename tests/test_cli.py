@@ -16,7 +16,6 @@ from blip2_triton.server.launcher import free_port
 from .conftest import random_image
 from .test_client import CONTROL_CASES, reference
 from .test_client import MAX_NEW as CLIENT_MAX_NEW
-from .test_client import client, served  # noqa: F401  (fixtures: one server for both modules)
 
 pytestmark = pytest.mark.server
 MAX_NEW = "6"
@@ -54,8 +53,8 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(served):  # noqa: F811
-    return ["--url", served[1].grpc_url]
+def url(served):
+    return ["--url", served.server.grpc_url]
 
 
 # ---- flags from the served API ----------------------------------------------------------------
@@ -90,7 +89,7 @@ def test_stream_and_json_exclude_each_other():
 
 
 # ---- workflows --------------------------------------------------------------------------------
-def test_caption_json_keeps_image_order(images, url, client):  # noqa: F811
+def test_caption_json_keeps_image_order(images, url, client):
     paths, _ = images
     records = json_lines(ok("caption", *paths, "--json", "--max-new-tokens", MAX_NEW, *url))
     assert [r["image"] for r in records] == paths
@@ -99,7 +98,7 @@ def test_caption_json_keeps_image_order(images, url, client):  # noqa: F811
         assert (record["prompt"], record["text"], record["token_ids"]) == ("", expected.text, expected.token_ids)
 
 
-def test_prompted_caption_as_text_lines(images, url, client):  # noqa: F811
+def test_prompted_caption_as_text_lines(images, url, client):
     paths, _ = images
     out = ok("caption", *paths[:2], "--prompt", "a photo of", "--max-new-tokens", MAX_NEW, *url)
     expected = [f"{p}: {client.caption(p, 'a photo of', max_new_tokens=int(MAX_NEW)).text.strip()}" for p in paths[:2]]
@@ -108,7 +107,7 @@ def test_prompted_caption_as_text_lines(images, url, client):  # noqa: F811
     assert record["prompt"] == "a photo of"
 
 
-def test_ask_json_and_stream(images, url, client):  # noqa: F811
+def test_ask_json_and_stream(images, url, client):
     path = images[0][1]
     expected = client.ask(path, "what is it?", max_new_tokens=int(MAX_NEW))
     record, = json_lines(ok("ask", path, "what is it?", "--json", "--max-new-tokens", MAX_NEW, *url))
@@ -117,19 +116,19 @@ def test_ask_json_and_stream(images, url, client):  # noqa: F811
     assert ok("ask", path, "what is it?", "--stream", "--max-new-tokens", MAX_NEW, *url) == expected.text.strip() + "\n"
 
 
-def test_caption_stream_prints_the_whole_answer(images, url, client):  # noqa: F811
+def test_caption_stream_prints_the_whole_answer(images, url, client):
     path = images[0][2]
     expected = client.caption(path, max_new_tokens=int(MAX_NEW)).text.strip()
     assert ok("caption", path, "--stream", "--max-new-tokens", MAX_NEW, *url) == expected + "\n"
 
 
-def test_caption_stream_of_several_images_labels_each_line(images, url, client):  # noqa: F811
+def test_caption_stream_of_several_images_labels_each_line(images, url, client):
     paths = images[0]
     out = ok("caption", *paths, "--stream", "--max-new-tokens", MAX_NEW, *url)
     assert out.splitlines() == [f"{p}: {client.caption(p, max_new_tokens=int(MAX_NEW)).text.strip()}" for p in paths]
 
 
-def test_chat_reads_piped_questions_and_keeps_the_history(images, url, client):  # noqa: F811
+def test_chat_reads_piped_questions_and_keeps_the_history(images, url, client):
     path = images[0][0]
     questions = ["what is it?", "what color is it?", "where is it?"]
     records = json_lines(ok("chat", path, "--json", "--max-new-tokens", MAX_NEW, *url, stdin="\n".join(questions) + "\n"))
@@ -158,7 +157,7 @@ def test_chat_with_a_long_conversation_drops_the_oldest_turns(images, url):
     assert not records[-1]["prompt"].startswith(vqa_prompt(questions[0])[:-len(" Answer:")])  # the first turn went
 
 
-def test_control_flags_reach_the_server(images, url, client):  # noqa: F811
+def test_control_flags_reach_the_server(images, url, client):
     path = images[0][1]
     for flags, controls in [
         (["--num-beams", "3", "--repetition-penalty", "0.5", "--max-new-tokens", "10", "--early-stopping"],
@@ -181,17 +180,17 @@ def _flags(controls: dict) -> list[str]:
 # Cases of the client tests in which the flag's control changes transformers' own answer.
 @pytest.mark.parametrize("case", ["beam 3, length_penalty 2", "no_repeat_ngram_size 2", "min_new_tokens",
                                   "beam 3, every control at once"])
-def test_control_flags_equal_transformers(served, tmp_path, url, case):  # noqa: F811
+def test_control_flags_equal_transformers(served, tmp_path, url, case):
     seed, prompt, controls = CONTROL_CASES[case]
     controls = {"max_new_tokens": CLIENT_MAX_NEW, **controls}
     path = tmp_path / f"image{seed}.png"
     path.write_bytes(random_image(seed))
     record, = json_lines(ok("caption", str(path), "--prompt", prompt, "--json", *_flags(controls), *url))
-    ids, text = reference(served[0], seed, prompt, **controls)
+    ids, text = reference(served.checkpoint, seed, prompt, **controls)
     assert (record["token_ids"], record["text"]) == (ids, text)
 
 
-def test_top_p_flag_equals_the_client(images, url, client):  # noqa: F811
+def test_top_p_flag_equals_the_client(images, url, client):
     path = images[0][0]
     controls = dict(do_sample=True, top_p=0.5, temperature=1.5, seed=11, max_new_tokens=10)
     record, = json_lines(ok("caption", path, "--json", *_flags(controls), *url))

@@ -7,7 +7,6 @@ No mocks of the thing under test: only the mapping-function unit tests construct
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import math
 import time
@@ -35,64 +34,18 @@ from blip2_triton.client.errors import from_status, from_triton
 from blip2_triton.api import refusal_message
 from blip2_triton.server.launcher import TritonServer, free_port
 
+from . import conftest
 from .conftest import metric, random_image, wait_for_active
-from .test_export_parity import load_reference, pil, strip_after_eos
 
 pytestmark = pytest.mark.server
 MAX_NEW = 8
 LONG = 120  # new tokens: nearly all of the tiny model's 128 positions
 PRESET = "tiny-opt"
-_SERVERS: dict[str, TritonServer] = {}
-
-
-@pytest.fixture(scope="session")
-def served(exported, tmp_path_factory, request):
-    """(checkpoint, running server) on the tiny model, shared with tests/test_cli.py.
-
-    Both modules import this fixture; pytest makes one instance per module, so the server itself
-    is kept here and started once per session.
-    """
-    ckpt, repo, _ = exported(PRESET)
-    if PRESET not in _SERVERS:
-        log = tmp_path_factory.mktemp("client-server") / "tritonserver.log"
-        server = TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log).start()
-        _SERVERS[PRESET] = server
-        request.addfinalizer(lambda: _SERVERS.pop(PRESET).stop())
-    return ckpt, _SERVERS[PRESET]
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    with Blip2Client(served[1].grpc_url, timeout=60) as c:
-        yield c
-
-
-# ---- transformers, the reference ------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _reference_model(ckpt: str):
-    return load_reference(ckpt)
-
-
-def _reference_inputs(model, processor, image_seed: int, prompt: str) -> tuple[dict, int]:
-    """generate()'s inputs for one image and prompt, and where its new tokens start in the output."""
-    if prompt:
-        inputs = processor(images=pil(image_seed), text=prompt, return_tensors="pt")
-        return inputs, inputs["input_ids"].shape[1]
-    inputs = {"pixel_values": processor(images=pil(image_seed), return_tensors="pt")["pixel_values"]}
-    return inputs, model.config.num_query_tokens + 1  # generate() returns the image placeholders and BOS too
 
 
 def reference(ckpt, image_seed: int, prompt: str, **controls) -> tuple[list[int], str]:
-    """transformers' generate() on the same checkpoint: (new token ids up to EOS, their text)."""
-    import torch
-
-    model, processor = _reference_model(str(ckpt))
-    controls.setdefault("max_new_tokens", MAX_NEW)
-    inputs, start = _reference_inputs(model, processor, image_seed, prompt)
-    with torch.no_grad():
-        out = model.generate(**inputs, **controls)
-    ids = strip_after_eos(out[0, start:].tolist(), model.generation_config.eos_token_id)
-    return ids, processor.tokenizer.decode(ids, skip_special_tokens=True)
+    """conftest.reference with this module's default length."""
+    return conftest.reference(ckpt, image_seed, prompt, **{"max_new_tokens": MAX_NEW, **controls})
 
 
 def assert_matches_reference(result, ckpt, image_seed, prompt, **controls):
@@ -103,19 +56,19 @@ def assert_matches_reference(result, ckpt, image_seed, prompt, **controls):
 
 # ---- workflows --------------------------------------------------------------------------------
 def test_caption(served, client):
-    assert_matches_reference(client.caption(random_image(1), max_new_tokens=MAX_NEW), served[0], 1, "")
+    assert_matches_reference(client.caption(random_image(1), max_new_tokens=MAX_NEW), served.checkpoint, 1, "")
 
 
 def test_prompted_caption(served, client):
     result = client.caption(random_image(2), "a photo of", max_new_tokens=MAX_NEW)
     assert result.prompt == "a photo of"
-    assert_matches_reference(result, served[0], 2, "a photo of")
+    assert_matches_reference(result, served.checkpoint, 2, "a photo of")
 
 
 def test_ask_uses_the_vqa_prompt(served, client):
     result = client.ask(random_image(3), " what is it? ", max_new_tokens=MAX_NEW)
     assert result.prompt == "Question: what is it? Answer:" == vqa_prompt("what is it?")
-    assert_matches_reference(result, served[0], 3, "Question: what is it? Answer:")
+    assert_matches_reference(result, served.checkpoint, 3, "Question: what is it? Answer:")
 
 
 def test_chat_builds_the_documented_prompt(served, client):
@@ -125,7 +78,7 @@ def test_chat_builds_the_documented_prompt(served, client):
                 "Question: what color is it? Answer:")
     assert result.prompt == expected == chat_prompt(history, "what color is it?")
     assert result.dropped_turns == 0
-    assert_matches_reference(result, served[0], 4, expected)
+    assert_matches_reference(result, served.checkpoint, 4, expected)
 
 
 LONG_HISTORY = [(f"what is shape number {i} in the picture?", f"it is a big red circle number {i}") for i in range(14)]
@@ -145,7 +98,7 @@ def test_chat_drops_the_oldest_turns_until_the_prompt_fits(served, client, max_n
     with pytest.raises(InvalidArgumentError) as info:
         client.generate(image, chat_prompt(LONG_HISTORY[dropped - 1:], question), max_new_tokens=max_new_tokens)
     assert is_context_overflow(info.value)
-    assert_matches_reference(result, served[0], 5, result.prompt, max_new_tokens=max_new_tokens)
+    assert_matches_reference(result, served.checkpoint, 5, result.prompt, max_new_tokens=max_new_tokens)
 
 
 def test_chat_raises_when_the_question_alone_does_not_fit(client):
@@ -166,7 +119,7 @@ def test_batch_keeps_input_order_with_mixed_prompts(served, client):
     results = client.batch([random_image(s) for s in seeds], prompts, max_new_tokens=MAX_NEW)
     assert [r.prompt for r in results] == prompts
     for seed, prompt, result in zip(seeds, prompts, results):
-        assert_matches_reference(result, served[0], seed, prompt)
+        assert_matches_reference(result, served.checkpoint, seed, prompt)
     assert len({r.text for r in results}) > 1
 
 
@@ -186,7 +139,7 @@ def test_sync_stream_pieces_concatenate_to_the_answer(client):
 
 
 def test_async_workflows_and_stream(served, client):
-    url = served[1].grpc_url
+    url = served.server.grpc_url
 
     async def main():
         async with AsyncBlip2Client(url, timeout=60) as c:
@@ -212,7 +165,7 @@ def test_async_chat_stream_equals_chat_and_closes_early(served):
     image, question = random_image(6), "what is it?"
 
     async def main():
-        async with AsyncBlip2Client(served[1].grpc_url, timeout=60) as c:
+        async with AsyncBlip2Client(served.server.grpc_url, timeout=60) as c:
             pieces = [p async for p in c.chat_stream(image, LONG_HISTORY, question, max_new_tokens=MAX_NEW)]
             whole = await c.chat(image, LONG_HISTORY, question, max_new_tokens=MAX_NEW)
             stream = c.chat_stream(image, [], question, max_new_tokens=MAX_NEW)
@@ -223,7 +176,7 @@ def test_async_chat_stream_equals_chat_and_closes_early(served):
     pieces, whole, first, short = asyncio.run(main())
     assert whole.dropped_turns > 0  # the streamed prompt had to drop turns too
     assert len(pieces) > 1 and "".join(pieces) == whole.text
-    assert_matches_reference(whole, served[0], 6, whole.prompt)
+    assert_matches_reference(whole, served.checkpoint, 6, whole.prompt)
     assert short.text.startswith(first) and short.text != first
 
 
@@ -249,7 +202,7 @@ def _image_as(kind: str, seed: int, tmp_path: Path):
 @pytest.mark.parametrize("kind", ["str path", "Path", "bytes", "bytearray", "memoryview", "PIL", "numpy HxWx3",
                                   "numpy HxWx4"])
 def test_every_image_type_gives_the_same_answer(served, client, kind, tmp_path):
-    assert_matches_reference(client.caption(_image_as(kind, 18, tmp_path), max_new_tokens=MAX_NEW), served[0], 18, "")
+    assert_matches_reference(client.caption(_image_as(kind, 18, tmp_path), max_new_tokens=MAX_NEW), served.checkpoint, 18, "")
 
 
 def test_grayscale_arrays_are_served(client):
@@ -301,14 +254,14 @@ CONTROL_CASES = {
 def test_deterministic_modes_equal_transformers(served, client, case):
     seed, prompt, controls = CONTROL_CASES[case]
     controls = {"max_new_tokens": MAX_NEW, **controls}
-    assert_matches_reference(client.generate(random_image(seed), prompt, **controls), served[0], seed, prompt, **controls)
+    assert_matches_reference(client.generate(random_image(seed), prompt, **controls), served.checkpoint, seed, prompt, **controls)
 
 
 def test_the_control_cases_exercise_their_controls(served):
     """Guard against vacuous parity: each varied control changes transformers' own answer here."""
     def ids(case, **override):
         seed, prompt, controls = CONTROL_CASES[case]
-        return reference(served[0], seed, prompt, **{"max_new_tokens": MAX_NEW, **controls, **override})[0]
+        return reference(served.checkpoint, seed, prompt, **{"max_new_tokens": MAX_NEW, **controls, **override})[0]
 
     eos = 2
     assert ids("greedy, stops on EOS")[-1] == eos and len(ids("greedy, stops on EOS")) < 10
@@ -352,34 +305,17 @@ def served_with_own_defaults(tiny_checkpoints, tmp_path_factory):
     export_checkpoint(ckpt, root / "repo", progress=False)
     with TritonServer(root / "repo", grpc_port=None, http_port=None, metrics_port=None,
                       log_file=root / "tritonserver.log") as server:
-        yield ckpt, server
+        yield conftest.Served(ckpt, server, None)
 
 
 def reference_with_checkpoint_config(ckpt, image_seed: int, prompt: str, **overrides) -> list[int]:
-    """transformers' generate() with the checkpoint's generation config (plus `overrides`): new ids.
-
-    Blip2ForConditionalGeneration.generate() hands over to its language model, whose generation
-    config is built from the text config, not generation_config.json: without
-    `generation_config=model.generation_config`, transformers 5 itself decodes with its global
-    defaults (greedy, 20 tokens) on this checkpoint.
-    """
-    import copy
-
-    import torch
-
-    model, processor = _reference_model(str(ckpt))
-    config = copy.deepcopy(model.generation_config)
-    for name, value in overrides.items():
-        setattr(config, name, value)
-    inputs, start = _reference_inputs(model, processor, image_seed, prompt)
-    with torch.no_grad():
-        out = model.generate(**inputs, generation_config=config)
-    return strip_after_eos(out[0, start:].tolist(), model.generation_config.eos_token_id)
+    """transformers' generate() with the checkpoint's generation config (plus `overrides`): new ids."""
+    return conftest.reference(ckpt, image_seed, prompt, checkpoint_config=True, **overrides)[0]
 
 
 @pytest.mark.parametrize("seed,prompt", DEFAULTS_CASES)
 def test_absent_controls_take_the_checkpoint_generation_config(served_with_own_defaults, seed, prompt):
-    ckpt, server = served_with_own_defaults
+    ckpt, server, _ = served_with_own_defaults
     expected = reference_with_checkpoint_config(ckpt, seed, prompt)
     assert len(expected) == CHECKPOINT_DEFAULTS["max_new_tokens"]
     assert expected != reference(ckpt, seed, prompt, max_new_tokens=20)[0]  # transformers' global defaults
@@ -404,7 +340,7 @@ def test_sampling_is_reproducible_with_a_seed(client):
 def test_sampling_with_top_k_1_is_greedy(served, client):
     result = client.generate(random_image(21), "", do_sample=True, top_k=1, seed=3, max_new_tokens=MAX_NEW)
     assert result == client.generate(random_image(21), "", max_new_tokens=MAX_NEW)
-    assert_matches_reference(result, served[0], 21, "")
+    assert_matches_reference(result, served.checkpoint, 21, "")
 
 
 def test_concurrent_requests_each_get_their_own_result(served, client):
@@ -414,14 +350,14 @@ def test_concurrent_requests_each_get_their_own_result(served, client):
     alone = [client.generate(random_image(s), p, **c) for s, p, c in jobs]
 
     async def together():
-        async with AsyncBlip2Client(served[1].grpc_url, timeout=120) as c:
+        async with AsyncBlip2Client(served.server.grpc_url, timeout=120) as c:
             return await asyncio.gather(*(c.generate(random_image(s), p, **kw) for s, p, kw in jobs))
 
     for _ in range(2):
         assert asyncio.run(together()) == alone
     for (seed, prompt, controls), result in zip(jobs, alone):
         if not controls.get("do_sample"):
-            assert_matches_reference(result, served[0], seed, prompt, **controls)
+            assert_matches_reference(result, served.checkpoint, seed, prompt, **controls)
 
 
 # ---- rejected controls ------------------------------------------------------------------------
@@ -606,7 +542,7 @@ def test_unreachable_server_is_unavailable(url):
 
 
 def test_unknown_model_is_unavailable(served):
-    with Blip2Client(served[1].grpc_url, model="no_such_model", timeout=30) as c:
+    with Blip2Client(served.server.grpc_url, model="no_such_model", timeout=30) as c:
         with pytest.raises(UnavailableError, match="no_such_model"):
             c.caption(random_image(1))
 
@@ -714,7 +650,7 @@ async def _still_serves(c: AsyncBlip2Client) -> int:
 def test_a_stream_ended_mid_generation_frees_its_sequence_at_once(served, client, end):
     """A cancelled asyncio task, or a timeout, mid-stream: the server decodes at most a few more
     tokens, where running on it would decode all LONG."""
-    server = served[1]
+    server = served.server
     generated, (received, next_call) = _counted(server, lambda pacer: _end_mid_stream(server, pacer, end))
     after = generated - received - next_call
     assert 0 <= after <= 3 < LONG - received, f"{after} tokens decoded after {received} of {LONG}"
@@ -724,7 +660,7 @@ def test_a_stream_ended_mid_generation_frees_its_sequence_at_once(served, client
 def test_a_cancelled_one_response_call_is_never_decoded(served, client):
     """Cancelled while its request waits for the CPU (decoding frozen from the start): the server
     drops it, where it would otherwise decode LONG tokens once the CPU is free."""
-    server = served[1]
+    server = served.server
 
     def cancel_while_waiting(pacer):
         pacer.freeze()
@@ -748,8 +684,8 @@ def test_a_cancelled_one_response_call_is_never_decoded(served, client):
 
 
 def test_a_tiny_timeout_is_deadline_exceeded(served, client):
-    with Blip2Client(served[1].grpc_url, timeout=0.01) as c:
+    with Blip2Client(served.server.grpc_url, timeout=0.01) as c:
         with pytest.raises(DeadlineExceededError, match="0.01s"):
             c.caption(random_image(1), max_new_tokens=LONG, min_new_tokens=LONG)
-    wait_for_active(served[1], 0)
+    wait_for_active(served.server, 0)
     assert client.caption(random_image(1), max_new_tokens=2).token_ids

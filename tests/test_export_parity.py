@@ -6,7 +6,6 @@ Blip2ForConditionalGeneration.generate() exactly, for every tiny preset.
 """
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -21,30 +20,15 @@ from blip2_triton.serving.decoder import DecoderGraph
 from blip2_triton.serving.onnx_graph import OnnxGraph
 from blip2_triton.toy.presets import ALL_PRESETS, PRESETS
 
-from .conftest import random_image
+from .conftest import pil, random_image, reference_model, strip_after_eos
 
 PROMPTS = ["a photo of", "Question: how many circles are there? Answer:"]
 MAX_NEW = 12
 
 
-def load_reference(ckpt):
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
-
-    return Blip2ForConditionalGeneration.from_pretrained(ckpt).eval(), AutoProcessor.from_pretrained(ckpt)
-
-
-def pil(seed):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(random_image(seed))).convert("RGB")
-
-
-def strip_after_eos(tokens: list[int], eos: int) -> list[int]:
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
-
-
 def reference_tokens(model, processor, images, prompts) -> list[list[int]]:
-    """transformers greedy generate; new tokens per row, up to and including EOS."""
+    """transformers greedy generate of a padded batch (conftest.reference is one image); new tokens
+    per row, up to and including EOS."""
     eos = model.generation_config.eos_token_id
     if prompts is None:
         inputs = processor(images=images, return_tensors="pt")
@@ -126,7 +110,7 @@ def test_parity_presets_cover_a_head_width_gqa_cannot_take():
 @pytest.mark.parametrize("case", ["caption", "prompt", "padded-batch"])
 def test_greedy_matches_transformers(exported, preset, case):
     ckpt, repo, _ = exported(preset)
-    model, processor = load_reference(ckpt)
+    model, processor = reference_model(str(ckpt))
     if case == "caption":
         images, prompts = [pil(1)], None
     elif case == "prompt":
@@ -150,7 +134,7 @@ def test_greedy_matches_transformers(exported, preset, case):
 def test_batched_transformers_bug_is_real_for_projected_embeddings(exported):
     """Documents why the projected preset's batch reference is per image (fails if transformers fixes it)."""
     ckpt, _, _ = exported("tiny-opt-proj")
-    model, processor = load_reference(ckpt)
+    model, processor = reference_model(str(ckpt))
     images = [pil(3), pil(4)]
     batched = reference_tokens(model, processor, images, PROMPTS)
     single = [reference_tokens(model, processor, [i], [p])[0] for i, p in zip(images, PROMPTS)]

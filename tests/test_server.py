@@ -16,8 +16,7 @@ import pytest
 from blip2_triton.client import Blip2Client, InvalidArgumentError
 from blip2_triton.server.launcher import TritonServer
 
-from .conftest import metric, random_image, wait_for_active
-from .test_export_parity import load_reference, pil
+from .conftest import Served, metric, random_image, reference, wait_for_active
 
 pytestmark = pytest.mark.server
 MAX_NEW = 10
@@ -30,21 +29,11 @@ def served(request, exported, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / f"{request.param}.log"
     with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server:
         with Blip2Client(server.grpc_url, timeout=60) as client:
-            yield ckpt, server, client
+            yield Served(ckpt, server, client)
 
 
-def reference_text(ckpt, image_seed: int, prompt: str | None, **kwargs) -> str:
-    model, processor = load_reference(ckpt)
-    image = pil(image_seed)
-    if prompt:
-        inputs = processor(images=image, text=prompt, return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, **kwargs)
-        new = out[0, inputs["input_ids"].shape[1]:]
-    else:
-        inputs = processor(images=image, return_tensors="pt")
-        out = model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=MAX_NEW, **kwargs)
-        new = out[0, model.config.num_query_tokens + 1:]
-    return processor.tokenizer.decode(new, skip_special_tokens=True)
+def reference_text(ckpt, image_seed: int, prompt: str) -> str:
+    return reference(ckpt, image_seed, prompt, max_new_tokens=MAX_NEW)[1]
 
 
 @pytest.mark.parametrize("prompt", ["", "a photo of", "Question: what color is the circle? Answer:"])

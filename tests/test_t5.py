@@ -8,17 +8,15 @@ with requests of other encoder lengths; one preset also through the real tritons
 """
 from __future__ import annotations
 
-import functools
-import io
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from blip2_triton.client import Blip2Client
 from blip2_triton.families import FAMILIES
 from blip2_triton.server.launcher import TritonServer
 
+from . import conftest
 from .conftest import random_image, run_together
 
 T5_PRESETS = FAMILIES["t5"].parity_presets
@@ -38,35 +36,10 @@ CONTROLS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def reference_model(ckpt: str):
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
-
-    return Blip2ForConditionalGeneration.from_pretrained(ckpt).eval(), AutoProcessor.from_pretrained(ckpt)
-
-
 def reference(ckpt, image_seed: int, prompt: str, **controls) -> tuple[list[int], str]:
-    """transformers' generate() with the checkpoint's generation config: (new ids up to EOS, text).
-
-    The prompt-less caption is the processor's encoding of "" (image tokens + </s>): transformers 5
-    cannot caption a T5 checkpoint without input_ids (T5Config has no bos_token_id). With more
-    decoder than encoder layers transformers' own cache fails, so that preset decodes without it.
-    """
-    from PIL import Image
-
-    model, processor = reference_model(str(ckpt))
-    inputs = processor(images=Image.open(io.BytesIO(random_image(image_seed))).convert("RGB"), text=prompt,
-                       return_tensors="pt")
-    text = model.config.text_config
-    use_cache = text.num_decoder_layers == text.num_layers
-    controls = {"max_new_tokens": MAX_NEW, **controls}
-    controls.pop("seed", None)
-    with torch.no_grad():
-        out = model.generate(**inputs, generation_config=model.generation_config, use_cache=use_cache, **controls)
-    ids = out[0, 1:].tolist()  # generate() returns the decoder start token first
-    eos = model.generation_config.eos_token_id
-    ids = ids[: ids.index(eos) + 1] if eos in ids else ids
-    return ids, processor.tokenizer.decode(ids, skip_special_tokens=True)
+    """conftest.reference with the checkpoint's generation config, as the server decodes."""
+    return conftest.reference(ckpt, image_seed, prompt, checkpoint_config=True,
+                              **{"max_new_tokens": MAX_NEW, **controls})
 
 
 @pytest.fixture(scope="module", params=T5_PRESETS)
