@@ -2,8 +2,8 @@
 
 transformers' `x.view(bsz, -1, heads, head_dim)` traces to Shape -> Gather -> Unsqueeze -> Concat
 -> Reshape, because `bsz` is read from a tensor whose size is dynamic. In the OPT decoder that is
-over 400 of its ~700 runtime nodes; onnxruntime runs each of them at every decode step (measured:
-1.5 ms of kernel time plus dispatch, against ~10 ms for the whole base-opt step). Where symbolic
+over half of its runtime nodes, and onnxruntime runs each of them at every decode step (a
+noticeable share of a small model's step; README, "Graphs"). Where symbolic
 shape inference shows that a dimension read this way is the same symbol as the Reshape input's
 dimension at the same index, ONNX's Reshape can copy it (a 0 in the shape), so the whole shape is a
 constant and the arithmetic feeding it is dead code.

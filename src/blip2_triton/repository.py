@@ -26,9 +26,9 @@ from .pbtxt import ModelConfig, ModelTensor
 # a language-model graph, held by the `blip2` model that owns the KV caches.
 STAGE_GRAPHS = (specs.VISION_ENCODER, specs.QFORMER)
 MAX_BATCH_SIZE = 16
-# No waiting for a batch to fill: on this CPU every stateless stage uses all cores, so requests that
-# arrive while one batch runs queue up and form the next batch anyway (mean vision batch 3.4 at 8
-# streams), while a delay only adds latency to a lone request (2 ms per stage, measured).
+# No waiting for a batch to fill: on a CPU every stateless stage uses all cores, so requests that
+# arrive while one batch runs queue up and form the next batch anyway, while a delay only adds
+# latency to a lone request (benchmarks/README.md has the measurements).
 QUEUE_DELAY_US = 0
 # Model parameter: "true" makes the model's onnxruntime runs take turns with the other models'
 # (serving/compute_lock.py). Right for a CPU server, where every run uses all cores; set it to

@@ -5,8 +5,7 @@ The server runs its graphs in separate processes (the vision encoder, the Q-Form
 they ran side by side: twice as many busy threads as cores, and onnxruntime's pools, which wait
 for all their threads at every parallel section, lose far more than half their speed when the
 kernel deschedules one of them. Taking turns, each run gets the whole machine as it does alone.
-Measured on base-opt with 8 client streams (benchmarks/README.md): 2.77-2.78 requests/s without
-the lock, 3.46-3.60 with it.
+benchmarks/README.md has the throughput with and without the lock.
 
 A file lock (flock) is shared by every process that opens the same file; a thread lock in front
 of it keeps two threads of one process from both holding it through one open file.

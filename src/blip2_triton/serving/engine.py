@@ -93,8 +93,8 @@ class Engine:
     """Continuous batching: every active sequence advances by one batched language-model call per step.
 
     `cancel_poll_s`: a sequence asks whether its client cancelled at most this often. In Triton
-    the question is a round trip to the server (~50 us); asked every step it cost the tiny model
-    1.5 ms per 30-token request, while a step of a real model is longer than the interval anyway.
+    the question is a round trip to the server; asked every step it costs a tiny model's request
+    more than its steps do, while a step of a real model is longer than the interval anyway.
     """
 
     def __init__(self, language_model: LanguageModel, max_rows: int = 64, stats: EngineStats | None = None,
@@ -279,7 +279,7 @@ class Engine:
         self.stats.on_tokens(1)
         if seq.steps == 1:
             # Counted before the token's response goes out, so a client holding its answer finds
-            # it counted; sending the first piece (~0.1 ms) is left out.
+            # it counted; sending the first piece is left out.
             self.stats.on_first_token(time.perf_counter() - request.received)
         if seq.finished or request.stream:
             tokens = request.search.output_tokens()

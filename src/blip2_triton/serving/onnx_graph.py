@@ -34,8 +34,8 @@ def make_session(path: str | Path, threads: int | None = None, providers: list[s
     onnxruntime's intra-op threads spin for a while after each run, waiting for more work. That
     pays off for the decoder, whose steps follow each other, but the vision encoder's and the
     Q-Former's threads then spin while the next stage (another session, another process in the
-    server) needs those cores: with spinning on everywhere, the Q-Former and the prefill ran ~2x
-    slower in-process on base-opt (benchmarks/README.md).
+    server) needs those cores: with spinning on everywhere, the Q-Former and the prefill ran much
+    slower in-process on base-opt (benchmarks/README.md has the figures).
     """
     import onnxruntime as ort
 
