@@ -26,6 +26,10 @@ from .prompts import chat_prompt, vqa_prompt
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_TIMEOUT = 120.0
+# gRPC waits ever longer between attempts to reconnect to a server that went away (1 s, then 1.6x
+# each time, up to 120 s), and the clients of one process share that wait. A server restarted
+# because a model process died is back within seconds: reconnect attempts stay this close.
+RECONNECT_BACKOFF_MS = (250, 1000)  # first, longest
 
 
 @dataclass
@@ -77,7 +81,7 @@ class AsyncBlip2Client:
         if timeout is not None and timeout <= 0:
             raise InvalidArgumentError(f"timeout must be > 0 seconds (or None), got {timeout}")
         self.url, self.model, self.timeout = url, model, timeout
-        self._client = InferenceServerClient(url)
+        self._client = InferenceServerClient(url, channel_args=_channel_args())
 
     async def close(self) -> None:
         await self._client.close()
@@ -217,6 +221,24 @@ class AsyncBlip2Client:
         if isinstance(error, UnavailableError):
             return UnavailableError(f"{self.url} (model {self.model!r}) unavailable: {error.message}", error.status)
         return error
+
+
+def _channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own channel arguments (which passing any replaces), and RECONNECT_BACKOFF_MS."""
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+    ]
 
 
 def _deadline_message(timeout: float | None) -> str:

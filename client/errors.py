@@ -6,7 +6,7 @@ reason code (blip2_triton.api.Reason) is read from its message, where the server
 """
 from __future__ import annotations
 
-from blip2_triton.api import Reason, parse_refusal
+from blip2_triton.api import Reason, is_unavailable, parse_refusal
 
 
 class Blip2Error(Exception):
@@ -40,7 +40,8 @@ class InvalidArgumentError(Blip2Error):
 
 
 class UnavailableError(Blip2Error):
-    """The server cannot be reached, is overloaded, or does not serve the model (yet); retry later."""
+    """The server cannot be reached, is overloaded, or does not serve the model (yet), or a model
+    process died under the request (the server brings it back within seconds); retry later."""
 
     status = "UNAVAILABLE"
 
@@ -76,8 +77,9 @@ _BY_STATUS: dict[str, type[Blip2Error]] = {
 }
 
 # Streamed responses carry only a message, no status. The server's own models start their messages
-# with "invalid argument [<reason>]: " (api.refusal_message), "cancelled: " or "internal error: "
-# (serving/triton_io.py); the other phrases are Triton's own request validation and model lookup.
+# with "invalid argument [<reason>]: " (api.refusal_message), "unavailable: " (api.unavailable_message,
+# read by from_status), "cancelled: " or "internal error: " (serving/triton_io.py); the other phrases
+# are Triton's own request validation and model lookup.
 _BY_PHRASE: tuple[tuple[str, type[Blip2Error]], ...] = (
     ("internal error: ", ServerError),
     ("cancelled: ", CancelledError),
@@ -105,8 +107,15 @@ def status_name(status) -> str:
 
 
 def from_status(status, message: str) -> Blip2Error:
-    """One mapping from a status (may be unknown) and message to a typed exception."""
+    """One mapping from a status (may be unknown) and message to a typed exception.
+
+    A model process that died, or a model being brought back, is unavailability: the server's own
+    models say so (api.unavailable_message; UNKNOWN on a stream), while Triton reports a request
+    sent to the dead process as INTERNAL (UNKNOWN on a stream) in its own words (api.TRITON_UNAVAILABLE).
+    """
     name = status_name(status)
+    if name in ("UNKNOWN", "INTERNAL") and is_unavailable(message):
+        return UnavailableError(message, None if name == "UNKNOWN" else name)
     if name in _BY_STATUS:
         return _typed(_BY_STATUS[name], message, name)
     if name == "UNKNOWN":

@@ -444,6 +444,7 @@ def test_messages_that_are_no_refusal_or_name_no_known_code():
 
 class _TritonError:
     INVALID_ARG, CANCELLED, INTERNAL = "INVALID_ARG", "CANCELLED", "INTERNAL"
+    UNAVAILABLE, NOT_FOUND = "UNAVAILABLE", "NOT_FOUND"
 
     def __init__(self, message: str, code: str = "INTERNAL"):
         self._message, self._code = message, code
@@ -487,6 +488,30 @@ def test_triton_io_sends_the_reason_and_reads_it_back_from_a_stage(pb_stub, reas
         with pytest.raises(InvalidInput) as err:
             triton_io.BlsStages().preprocess(b"png", b"a photo of")
         assert (str(err.value), err.value.reason) == ("prompt: 9 tokens", reason)
+
+
+# A stage whose process died, in Triton's words and codes, or being brought back by the supervisor.
+DOWN_STAGE_ERRORS = [
+    ("Stub process 'qformer_0_0' is not healthy.", _TritonError.INTERNAL),
+    ("Model qformer - Error when running inference: Failed for execute the inference request. "
+     "Model 'qformer' is not ready.", _TritonError.INTERNAL),
+    ("Request for unknown model: 'qformer' has no available versions", _TritonError.NOT_FOUND),
+    ("the model is being loaded", _TritonError.UNAVAILABLE),
+]
+
+
+@pytest.mark.parametrize("message,code", DOWN_STAGE_ERRORS, ids=["dead", "not ready", "unloaded", "unavailable"])
+def test_triton_io_a_down_stage_is_unavailable(pb_stub, message, code):
+    from blip2_triton.errors import Unavailable
+    from blip2_triton.serving import triton_io
+
+    pb_stub.stage_error = _TritonError(message, code)
+    with pytest.raises(Unavailable) as err:
+        triton_io.BlsStages().query_embeds(np.zeros((3, 4, 4), np.float32))
+    sent = triton_io.error_response(err.value).error
+    assert sent.code() == _TritonError.UNAVAILABLE
+    assert sent.message() == api.unavailable_message(f"model 'vision_encoder': {message}")
+    assert api.is_unavailable(sent.message()) and api.parse_refusal(sent.message()) is None
 
 
 def test_triton_io_other_errors_and_its_own_input_checks(pb_stub):

@@ -1,5 +1,6 @@
 """The served pipeline's tensors: the public `blip2` model API and the tensors between its stages,
-and the reason codes of the API's refusals with their wire format.
+the reason codes of the API's refusals with their wire format, and the wire format of
+unavailability (a model's process died or is being brought back).
 
 The repository generator, the Python-backend models and the client all read these names.
 """
@@ -91,6 +92,32 @@ def parse_refusal(message: str) -> Refusal | None:
     except ValueError:  # a newer server's code
         reason = None
     return Refusal(reason, message[match.end():])
+
+
+# ---- unavailability (UNAVAILABLE) -------------------------------------------------------------
+# A model the request needs cannot serve it now: its process died, or the server is bringing it
+# back (server/supervisor.py). Nothing was wrong with the request; sent again a little later, it
+# is served. Streamed errors carry only a message, so the status travels in its first words:
+# "unavailable: model 'vision_encoder': Stub process 'vision_encoder_0_0' is not healthy."
+UNAVAILABLE_PREFIX = "unavailable: "
+
+# Triton's own words (not ours) for a model that cannot serve now: its process died ("Stub process
+# 'blip2_0_0' is not healthy.", from the Python backend), or it is unloaded or loading again
+# ("Model 'qformer' is not ready.", "Request for unknown model: 'blip2' has no available versions").
+# A stage's failure reaches the served code in these words, mostly as INTERNAL, and a request to
+# the `blip2` model itself reaches the client in them.
+TRITON_UNAVAILABLE = re.compile(
+    r"Stub process '[^']*' is not healthy|Model '[^']*' is not ready|unknown model: '[^']*' has no available versions")
+
+
+def unavailable_message(text: str) -> str:
+    """The message of an UNAVAILABLE error, as the server sends it."""
+    return UNAVAILABLE_PREFIX + text
+
+
+def is_unavailable(message: str) -> bool:
+    """Does this error message say that a model was unavailable (in our words, or in Triton's)?"""
+    return message.startswith(UNAVAILABLE_PREFIX) or TRITON_UNAVAILABLE.search(message) is not None
 
 
 # ---- between stages --------------------------------------------------------------------------

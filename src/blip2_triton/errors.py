@@ -26,5 +26,10 @@ class Cancelled(Exception):
     """The client cancelled or went away; the sequence's slot is freed."""
 
 
+class Unavailable(Exception):
+    """A model the request needs cannot serve it now (its process died, or it is being brought
+    back): UNAVAILABLE. Not the request's fault; the same request succeeds once the model is back."""
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint's language model has no registered family (yet)."""

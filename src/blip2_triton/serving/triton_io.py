@@ -16,7 +16,7 @@ import numpy as np
 
 from blip2_triton import api
 from blip2_triton import specs
-from blip2_triton.errors import Cancelled, InvalidInput
+from blip2_triton.errors import Cancelled, InvalidInput, Unavailable
 from blip2_triton.repository import EXCLUSIVE_COMPUTE
 
 from .compute_lock import ComputeLock
@@ -125,7 +125,8 @@ def response(outputs: dict[str, np.ndarray], has_batch_dim: bool = False):
 
 
 def error_response(error: BaseException):
-    """INVALID_ARGUMENT for the client's mistakes, CANCELLED for cancellation, INTERNAL otherwise.
+    """INVALID_ARGUMENT for the client's mistakes, CANCELLED for cancellation, UNAVAILABLE when a
+    stage's model is down (its process died, or it is being brought back), INTERNAL otherwise.
 
     The message starts with the status in words too: gRPC stream responses carry only a message,
     so that prefix is how a streaming client tells the kinds apart. A refusal's message carries
@@ -137,6 +138,9 @@ def error_response(error: BaseException):
         code, message = p.TritonError.INVALID_ARG, api.refusal_message(error.reason, str(error))
     elif isinstance(error, Cancelled):
         code, message = p.TritonError.CANCELLED, f"cancelled: {error}"
+    elif isinstance(error, Unavailable):
+        log.warning("unavailable: %s", error)  # a fault outside this code: no traceback
+        code, message = p.TritonError.UNAVAILABLE, api.unavailable_message(str(error))
     else:
         log.error("internal error", exc_info=error)
         code, message = p.TritonError.INTERNAL, f"internal error: {type(error).__name__}: {error}"
@@ -159,7 +163,9 @@ class BlsStages:
     """Blip2Service's stages as BLS calls to the `preprocess`, `vision_encoder` and `qformer` models.
 
     Each call is a separate Triton request, so calls from concurrent requests meet in those models'
-    dynamic batchers. A stage's INVALID_ARGUMENT comes back as InvalidInput with its text and reason.
+    dynamic batchers. A stage's INVALID_ARGUMENT comes back as InvalidInput with its text and reason;
+    a stage that cannot serve (its process died: Triton's "Stub process ... is not healthy"; or it is
+    unloaded or loading while the server brings it back) as Unavailable.
     """
 
     def preprocess(self, image: bytes, prompt: bytes | None) -> tuple[np.ndarray, np.ndarray]:
@@ -184,11 +190,15 @@ def _call(model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict
         error = result.error()
         message = error.message()
         code = error.code() if hasattr(error, "code") else None
-        refusal = api.parse_refusal(message) if code in (None, p.TritonError.INVALID_ARG) else None
-        if refusal is not None:
+        refusal = api.parse_refusal(message)
+        # A stage's refusal does not always come back with INVALID_ARG through BLS: its own first
+        # words mark it then (an internal error that quotes a refusal starts otherwise).
+        if refusal is not None and (code in (None, p.TritonError.INVALID_ARG) or message.startswith("invalid argument")):
             raise InvalidInput(refusal.text, refusal.reason)
         if code == p.TritonError.INVALID_ARG:  # Triton's own input checks
             raise InvalidInput(message, api.Reason.INPUT)
+        if code in (p.TritonError.UNAVAILABLE, p.TritonError.NOT_FOUND) or api.is_unavailable(message):
+            raise Unavailable(f"model {model!r}: {message}")
         raise RuntimeError(f"model {model!r}: {message}")
     return {n: p.get_output_tensor_by_name(result, n).as_numpy() for n in outputs}
 
@@ -216,7 +226,7 @@ def gauge(name: str, description: str, labels: dict[str, str]):
 class EngineMetrics(EngineStats):
     """Engine events as Prometheus metrics on Triton's metrics endpoint (next to its own).
 
-    Every metric update is a round trip from the stub to the server (~17 us). The per-step
+    Every metric update is a round trip from the stub to the server. The per-step
     counters (tokens, decoder calls, the seconds of TIMED_STAGES) therefore accumulate here and go
     out at `flush()`, called before a request's last answer (so a client that has its answer sees
     it counted), or every PUBLISH_EVERY_S during long generations. The active-sequences gauge changes only
