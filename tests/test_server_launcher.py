@@ -189,16 +189,19 @@ OWNER = """\
 import sys, time
 from blip2_triton.server import TritonServer
 server = TritonServer(sys.argv[1], grpc_port=None, http_port=None, metrics_port=None).start()
+if sys.argv[2:] == ["restart"]:
+    server.restart("the test restarts it")  # the watchdog now guards the new process group
 print(server.pgid, server.runtime_dir, flush=True)
 time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("stopped_by", ["SIGKILL", "clean stop"])
+@pytest.mark.parametrize("stopped_by", ["SIGKILL", "SIGKILL after a restart", "clean stop"])
 def test_nothing_outlives_the_owner(tmp_path, stopped_by):
     """An owner that is SIGKILLed (as a CI time-out or the OOM killer would) leaves no server
     process and no runtime file behind within seconds: its watchdog stops the server's whole
-    process group and removes the runtime directory; a clean stop leaves nothing either."""
+    process group (the restarted server's, after a restart) and removes the runtime directory; a
+    clean stop leaves nothing either."""
     import signal
     import subprocess
     import sys
@@ -212,7 +215,8 @@ def test_nothing_outlives_the_owner(tmp_path, stopped_by):
             assert process_group_members(pgid) and (runtime / "backends").is_dir()
         assert not process_group_members(pgid) and not runtime.exists()
         return
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(repo)], stdout=subprocess.PIPE, text=True)
+    restart = ["restart"] if "restart" in stopped_by else []
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(repo), *restart], stdout=subprocess.PIPE, text=True)
     try:
         pgid, runtime = owner.stdout.readline().split()
         pgid, runtime = int(pgid), Path(runtime)

@@ -1,7 +1,9 @@
 """Run the real Triton Inference Server shipped in the nvidia-pytriton wheel.
 
 - discovery: find tritonserver, the Python backend and the stub; backend directory; environment.
-- launcher:  TritonServer (start/stop/context manager, readiness, process-group cleanup), free ports.
+- launcher:  TritonServer (start/stop/restart/context manager, readiness, model control,
+             process-group cleanup), free ports.
+- supervisor: Supervisor, which brings back a model whose process died (reload, or restart).
 - serve:     the `blip2-triton serve` subcommand (add_serve_arguments, serve_command).
 """
 from blip2_triton.server.discovery import (
@@ -22,8 +24,11 @@ from blip2_triton.server.launcher import (
     process_group_members,
 )
 from blip2_triton.server.serve import add_serve_arguments, serve_command
+from blip2_triton.server.supervisor import Recovery, Supervisor
 
 __all__ = [
+    "Recovery",
+    "Supervisor",
     "TritonInstallation",
     "TritonNotFoundError",
     "TritonServer",

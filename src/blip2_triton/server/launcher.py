@@ -9,6 +9,10 @@ TritonStartupError (with the tail of the server log) if the process exits early 
 passes. `stop()` sends SIGTERM to tritonserver so that it unloads its models (the Python-backend
 stubs run `finalize` and exit), then SIGKILLs whatever is left of the process group.
 
+tritonserver runs in explicit model-control mode with every model loaded, so that a model can be
+unloaded and loaded again (`unload_model`, `load_model`). With `supervise=True` a Supervisor
+(server/supervisor.py) brings back a model whose process died, by reloading it or by `restart()`.
+
 Nothing outlives its owner: each server keeps its runtime files (backend directory, default log,
 the compute lock) in one runtime directory, and a watchdog process (server/watchdog.py) stops the
 server and removes that directory as soon as the owner goes, even when it is SIGKILLed.
@@ -41,6 +45,7 @@ from blip2_triton.server.discovery import (
     prepare_backend_directory,
     server_environment,
 )
+from blip2_triton.server.supervisor import Recovery, Supervisor
 from blip2_triton.serving.compute_lock import RUNTIME_DIR_ENV
 
 LOGGER = logging.getLogger(__name__)
@@ -151,6 +156,11 @@ class TritonServer:
     the urls always name 127.0.0.1 when it is a wildcard. The server log (tritonserver and the
     stubs' stdout/stderr) goes to `log_file`, by default a file in a private work directory that
     stop() removes; `echo_log=True` also copies it line by line to stdout.
+
+    `supervise=True` starts a Supervisor once the server is ready: a model whose process dies is
+    reloaded, or tritonserver restarted on the same ports (see server/supervisor.py); `recoveries`
+    lists what it did. `restart_grace` bounds how long a restart lets tritonserver unload its
+    models before its process group is killed.
     """
 
     def __init__(
@@ -169,6 +179,8 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         installation: TritonInstallation | None = None,
         env: dict[str, str] | None = None,
+        supervise: bool = False,
+        restart_grace: float = 10.0,
     ):
         self.model_repository = Path(model_repository).resolve()
         self._requested_ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
@@ -189,7 +201,15 @@ class TritonServer:
         self._owner_pipe: int | None = None  # write end of the watchdog's stdin: closed = owner gone
         self._log_handle: IO[bytes] | None = None
         self._pump: threading.Thread | None = None
+        self._cmd: list[str] = []
+        self._server_env: dict[str, str] = {}
         self.startup_seconds: float | None = None
+        self.supervise = supervise
+        self.restart_grace = restart_grace
+        self._supervisor: Supervisor | None = None
+        self._lifecycle = threading.RLock()  # restart() and stop() replace or end the process
+        self._restarting = False
+        self._closing = threading.Event()  # stop() was called: a restart under way gives up
 
     # ---- addresses -------------------------------------------------------------------------
     @property
@@ -227,11 +247,22 @@ class TritonServer:
         return self._process.pid if self._process else None
 
     def poll(self) -> int | None:
-        """Exit code of tritonserver, or None while it runs (or before start)."""
+        """Exit code of tritonserver, or None while it runs, while restart() replaces it, or before start."""
+        if self._restarting:
+            return None
         return self._process.poll() if self._process else None
 
     def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._restarting or (self._process is not None and self._process.poll() is None)
+
+    def model_pids(self) -> dict[str, int]:
+        """Loaded model name -> pid of its Python-backend stub (a model without one is absent)."""
+        return model_stub_pids(self.pgid) if self.pgid else {}
+
+    @property
+    def recoveries(self) -> list[Recovery]:
+        """What the supervisor did so far, oldest first (empty without `supervise`)."""
+        return self._supervisor.recoveries if self._supervisor else []
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return _tail(self.log_path, lines)
@@ -246,6 +277,7 @@ class TritonServer:
             "--metrics-address", self.host, "--metrics-port", str(self.ports["metrics"]),
             "--log-verbose", str(self.log_verbose),
             "--exit-timeout-secs", str(self.exit_timeout),
+            "--model-control-mode", "explicit", "--load-model", "*",
             *self.extra_args,
         ]
 
@@ -267,26 +299,16 @@ class TritonServer:
             raise TritonStartupError(f"cannot start tritonserver: {', '.join(busy)} already in use on {self.host}")
 
         self._workdir = Path(tempfile.mkdtemp(prefix="blip2-triton-server-"))
-        env = server_environment(self._installation) | self._env | {RUNTIME_DIR_ENV: str(self._workdir)}
+        self._server_env = server_environment(self._installation) | self._env | {RUNTIME_DIR_ENV: str(self._workdir)}
         try:
             backends = prepare_backend_directory(self._installation, self._workdir / "backends")
             self.log_path = self._log_file or self._workdir / "tritonserver.log"
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = self.log_path.open("wb")
-            cmd = self._command(self._installation, backends)
-            LOGGER.info("starting %s", " ".join(cmd))
+            self._cmd = self._command(self._installation, backends)
+            LOGGER.info("starting %s", " ".join(self._cmd))
             started = time.monotonic()
-            self._process = subprocess.Popen(
-                cmd,
-                env=env,
-                # A private cwd: the stubs put '' (the cwd) first on sys.path, so the caller's
-                # cwd could shadow packages imported by model.py files.
-                cwd=self._workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if self.echo_log else self._log_handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: stop() can reach every stub
-            )
+            self._launch()
         except BaseException:
             if self._log_handle is not None:
                 self._log_handle.close()
@@ -296,11 +318,10 @@ class TritonServer:
             raise
         self._start_watchdog()
         atexit.register(self.stop)
-        if self.echo_log:
-            self._pump = threading.Thread(target=self._copy_output, name="tritonserver-log", daemon=True)
-            self._pump.start()
         try:
             self._wait_ready(started)
+            if self.supervise:
+                self._supervisor = Supervisor(self).start()
         except BaseException:
             self.stop()
             raise
@@ -310,6 +331,62 @@ class TritonServer:
             self.startup_seconds, self.grpc_url, self.http_url, self.metrics_url,
         )
         return self
+
+    def _launch(self) -> None:
+        """Start the tritonserver process (start() and restart() have prepared everything else)."""
+        self._process = subprocess.Popen(
+            self._cmd,
+            env=self._server_env,
+            # A private cwd: the stubs put '' (the cwd) first on sys.path, so the caller's
+            # cwd could shadow packages imported by model.py files.
+            cwd=self._workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if self.echo_log else self._log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: stop() can reach every stub
+        )
+        if self.echo_log:
+            self._pump = threading.Thread(target=self._copy_output, args=(self._process,), name="tritonserver-log",
+                                          daemon=True)
+            self._pump.start()
+
+    def restart(self, reason: str) -> float:
+        """Stop tritonserver and every process of its group, and start it again on the same ports,
+        with the same runtime directory and log; returns the seconds until it was ready again.
+
+        For a fault that a model reload cannot mend: every connection drops, so each request in
+        flight ends with UNAVAILABLE at the client. tritonserver gets SIGTERM and `restart_grace`
+        seconds to unload its models (it would wait for requests that a dead model process never
+        answers), then its group gets SIGKILL. Raises TritonStartupError as start() does.
+        """
+        with self._lifecycle:
+            if self._process is None or self._closing.is_set():
+                raise TritonStartupError("the server is not running (stopped, or never started)")
+            LOGGER.warning("restarting tritonserver: %s", reason)
+            began = time.monotonic()
+            self._restarting = True
+            try:
+                self._end_process(self.restart_grace, until_models_unloaded=True)
+                self._log_handle.write(f"--- blip2-triton: restarting tritonserver: {reason} ---\n".encode())
+                self._log_handle.flush()
+                self._launch()
+                if self._owner_pipe is not None:  # the watchdog now guards the new process group
+                    os.write(self._owner_pipe, f"{self._process.pid}\n".encode())
+                self._wait_ready(began)
+            finally:
+                self._restarting = False
+            return time.monotonic() - began
+
+    def stop_server_processes(self) -> int | None:
+        """End tritonserver and its process group as restart() does (SIGTERM, then SIGKILL once no
+        model process is left or after `restart_grace`), keeping the runtime directory and the log
+        for stop(): what the supervisor does when restarts keep failing, so that the owner sees
+        the server gone. Returns its exit code."""
+        with self._lifecycle:
+            if self._process is None:
+                return None
+            self._end_process(self.restart_grace, until_models_unloaded=True)
+            return self._process.returncode
 
     @property
     def runtime_dir(self) -> Path | None:
@@ -321,6 +398,7 @@ class TritonServer:
         try:
             self._watchdog = subprocess.Popen(
                 [sys.executable, "-m", "blip2_triton.server.watchdog", str(self._process.pid), str(self._workdir)],
+                # stdin: the owner's pipe (EOF: the owner is gone; a line: the pgid after a restart)
                 stdin=read, stdout=subprocess.DEVNULL, start_new_session=True,  # a Ctrl-C for the owner skips it
             )
         finally:
@@ -336,10 +414,10 @@ class TritonServer:
                 self._watchdog.wait(10)
             self._watchdog = None
 
-    def _copy_output(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
+    def _copy_output(self, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
         try:
-            for line in iter(self._process.stdout.readline, b""):
+            for line in iter(process.stdout.readline, b""):
                 self._log_handle.write(line)
                 self._log_handle.flush()
                 sys.stdout.write(line.decode(errors="replace"))
@@ -362,6 +440,41 @@ class TritonServer:
             raise RuntimeError(f"repository index: HTTP {status}: {body[:200]!r}")
         return json.loads(body)
 
+    def model_config(self, model: str) -> dict:
+        """A loaded model's configuration as Triton holds it (JSON form of config.pbtxt)."""
+        status, body = self._http("GET", f"/v2/models/{model}/config")
+        if status != 200:
+            raise RuntimeError(f"config of model {model!r}: HTTP {status}: {body[:200]!r}")
+        return json.loads(body)
+
+    def is_ready(self) -> bool:
+        """/v2/health/ready: the server is up and every model it knows is READY."""
+        try:
+            return self._http("GET", "/v2/health/ready", timeout=5.0)[0] == 200
+        except OSError:
+            return False
+
+    def unload_model(self, model: str, wait: bool = True, timeout: float = 30.0) -> None:
+        """Unload `model`: the server stops being ready at once. With `wait`, return once it is
+        gone (Triton lets its requests in flight finish first; RuntimeError after `timeout`),
+        else once it is no longer READY."""
+        status, body = self._http("POST", f"/v2/repository/models/{model}/unload", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            state = {m["name"]: m.get("state") for m in self.repository_index()}.get(model)
+            if state not in ("READY", "UNLOADING") or (state == "UNLOADING" and not wait):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"model {model!r} still {state} {timeout:.0f} s after unload "
+                                   f"(HTTP {status}: {body[:200]!r})")
+            time.sleep(_POLL_SECONDS)
+
+    def load_model(self, model: str) -> None:
+        """Load `model` from the repository; returns once it is READY (RuntimeError if it fails)."""
+        status, body = self._http("POST", f"/v2/repository/models/{model}/load", timeout=self.startup_timeout)
+        if status != 200:
+            raise RuntimeError(f"loading model {model!r}: HTTP {status}: {body[:300]!r}")
+
     def _fail(self, reason: str) -> TritonStartupError:
         errors = log_errors(self.log_path)
         summary = "\n--- errors in the server log ---\n" + "\n".join(errors) if errors else ""
@@ -376,7 +489,9 @@ class TritonServer:
         # the server exit, which the poll() check reports with the log.
         deadline = started + self.startup_timeout
         while True:
-            code = self.poll()
+            if self._closing.is_set():
+                raise TritonStartupError("the server is being stopped")
+            code = self._process.poll()
             if code is not None:
                 self._join_pump()
                 raise self._fail(f"tritonserver exited with code {code} during startup")
@@ -384,7 +499,7 @@ class TritonServer:
                 status, _ = self._http("GET", "/v2/health/ready", timeout=1.0)
             except OSError:
                 status = None  # not listening yet
-            if status == 200 and self.poll() is None:
+            if status == 200 and self._process.poll() is None:
                 break
             if time.monotonic() > deadline:
                 raise self._fail(
@@ -412,33 +527,47 @@ class TritonServer:
         finalize; after `grace` seconds (default: exit_timeout + 15) the whole group gets
         SIGKILL. Stubs left behind by a crash are killed the same way. Idempotent.
         """
-        proc = self._process
-        if proc is None:
+        if self._process is None:
             return None
-        atexit.unregister(self.stop)
-        grace = self.exit_timeout + 15.0 if grace is None else grace
+        self._closing.set()  # a restart under way gives up, and the supervisor starts no other
+        if self._supervisor is not None:
+            self._supervisor.stop(wait=False)
+        with self._lifecycle:
+            atexit.unregister(self.stop)
+            self._end_process(self.exit_timeout + 15.0 if grace is None else grace)
+            if self._supervisor is not None:
+                self._supervisor.stop()
+            if self._log_handle is not None:
+                self._log_handle.close()
+                self._log_handle = None
+            if self._workdir is not None:  # the default log goes with it; pass log_file to keep one
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
+            self._stop_watchdog()
+            return self._process.returncode
+
+    def _end_process(self, grace: float, until_models_unloaded: bool = False) -> None:
+        """SIGTERM to tritonserver; after `grace` seconds, or (`until_models_unloaded`) as soon as
+        no model process is left, SIGKILL to its whole group; then reap the group."""
+        proc = self._process
         pgid = proc.pid
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                LOGGER.warning("tritonserver ignored SIGTERM for %.0fs; killing its process group", grace)
+            deadline = time.monotonic() + grace
+            while proc.poll() is None and time.monotonic() < deadline:
+                if until_models_unloaded and process_group_members(pgid) == [pgid]:
+                    break
+                time.sleep(_POLL_SECONDS)
+            if proc.poll() is None:
+                if not until_models_unloaded:
+                    LOGGER.warning("tritonserver ignored SIGTERM for %.0fs; killing its process group", grace)
                 self._killpg(pgid, signal.SIGKILL)
                 proc.wait()
         self._reap_group(pgid)
         self._join_pump()
         if proc.stdout is not None:
             proc.stdout.close()
-        if self._log_handle is not None:
-            self._log_handle.close()
-            self._log_handle = None
-        if self._workdir is not None:  # the default log goes with it; pass log_file to keep one
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-        self._stop_watchdog()
-        return proc.returncode
 
     @staticmethod
     def _killpg(pgid: int, sig: int) -> None:

@@ -27,6 +27,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--startup-timeout", type=float, default=600.0,
         help="seconds to wait for all models to load (default %(default)s)",
     )
+    parser.add_argument(
+        "--no-supervise", dest="supervise", action="store_false",
+        help="do not bring back a model whose process dies (by default it is reloaded within seconds, "
+             "or tritonserver restarted for the streaming `blip2` model)",
+    )
     return parser
 
 
@@ -48,7 +53,7 @@ def serve_command(args: argparse.Namespace) -> int:
         args.model_repository,
         grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
         host=args.address, log_file=args.log_file, log_verbose=args.log_verbose,
-        echo_log=not args.quiet, startup_timeout=args.startup_timeout,
+        echo_log=not args.quiet, startup_timeout=args.startup_timeout, supervise=args.supervise,
     )
     previous_term = signal.signal(signal.SIGTERM, _raise_shutdown)
     requested = False

@@ -6,7 +6,9 @@ TritonServer starts one beside each server. Only the owner holds the pipe's writ
 process reads EOF when the owner closes it in stop(), or when the owner dies in any way, SIGKILL
 included (the kernel closes a dead process's files). It then does what stop() would: SIGTERM to
 tritonserver (the group leader), SIGKILL to the whole group after a grace period, and the runtime
-directory removed. Run by an owner that stopped cleanly, it finds nothing left to do.
+directory removed. Run by an owner that stopped cleanly, it finds nothing left to do. When the
+owner restarts tritonserver (TritonServer.restart), it writes the new process group's id on the
+pipe, one line.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ def _signal_group(pgid: int, sig: int, leader_only: bool = False) -> None:
 def main(argv: list[str]) -> int:
     pgid, runtime_dir = int(argv[0]), argv[1]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the owner must not skip cleanup
-    while sys.stdin.buffer.read(4096):
-        pass
+    for line in sys.stdin.buffer:  # until EOF; a line is the process group of a restarted server
+        pgid = int(line)
     if process_group_members(pgid):
         _signal_group(pgid, signal.SIGTERM, leader_only=True)  # models unload, stubs finalize
         deadline = time.monotonic() + GRACE_SECONDS
