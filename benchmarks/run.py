@@ -15,6 +15,9 @@ records.py), a markdown table and PNG plots.
 """
 from __future__ import annotations
 
+# Imports inside functions are deliberate: the CLI imports this module for its arguments, and the
+# measuring modules pull in torch, tritonclient, onnxruntime and matplotlib.
+
 import argparse
 import asyncio
 import contextlib

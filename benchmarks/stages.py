@@ -7,6 +7,9 @@ compute times) and the `blip2` model's engine metrics, as differences between tw
 """
 from __future__ import annotations
 
+# Imports inside functions keep onnxruntime (in-process) and tritonclient (server) apart: a
+# worker process or the bench driver loads only the side it measures.
+
 import io
 import statistics
 import time

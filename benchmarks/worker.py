@@ -12,6 +12,9 @@ Images are sent once ({"op": "images", "b64": [...]}) and then named by index.
 """
 from __future__ import annotations
 
+# A worker hosts one system: its imports inside functions load torch (transformers) or onnxruntime
+# (our pipeline), never both in one process.
+
 import base64
 import json
 import os

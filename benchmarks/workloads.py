@@ -5,6 +5,8 @@ so latencies of different systems and of different images compare like for like.
 """
 from __future__ import annotations
 
+# Imports inside functions keep the exporter (torch) out of a run that reuses exported models.
+
 import hashlib
 import io
 import json
