@@ -4,7 +4,7 @@ Every T5 parity preset (Flan-T5-like gated-gelu with an untied head and d_kv != 
 v1.0-like relu with a tied, rescaled head, a head width GroupQueryAttention cannot take and other
 relative-position buckets; more decoder than encoder layers) is exported through the gate, then
 decoded by the served pipeline in process, for every generation control, alone and side by side
-with requests of other encoder lengths; one preset also through the real tritonserver.
+with requests of other encoder lengths, and through the real tritonserver.
 """
 from __future__ import annotations
 
@@ -111,13 +111,14 @@ def test_streamed_pieces_concatenate_to_the_text_spaces_included(t5):
 
 
 @pytest.mark.server
-def test_served_by_tritonserver_equals_transformers(exported, tmp_path):
-    """The exported T5 repository on the real server: every control over gRPC (streamed and not),
+@pytest.mark.parametrize("preset", T5_PRESETS)
+def test_served_by_tritonserver_equals_transformers(exported, tmp_path, preset):
+    """Each exported T5 repository on the real server: every control over gRPC (streamed and not),
     HTTP generate, requests sent concurrently, each equal to transformers."""
     import json
     import urllib.request
 
-    ckpt, repo, _ = exported(T5_PRESETS[0])
+    ckpt, repo, _ = exported(preset)
     with TritonServer(repo, metrics_port=None, log_file=tmp_path / "server.log") as server, \
             Blip2Client(server.grpc_url, timeout=120) as client:
         jobs = [(seed, PROMPTS[seed % 3], name) for seed, name in enumerate(sorted(CONTROLS))]
