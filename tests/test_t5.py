@@ -119,7 +119,8 @@ def test_served_by_tritonserver_equals_transformers(exported, tmp_path, preset):
     import urllib.request
 
     ckpt, repo, _ = exported(preset)
-    with TritonServer(repo, metrics_port=None, log_file=tmp_path / "server.log") as server, \
+    ports = dict(grpc_port=None, http_port=None, metrics_port=None)  # free ones: never another server's
+    with TritonServer(repo, **ports, log_file=tmp_path / "server.log") as server, \
             Blip2Client(server.grpc_url, timeout=120) as client:
         jobs = [(seed, PROMPTS[seed % 3], name) for seed, name in enumerate(sorted(CONTROLS))]
         with ThreadPoolExecutor(len(jobs)) as pool:  # concurrent: they share the engine's steps
