@@ -1,6 +1,9 @@
 """`blip2-triton`: the one command-line entry point, with subcommands."""
 from __future__ import annotations
 
+# Each subcommand imports what it needs inside its function: `blip2-triton caption` must not
+# load torch, transformers or onnxruntime, and `--help` answers at once.
+
 import argparse
 import logging
 import sys
