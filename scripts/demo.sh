@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main command: sets up .venv on first use, exports the embedded model, starts the real
-# tritonserver, captions the bundled sample images and answers a question about each over gRPC,
-# then stops the server.
+# The main command: sets up .venv on first use; for each embedded model (OPT, then its Flan-T5
+# sibling) exports it, starts the real tritonserver, captions the bundled sample images and answers
+# a question about each over gRPC, then stops the server.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(bash "$root/scripts/venv.sh")"

@@ -1,6 +1,8 @@
 """Generated scenes, the BLIP-2 training loss layout, the metric code and the bundled trained model."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -11,11 +13,13 @@ import torch
 from PIL import Image
 
 from blip2_triton.toy.config import TrainConfig
-from blip2_triton.toy.dataset import IGNORE_INDEX, SceneDataset, encode_example
-from blip2_triton.toy.embedded import TRAINED_MODEL
+from blip2_triton.toy.dataset import (
+    IGNORE_INDEX, SceneDataset, encode_encoder_decoder_example, encode_example, prefix_split,
+)
+from blip2_triton.toy.embedded import TRAINED_MODELS
 from blip2_triton.toy.evaluation import CAPTION, GenerateAnswerer, eval_items, evaluate, normalize
 from blip2_triton.toy.losses import lm_loss
-from blip2_triton.toy.model import build_model_and_processor
+from blip2_triton.toy.model import build_model_and_processor, copy_image_stages
 from blip2_triton.toy.presets import TinyPreset
 from blip2_triton.toy.scenes import (
     HELDOUT_SEED, OBJECT_COLORS, QA_KINDS, SHAPES, SceneObject, caption_for, generate_scenes, make_scene,
@@ -24,7 +28,6 @@ from blip2_triton.toy.tokenizer import IMAGE_TOKEN
 from blip2_triton.toy.train import train
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "blip2_triton" / "assets"
-MODEL_DIR = ASSETS / "blip2-tiny-scenes"
 SAMPLES_DIR = ASSETS / "samples"
 OBJECT = re.compile(r"an? (\w+) (\w+)")
 
@@ -85,16 +88,23 @@ def test_questions_have_their_true_answers():
 
 # --- training loss layout ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def micro():
-    """A minuscule preset, its fresh model and processor."""
-    preset = TinyPreset(image_size=64, patch_size=16, num_query_tokens=4, text_hidden=32, max_position_embeddings=64)
-    model, processor = build_model_and_processor(preset, seed=0)
-    return preset, model, processor
+# Minuscule presets of both families.
+MICRO = {
+    "opt": TinyPreset(image_size=64, patch_size=16, num_query_tokens=4, text_hidden=32, max_position_embeddings=64),
+    "t5": TinyPreset(family="t5", image_size=64, patch_size=16, num_query_tokens=4, text_hidden=32, d_kv=8, ffn_dim=64,
+                     initializer_factor=1.0),
+}
 
 
-def test_labels_only_on_target_and_eos(micro):
-    preset, model, processor = micro
+@functools.lru_cache(maxsize=None)
+def micro(family: str = "opt"):
+    """A minuscule preset of `family`, its fresh model and processor."""
+    model, processor = build_model_and_processor(MICRO[family], seed=0)
+    return MICRO[family], model, processor
+
+
+def test_labels_only_on_target_and_eos():
+    preset, model, processor = micro("opt")
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     assert model.config.image_token_index == image_id
@@ -112,9 +122,43 @@ def test_labels_only_on_target_and_eos(micro):
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == " red</s>"
 
 
-def test_shared_image_batch_loss_equals_the_model_forward(micro):
-    preset, model, processor = micro
-    dataset = SceneDataset(32, 0, processor, preset.num_query_tokens)
+def test_t5_encoder_reads_the_processors_ids_and_its_decoder_the_target():
+    """The encoder's ids are `processor(images, text=prompt)`'s, captions included (prompt "": image
+    tokens + </s>, what the served code and the reference both use); the labels are the target + </s>."""
+    preset, model, processor = micro("t5")
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert model.config.image_token_index == image_id and not model.config.use_decoder_only_language_model
+    image = generate_scenes(1, 0)[0].image
+    for prompt, target in [("", "a red circle and a blue square"), ("Question: what color is the circle? Answer:", "red")]:
+        ids, labels = encode_encoder_decoder_example(tok, preset.num_query_tokens, image_id, prompt, target)
+        assert ids == processor(images=image, text=prompt).input_ids[0]
+        assert labels[-1] == tok.eos_token_id and tok.decode(labels) == f"{target}</s>"
+    assert encode_encoder_decoder_example(tok, 4, image_id, "", "a")[0] == [image_id] * 4 + [tok.eos_token_id]
+
+
+def test_t5_prefix_lm_examples_split_the_caption():
+    """BLIP-2's prefix LM for Flan-T5: the encoder reads the caption's first words, the decoder
+    learns the rest; `prefix_fraction` swaps captions for them (encoder-decoder datasets only)."""
+    preset, _, processor = micro("t5")
+    tok = processor.tokenizer
+    dataset = SceneDataset(16, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+    for scene, (i, ids, labels) in zip(generate_scenes(16, 0), dataset.prefixed):
+        prefix, suffix = prefix_split(scene)
+        assert f"{prefix} {suffix}" == scene.caption and prefix and suffix
+        assert ids == processor(images=scene.image, text=prefix).input_ids[0]
+        assert tok.decode(labels, skip_special_tokens=True) == suffix
+    batch = dataset.batch(8, 0.5, torch.Generator().manual_seed(0), shared_images=True, prefix_fraction=1.0)
+    prefixed = [ids for _, ids, _ in dataset.prefixed]
+    assert all(batch["input_ids"][r, : batch["attention_mask"][r].sum()].tolist() in prefixed for r in range(4))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        SceneDataset(4, 0, micro("opt")[2], 4).batch(4, 0.5, torch.Generator(), prefix_fraction=0.5)
+
+
+@pytest.mark.parametrize("family", MICRO)
+def test_shared_image_batch_loss_equals_the_model_forward(family):
+    preset, model, processor = micro(family)
+    dataset = SceneDataset(32, 0, processor, preset.num_query_tokens, encoder_decoder=family == "t5")
     batch = dataset.batch(12, 0.5, torch.Generator().manual_seed(0), shared_images=True)
     assert batch["pixel_values"].shape[0] == 6 and batch["input_ids"].shape[0] == 12
     index = batch["image_index"]
@@ -122,14 +166,14 @@ def test_shared_image_batch_loss_equals_the_model_forward(micro):
     image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert (index[:6] == torch.arange(6)).all() and (index[6:] == torch.arange(6)).all()
     assert dataset.captions[0][1][0] == image_token
-    full = {k: v for k, v in batch.items() if k != "image_index"} | {"pixel_values": batch["pixel_values"][index]}
+    full = {k: v for k, v in batch.items() if k not in ("image_index", "slots")} | {"pixel_values": batch["pixel_values"][index]}
     model.eval()
     with torch.no_grad():
         assert lm_loss(model, batch).item() == pytest.approx(model(**full).loss.item(), rel=1e-5)
 
 
-def test_slot_targets_list_objects_left_to_right(micro):
-    preset, _, processor = micro
+def test_slot_targets_list_objects_left_to_right():
+    preset, _, processor = micro("opt")
     dataset = SceneDataset(16, 0, processor, preset.num_query_tokens)
     colors = list(OBJECT_COLORS)
     for scene, slots in zip(generate_scenes(16, 0), dataset.slots.tolist()):
@@ -138,8 +182,8 @@ def test_slot_targets_list_objects_left_to_right(micro):
         assert slots[len(named):] == [[len(SHAPES), len(colors)]] * (3 - len(named))
 
 
-def test_auxiliary_stage_and_heads_stay_out_of_the_checkpoint(micro):
-    preset, _, processor = micro
+def test_auxiliary_stage_and_heads_stay_out_of_the_checkpoint():
+    preset, _, processor = micro("opt")
     cfg = TrainConfig(steps=3, stage1_steps=2, batch_size=8, warmup_steps=1, train_scenes=16, preset=preset, threads=2,
                       shape_count_aux=True)
     model, _ = build_model_and_processor(preset, seed=0)
@@ -151,12 +195,13 @@ def test_auxiliary_stage_and_heads_stay_out_of_the_checkpoint(micro):
     assert set(model.state_dict()) == keys
 
 
-def test_training_loop_reduces_loss(micro):
-    preset, _, processor = micro
+@pytest.mark.parametrize("family", MICRO)
+def test_training_loop_reduces_loss(family):
+    preset, _, processor = micro(family)
     cfg = TrainConfig(steps=25, batch_size=16, lr=3e-3, warmup_steps=3, train_scenes=64, preset=preset, threads=2,
                       stage1_steps=0, shared_images=False, aux_weight=0.0)  # the LM loss alone
     model, _ = build_model_and_processor(preset, seed=0)
-    dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens)
+    dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens, encoder_decoder=family == "t5")
     _, _, losses, _, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
     torch.use_deterministic_algorithms(False)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
@@ -190,6 +235,38 @@ def test_a_continued_run_records_both_stages(tmp_path):
     with pytest.raises(SystemExit, match="architecture differs"):
         train_main(["--output", str(third), "--init-from", str(first), "--patch-size", "16", "--stage1-steps", "0",
                     "--aux-weight", "0", "--steps", "1", *small])
+
+def test_image_stages_come_from_the_given_checkpoint(tmp_path):
+    """`--image-stages-from` (the T5 sibling starts from the OPT model's first stage): the vision
+    tower, Q-Former and queries are the donor's, the rest is the fresh model's."""
+    _, donor, processor = micro("opt")
+    donor.save_pretrained(tmp_path / "opt")
+    model, _ = build_model_and_processor(MICRO["t5"], seed=1)
+    projection = model.language_projection.weight.clone()
+    copy_image_stages(model, tmp_path / "opt")
+    for part in ("vision_model", "qformer"):
+        mine, theirs = getattr(model, part).state_dict(), getattr(donor, part).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), part
+    assert torch.equal(model.query_tokens, donor.query_tokens)
+    assert torch.equal(model.language_projection.weight, projection)
+    other, _ = build_model_and_processor(dataclasses.replace(MICRO["t5"], qformer_hidden=48), seed=0)
+    with pytest.raises(ValueError, match="image stages differ"):
+        copy_image_stages(other, tmp_path / "opt")
+
+
+def test_a_t5_run_writes_a_t5_card(tmp_path):
+    from blip2_triton.toy.train import train_main
+
+    small = ["--batch-size", "8", "--train-scenes", "16", "--eval-scenes", "2", "--warmup-steps", "1",
+             "--threads", "1", "--no-progress", "--stage1-steps", "0", "--aux-weight", "0", "--steps", "2"]
+    train_main(["--output", str(tmp_path / "opt"), *small])
+    train_main(["--family", "t5", "--output", str(tmp_path / "t5"), "--image-stages-from", str(tmp_path / "opt"), *small])
+    config = json.loads((tmp_path / "t5" / "config.json").read_text())
+    assert config["text_config"]["model_type"] == "t5"
+    card = (tmp_path / "t5" / "README.md").read_text()
+    assert "A tiny BLIP-2 Flan-T5" in card and "out[:, 1:]" in card and "`opt` (BLIP-2's OPT and Flan-T5" in card
+    assert "Flan-T5 encoder-decoder | d_model" in card and "OPT" not in card.split("## Architecture")[1]
+
 
 # --- metric code ---------------------------------------------------------------------------------
 
@@ -231,16 +308,18 @@ def test_evaluate_counts_a_stub_answerer():
     assert normalize(" Two.\n") == "two"
 
 
-# --- the bundled trained checkpoint --------------------------------------------------------------
+# --- the bundled trained checkpoints ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def bundled():
+@pytest.fixture(scope="module", params=list(TRAINED_MODELS))
+def bundled(request):
+    """(family, directory, model, processor) of each bundled trained model."""
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-    assert MODEL_DIR == TRAINED_MODEL
-    model = Blip2ForConditionalGeneration.from_pretrained(MODEL_DIR)
-    processor = AutoProcessor.from_pretrained(MODEL_DIR)
-    return model, processor
+    directory = TRAINED_MODELS[request.param]
+    assert directory.parent == ASSETS
+    model = Blip2ForConditionalGeneration.from_pretrained(directory)
+    processor = AutoProcessor.from_pretrained(directory)
+    return request.param, directory, model, processor
 
 
 def _samples():
@@ -248,28 +327,35 @@ def _samples():
 
 
 def test_bundled_checkpoint_files_and_config(bundled):
-    model, processor = bundled
+    family, directory, model, processor = bundled
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "processor_config.json", "README.md", "loss_curve.png"):
-        assert (MODEL_DIR / name).is_file(), name
-    assert (MODEL_DIR / "model.safetensors").stat().st_size < 8e6
+                 "processor_config.json", "README.md", "loss_curve.png", "training_log.json"):
+        assert (directory / name).is_file(), name
+    assert (directory / "model.safetensors").stat().st_size < 8e6
+    assert model.config.text_config.model_type == family
     assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert processor.num_query_tokens == model.config.num_query_tokens
     gen = model.generation_config
-    assert (gen.eos_token_id, gen.bos_token_id, gen.pad_token_id, gen.max_new_tokens) == (2, 2, 1, 20)
+    if family == "t5":  # Flan-T5's: the decoder starts from <pad>
+        assert (gen.eos_token_id, gen.decoder_start_token_id, gen.pad_token_id, gen.max_new_tokens) == (1, 0, 0, 20)
+        lm = model.language_model
+        assert not torch.equal(lm.lm_head.weight, lm.shared.weight)  # untied, as Flan-T5's
+    else:
+        assert (gen.eos_token_id, gen.bos_token_id, gen.pad_token_id, gen.max_new_tokens) == (2, 2, 1, 20)
     assert len(_samples()) >= 2
 
 
 def test_bundled_model_captions_the_samples(bundled):
-    model, processor = bundled
+    family, _, model, processor = bundled
     samples = _samples()
     images = [Image.open(SAMPLES_DIR / s["file"]).convert("RGB") for s in samples]
     for s, image in zip(samples, images):  # the PNGs are exactly the held-out scenes
         assert image.tobytes() == make_scene(s["seed"]).image.tobytes()
 
-    # plain transformers generate, one image at a time, captioning with no text at all
+    # plain transformers generate, one image at a time: OPT captions with no text at all; T5 with
+    # text="" (transformers cannot caption a T5 checkpoint without input_ids)
     for s, image in zip(samples, images):
-        inputs = processor(images=image, return_tensors="pt")
+        inputs = processor(images=image, **({"text": ""} if family == "t5" else {}), return_tensors="pt")
         out = model.generate(**inputs, generation_config=model.generation_config)
         text = processor.batch_decode(out, skip_special_tokens=True)[0].strip()
         assert text == s["caption"]
@@ -279,7 +365,7 @@ def test_bundled_model_captions_the_samples(bundled):
 
 
 def test_bundled_model_answers_the_samples(bundled):
-    model, processor = bundled
+    _, _, model, processor = bundled
     samples = _samples()
     images = [Image.open(SAMPLES_DIR / s["file"]).convert("RGB") for s in samples]
     answer = GenerateAnswerer(model, processor)

@@ -1,20 +1,44 @@
-"""`blip2-triton demo`: export the embedded model, start the real Triton server, answer requests, stop."""
+"""`blip2-triton demo`: export the embedded models, start the real Triton server, answer requests, stop.
+
+Both embedded trained models run, the OPT one and its Flan-T5 sibling, each with its own model
+repository and server, one after the other: every repository names its models `blip2`,
+`preprocess`, `vision_encoder` and `qformer`, so one server cannot hold both.
+"""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from .toy import embedded
+from .toy.model import FAMILY_NAMES
 
 
 def run_demo(workdir: str | Path = "artifacts/demo", model: str | None = None) -> int:
+    workdir = Path(workdir)
+    if model:
+        checkpoints = {_family(Path(model)): Path(model)}
+    else:
+        checkpoints = embedded.default_checkpoints(workdir / "checkpoints")
+    for i, (family, checkpoint) in enumerate(checkpoints.items()):
+        title = f"BLIP-2 {FAMILY_NAMES.get(family, family)}: {checkpoint.name}"
+        print(("\n" if i else "") + f"=== {title} " + "=" * max(3, 76 - len(title)), flush=True)
+        _demo_one(checkpoint, workdir / f"model_repository-{family}")
+    return 0
+
+
+def _family(checkpoint: Path) -> str:
+    """The checkpoint's language-model family (`text_config.model_type`), for the heading."""
+    config = checkpoint / "config.json"
+    return json.loads(config.read_text())["text_config"]["model_type"] if config.is_file() else "?"
+
+
+def _demo_one(checkpoint: Path, repo: Path) -> None:
+    """Export `checkpoint` into `repo`, serve it, caption and question the samples, stop."""
     from blip2_triton.client import Blip2Client
     from blip2_triton.export.exporter import export_checkpoint
     from blip2_triton.server.launcher import TritonServer
 
-    workdir = Path(workdir)
-    checkpoint = model or embedded.default_checkpoint(workdir / "checkpoints")
-    repo = workdir / "model_repository"
     print(f"[1/3] exporting {checkpoint} -> {repo}", flush=True)
     report = export_checkpoint(checkpoint, repo)
     print(f"      validated in {report.seconds:.1f}s: " + ", ".join(
@@ -33,10 +57,9 @@ def run_demo(workdir: str | Path = "artifacts/demo", model: str | None = None) -
                 print(f"  {sample.path.name}")
                 print(f"    caption : {caption.text.strip()!r:40} ({took:.0f} ms; expected {sample.caption!r})")
                 print(f"    {sample.question} {answer.text.strip()!r} (expected {sample.answer!r})")
-            # A caption streamed piece by piece (the tiny model knows only its scene vocabulary,
+            # A caption streamed piece by piece (the tiny models know only their scene vocabulary,
             # so a prompt like "a photo of" would get an empty continuation).
             first = embedded.samples()[0].path
             pieces = list(client.stream(first))
             print(f"  streamed caption of {first.name}: {pieces}")
-    print("server stopped")
-    return 0
+    print("server stopped", flush=True)

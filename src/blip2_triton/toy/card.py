@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .evaluation import CAPTION_TARGET, VQA_TARGET
+from .model import FAMILY_NAMES
 from .presets import TinyPreset
 from .scenes import HELDOUT_SEED, QA_KINDS, TRAIN_SEED
 
@@ -76,13 +77,34 @@ def recipe_text(cfg: TrainConfig, seconds: float, machine: dict) -> str:
 {aux_text}- {"stage 2: " if aux_on and cfg.stage1_steps else ""}{cfg.steps} steps{" of LM + auxiliary loss" if aux_on else ""}, batch {cfg.batch_size} ({int(round(cfg.caption_fraction * 100))}% captions, the rest VQA{shared}),
   AdamW (betas 0.9/0.98, weight decay {cfg.weight_decay}), peak lr {cfg.lr} after {cfg.warmup_steps} warm-up steps,
   cosine decay to {cfg.min_lr_ratio:g}x, gradient clipping {cfg.grad_clip}; Q-Former dropout {cfg.qformer_dropout:g}
-  (vision and OPT dropout 0)
-- loss: BLIP-2's language-model loss, labels only on the target (caption or answer) and its
-  `</s>`; -100 on the `<image>` query positions, the BOS, the prompt and padding{" (+ the auxiliary loss)" if aux_on else ""}
-- initialisation: transformers' normal init, std {p.init_std} for the Q-Former and OPT, {cfg.vision_init_std} for the
-  vision tower (`vision_config.initializer_range`); learned queries drawn from N(0, {p.init_std}), not zeros
-- training time: {seconds / 60:.1f} min ({seconds:.0f} s) on {machine["cpu"]} ({machine["threads"]} threads,
+  (vision and {FAMILY_NAMES[p.family]} dropout 0)
+{_loss_text(p.family, aux_on)}{_init_text(cfg)}- training time: {seconds / 60:.1f} min ({seconds:.0f} s) on {machine["cpu"]} ({machine["threads"]} threads,
   machine shared with other jobs), torch {machine["torch"]}, transformers {machine["transformers"]}
+"""
+
+
+def _loss_text(family: str, aux_on: bool) -> str:
+    aux = " (+ the auxiliary loss)" if aux_on else ""
+    if family == "t5":
+        return f"""- loss: BLIP-2's language-model loss for Flan-T5: the encoder reads the query embeddings and the
+  prompt (with its `</s>`; a caption's prompt is empty), the decoder's labels are the target (caption
+  or answer) and its `</s>`, -100 on padding{aux}
+"""
+    return f"""- loss: BLIP-2's language-model loss, labels only on the target (caption or answer) and its
+  `</s>`; -100 on the `<image>` query positions, the BOS, the prompt and padding{aux}
+"""
+
+
+def _init_text(cfg: TrainConfig) -> str:
+    p = cfg.preset
+    if cfg.image_stages_from:
+        return f"""- initialisation: the vision tower, Q-Former and learned queries are those of
+  `{Path(cfg.image_stages_from).name}` (BLIP-2's OPT and Flan-T5 models share their first stage too); the
+  language projection is fresh (std {p.init_std}), the {FAMILY_NAMES[p.family]} model has transformers' T5 init (factor
+  {p.initializer_factor:g}) with an untied LM head drawn with std d_model**-0.5
+"""
+    return f"""- initialisation: transformers' normal init, std {p.init_std} for the Q-Former and {FAMILY_NAMES[p.family]}, {cfg.vision_init_std} for the
+  vision tower (`vision_config.initializer_range`); learned queries drawn from N(0, {p.init_std}), not zeros
 """
 
 
@@ -116,21 +138,31 @@ def write_model_card(output: Path, cfg: TrainConfig, command: str, seconds: floa
         commands = f"{_with_flag(previous['command'], '--output', 'STAGE2_DIR')}\n{_with_flag(command, '--init-from', 'STAGE2_DIR')}"
         recipe = recipe_text(base, previous["seconds"], previous["machine"]) + finetune_text(cfg, seconds, machine)
     card = "".join([
-        _intro(output, cfg.preset), _usage(output), EXAMPLES,
+        _intro(output, cfg), _usage(output, cfg.preset.family), EXAMPLES,
         f"## How it was made\n\n```\n{commands}\n```\n\n{recipe}- final loss (mean of the last 50 steps): "
         f"{final_loss:.4f}; curve: `loss_curve.png`, raw numbers: `training_log.json`\n\n",
-        _architecture(cfg.preset, params), _accuracy(report),
+        _architecture(cfg.preset, params), _tokenizer(cfg.preset, params), _accuracy(report),
     ])
     (output / "README.md").write_text(card)
 
 
-def _intro(output: Path, p: TinyPreset) -> str:
+def _intro(output: Path, cfg: TrainConfig) -> str:
     size_mb = (output / "model.safetensors").stat().st_size / 1e6
+    if cfg.preset.family == "opt":
+        head = f"""A tiny BLIP-2 OPT (`Blip2ForConditionalGeneration`, the standard transformers class) trained from
+scratch on generated scenes of colored shapes (`blip2_triton.toy.scenes`). It is the project's
+embedded default model: small enough to ship in the package ({size_mb:.1f} MB of float32"""
+    else:
+        started = (f", its image stages\nstarted from those of `{Path(cfg.image_stages_from).name}`" if cfg.image_stages_from
+                   else " from\nscratch")
+        head = f"""A tiny BLIP-2 {FAMILY_NAMES[cfg.preset.family]} (`Blip2ForConditionalGeneration`, the standard transformers class) trained
+on generated scenes of colored shapes (`blip2_triton.toy.scenes`){started}. It is the
+{FAMILY_NAMES[cfg.preset.family]} sibling of the project's embedded default model (`blip2-tiny-scenes`, OPT): small
+enough to ship in the package ({size_mb:.1f} MB of float32"""
+    p = cfg.preset
     return f"""# {output.name}
 
-A tiny BLIP-2 OPT (`Blip2ForConditionalGeneration`, the standard transformers class) trained from
-scratch on generated scenes of colored shapes (`blip2_triton.toy.scenes`). It is the project's
-embedded default model: small enough to ship in the package ({size_mb:.1f} MB of float32
+{head}
 weights) and trained to really caption and answer questions, so the export and serving paths
 can be checked end to end on meaningful outputs, with no download.
 
@@ -140,7 +172,18 @@ purple or orange on a plain low-saturation background, {p.image_size}x{p.image_s
 """
 
 
-def _usage(output: Path) -> str:
+def _usage(output: Path, family: str) -> str:
+    if family == "t5":
+        handover = f"""# Blip2's generate() hands over to the T5 model, which does not see generation_config.json:
+# pass it (greedy, eos </s>, max_new_tokens={model_generation_max(output)}). A caption needs text="" (image tokens +
+# </s>): without input_ids transformers appends text_config.bos_token_id, which T5 lacks.
+out = model.generate(**inputs, generation_config=model.generation_config)
+print(processor.batch_decode(out[:, 1:], skip_special_tokens=True)[0].strip())  # after the decoder start token"""
+    else:
+        handover = f"""# Blip2's generate() hands over to the OPT decoder, which does not see generation_config.json:
+# pass it (greedy, eos </s>, max_new_tokens={model_generation_max(output)}).
+out = model.generate(**inputs, generation_config=model.generation_config)
+print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())"""
     return f"""## Usage
 
 ```python
@@ -152,10 +195,7 @@ processor = AutoProcessor.from_pretrained(path)
 image = Image.open("samples/scene_1000000.png")
 inputs = processor(images=image, text="", return_tensors="pt")  # caption
 inputs = processor(images=image, text="Question: what color is the circle? Answer:", return_tensors="pt")
-# Blip2's generate() hands over to the OPT decoder, which does not see generation_config.json:
-# pass it (greedy, eos </s>, max_new_tokens={model_generation_max(output)}).
-out = model.generate(**inputs, generation_config=model.generation_config)
-print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())
+{handover}
 ```
 
 """
@@ -176,6 +216,13 @@ EXAMPLES = """Captions list the objects left to right: "a red circle", "a red ci
 
 
 def _architecture(p: TinyPreset, params: dict[str, int]) -> str:
+    if p.family == "t5":
+        lm = (f"| Flan-T5 encoder-decoder | d_model {p.text_hidden}, {p.text_layers} encoder + {p.num_decoder_layers or p.text_layers} "
+              f"decoder layers, {p.text_heads} heads of {p.d_kv}, gated-gelu FFN {p.ffn_dim}, untied LM head, vocab "
+              f"{params['vocab']} | {params['language_model']:,} |")
+    else:
+        lm = (f"| OPT decoder | hidden {p.text_hidden}, {p.text_layers} layers, {p.text_heads} heads, FFN {4 * p.text_hidden}, "
+              f"pre-layernorm, vocab {params['vocab']} | {params['language_model']:,} |")
     return f"""## Architecture
 
 | part | sizes | parameters |
@@ -183,10 +230,21 @@ def _architecture(p: TinyPreset, params: dict[str, int]) -> str:
 | vision (ViT) | image {p.image_size}, patch {p.patch_size}, hidden {p.vision_hidden}, {p.vision_layers} layers, {p.vision_heads} heads, MLP {4 * p.vision_hidden} | {params["vision_model"]:,} |
 | Q-Former | {p.num_query_tokens} queries, hidden {p.qformer_hidden}, {p.qformer_layers} layers (cross-attention in each), {p.qformer_heads} heads, MLP {4 * p.qformer_hidden} | {params["qformer"]:,} |
 | queries + projection | {p.num_query_tokens} x {p.qformer_hidden} query tokens, linear {p.qformer_hidden} -> {p.text_hidden} | {params["query_tokens + language_projection"]:,} |
-| OPT decoder | hidden {p.text_hidden}, {p.text_layers} layers, {p.text_heads} heads, FFN {4 * p.text_hidden}, pre-layernorm, vocab {params["vocab"]} | {params["language_model"]:,} |
+{lm}
 | total | | {params["total"]:,} |
 
-Tokenizer: byte-level BPE trained offline on the scene vocabulary (`blip2_triton.toy.tokenizer`), OPT
+"""
+
+
+def _tokenizer(p: TinyPreset, params: dict[str, int]) -> str:
+    if p.family == "t5":
+        return f"""Tokenizer: SentencePiece-style Unigram over the scene vocabulary, built offline
+(`blip2_triton.toy.tokenizer`), T5 conventions: `<pad>` = 0 (also the decoder start token), `</s>` = 1
+ends every text, `<unk>` = 2, `<image>` = {params["image_token_index"]} (= `config.image_token_index`); the processor puts
+{p.num_query_tokens} `<image>` placeholders before the prompt and its `</s>`, which the encoder reads.
+
+"""
+    return f"""Tokenizer: byte-level BPE trained offline on the scene vocabulary (`blip2_triton.toy.tokenizer`), OPT
 conventions: `</s>` = 2 is BOS and EOS, `<pad>` = 1, `<image>` = {params["image_token_index"]} (= `config.image_token_index`);
 the processor puts {p.num_query_tokens} `<image>` placeholders before the BOS-prefixed prompt.
 

@@ -84,3 +84,10 @@ class TrainConfig:
     # Continue from this checkpoint (written by this script) instead of a fresh initialisation:
     # the bundled model's stage 3 (see the model card).
     init_from: str | None = None
+    # Encoder-decoder LMs: this fraction of the captions is split into an encoder prefix and a
+    # decoder suffix, BLIP-2's prefix language modelling for Flan-T5 (see `dataset.prefix_split`).
+    prefix_fraction: float = 0.0
+    # Start the vision tower, Q-Former and learned queries from this checkpoint's (the rest fresh):
+    # the T5 sibling starts from the OPT model's, as BLIP-2's OPT and Flan-T5 models share their
+    # first stage.
+    image_stages_from: str | None = None

@@ -1,16 +1,18 @@
 """Training examples: pre-rendered scenes and their encoded caption / VQA examples, in batches.
 
-The language-model loss is BLIP-2's: each sequence is
+The language-model loss is BLIP-2's. With OPT (decoder-only) each sequence is
 
     <image> x num_query_tokens, </s> (BOS), prompt tokens, target tokens, </s> (EOS), <pad>...
 
-and labels are -100 everywhere except on the target tokens and the EOS. Captioning examples have
-an empty prompt (target = caption), VQA examples the prompt "Question: {q} Answer:" (target =
-the one-word answer).
+and labels are -100 everywhere except on the target tokens and the EOS. With Flan-T5
+(encoder-decoder) the encoder reads `<image> x num_query_tokens, prompt tokens, </s>` and the
+labels are the decoder's: the target tokens and `</s>`. Captioning examples have an empty prompt
+(target = caption), VQA examples the prompt "Question: {q} Answer:" (target = the one-word answer).
 """
 from __future__ import annotations
 
-from .model import EOS_ID, PAD_ID
+import random
+
 from .scenes import MAX_OBJECTS, OBJECT_COLORS, SHAPES, generate_scenes
 from .tokenizer import IMAGE_TOKEN
 
@@ -28,21 +30,46 @@ def encode_example(tokenizer, num_query_tokens: int, image_token_id: int, prompt
     full_ids = tokenizer(full_text).input_ids
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError(f"tokenizing {full_text!r} changes the tokens of its prompt {prompt!r}")
-    ids = [image_token_id] * num_query_tokens + full_ids + [EOS_ID]
+    ids = [image_token_id] * num_query_tokens + full_ids + [tokenizer.eos_token_id]
     n_ignored = num_query_tokens + len(prompt_ids)
     labels = [IGNORE_INDEX] * n_ignored + ids[n_ignored:]
     return ids, labels
 
 
+def encode_encoder_decoder_example(tokenizer, num_query_tokens: int, image_token_id: int, prompt: str, target: str):
+    """Encoder ids and decoder labels for one (prompt, target) pair, BLIP-2 Flan-T5 style.
+
+    The encoder ids are what `processor(images=image, text=prompt)` gives (T5's tokenizer ends
+    every text with </s>, so a caption's prompt "" is the image tokens and </s>); the labels are the
+    target's tokens and </s>, which T5 shifts right behind its decoder start token to make the
+    decoder's inputs. Each is as long as it is: `SceneDataset.batch` pads them apart.
+    """
+    ids = [image_token_id] * num_query_tokens + tokenizer(prompt).input_ids
+    labels = tokenizer(target).input_ids
+    if labels[-1] != tokenizer.eos_token_id:
+        raise ValueError(f"the tokenizer does not end {target!r} with its EOS token")
+    return ids, labels
+
+
+def prefix_split(scene) -> tuple[str, str]:
+    """(prefix, suffix) of the scene's caption, split after a word drawn from the scene's seed:
+    "a red circle and" / "a blue square". The encoder reads the prefix, the decoder learns the suffix."""
+    words = scene.caption.split()
+    k = random.Random(scene.seed).randint(1, len(words) - 1)
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
 class SceneDataset:
     """Pre-rendered training scenes (uint8 pixels) and their encoded caption / VQA examples."""
 
-    def __init__(self, n_scenes: int, seed: int, processor, num_query_tokens: int):
+    def __init__(self, n_scenes: int, seed: int, processor, num_query_tokens: int, encoder_decoder: bool = False):
         import numpy as np
         import torch
 
         tokenizer = processor.tokenizer
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        encode = encode_encoder_decoder_example if encoder_decoder else encode_example
+        self.pad_id = tokenizer.pad_token_id
         scenes = generate_scenes(n_scenes, seed)
         self.pixels = torch.from_numpy(np.stack([np.asarray(s.image) for s in scenes])).permute(0, 3, 1, 2).contiguous()
         ip = processor.image_processor
@@ -52,12 +79,16 @@ class SceneDataset:
 
         def enc(prompt, target):
             if (prompt, target) not in cache:
-                cache[(prompt, target)] = encode_example(tokenizer, num_query_tokens, image_token_id, prompt, target)
+                cache[(prompt, target)] = encode(tokenizer, num_query_tokens, image_token_id, prompt, target)
             return cache[(prompt, target)]
 
         # (scene index, ids, labels)
         self.captions = [(i, *enc("", s.caption)) for i, s in enumerate(scenes)]
         self.vqa = [(i, *enc(qa.prompt, qa.answer)) for i, s in enumerate(scenes) for qa in s.qa]
+        # Encoder-decoder only: each caption also split into an encoder prefix and a decoder suffix
+        # (`prefix_split`), BLIP-2's prefix language modelling for Flan-T5. Decoder-only LMs
+        # continue a prompted caption by their very loss.
+        self.prefixed = [(i, *enc(*prefix_split(s))) for i, s in enumerate(scenes)] if encoder_decoder else None
         # Slot targets of the auxiliary loss (`slot_loss`): object k left to right -> (shape, color)
         # indices, (len(SHAPES), len(OBJECT_COLORS)) = "no object" for k >= number of objects.
         colors = list(OBJECT_COLORS)
@@ -91,9 +122,12 @@ class SceneDataset:
         index = torch.randint(len(self.captions), (batch_size,), generator=generator)
         return {"pixel_values": self.pixel_values(index), "slots": self.slots[index]}
 
-    def batch(self, batch_size: int, caption_fraction: float, generator, shared_images: bool = False):
+    def batch(self, batch_size: int, caption_fraction: float, generator, shared_images: bool = False,
+              prefix_fraction: float = 0.0):
         """A random batch: `pixel_values`, right-padded `input_ids`, `attention_mask`, `labels`,
         and `slots` [rows of pixel_values, MAX_OBJECTS, 2], the auxiliary loss's targets (`slot_loss`).
+
+        `prefix_fraction` of the captions (on average) are their prefix-LM examples (encoder-decoder only).
 
         With `shared_images`, the batch draws `round(batch_size * caption_fraction)` scenes and
         takes each one's caption plus VQA examples of the same scenes (scene `j % n` for the j-th
@@ -120,9 +154,15 @@ class SceneDataset:
             examples = [self.captions[i] for i in cap] + [self.vqa[i] for i in vqa]
             image_index = None
             scene_index = torch.tensor([i for i, _, _ in examples])
+        if prefix_fraction > 0:
+            if self.prefixed is None:
+                raise ValueError("prefix_fraction needs an encoder-decoder dataset")
+            swap = (torch.rand(n_cap, generator=generator) < prefix_fraction).tolist()
+            examples[:n_cap] = [self.prefixed[ex[0]] if take else ex for ex, take in zip(examples[:n_cap], swap)]
+        # Right padding; ids and labels are padded apart (with OPT they have equal lengths).
         width = max(len(ids) for _, ids, _ in examples)
-        input_ids = torch.full((len(examples), width), PAD_ID, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), max(len(lab) for _, _, lab in examples)), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
         for row, (_, ids, lab) in enumerate(examples):
             input_ids[row, : len(ids)] = torch.tensor(ids)

@@ -1,4 +1,4 @@
-"""The model and sample images that ship with the project (no download needed)."""
+"""The trained models and sample images that ship with the project (no download needed)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-TRAINED_MODEL = ASSETS / "blip2-tiny-scenes"
+# One trained scene model per language-model family; the OPT one is the default.
+TRAINED_MODELS = {"opt": ASSETS / "blip2-tiny-scenes", "t5": ASSETS / "blip2-tiny-scenes-t5"}
+TRAINED_MODEL = TRAINED_MODELS["opt"]
 SAMPLES = ASSETS / "samples"
 
 
@@ -18,16 +20,21 @@ class Sample:
     answer: str
 
 
-def default_checkpoint(cache: Path | str) -> Path:
-    """The trained tiny scene model when it is present, else a random tiny BLIP-2 built into `cache`."""
-    if (TRAINED_MODEL / "model.safetensors").exists():
-        return TRAINED_MODEL
+def default_checkpoints(cache: Path | str) -> dict[str, Path]:
+    """Family -> the trained scene model of that family when it is present, else a random tiny
+    BLIP-2 of the family's parity preset (`tiny-opt`, `tiny-t5`) built into `cache`."""
     from .presets import build_tiny_checkpoint
 
-    target = Path(cache) / "tiny-opt"
-    if not (target / "model.safetensors").exists():
-        build_tiny_checkpoint(target)
-    return target
+    found = {}
+    for family, trained in TRAINED_MODELS.items():
+        if (trained / "model.safetensors").exists():
+            found[family] = trained
+            continue
+        target = Path(cache) / f"tiny-{family}"
+        if not (target / "model.safetensors").exists():
+            build_tiny_checkpoint(target, f"tiny-{family}")
+        found[family] = target
+    return found
 
 
 def samples() -> list[Sample]:

@@ -154,7 +154,8 @@ class GenerateAnswerer:
     """Greedy transformers `generate()` as an answerer, batched with the processor's left padding.
 
     Images go through the checkpoint's own processor, which puts `num_query_tokens` `<image>`
-    placeholders before the (BOS-prefixed) prompt, exactly as a served pipeline must.
+    placeholders before the prompt (OPT: BOS-prefixed; T5: ending in </s>, and a caption's prompt
+    "" is encoded as that), exactly as a served pipeline must.
     """
 
     def __init__(self, model, processor, max_new_tokens: int | None = None):
@@ -183,8 +184,10 @@ class GenerateAnswerer:
             config.max_new_tokens = self.max_new_tokens
         with torch.inference_mode():
             out = self.model.generate(**inputs, generation_config=config)
-        # Decoder-only generate returns the prompt ids followed by the new ones.
-        new = out[:, inputs["input_ids"].shape[1] :]
+        # Decoder-only generate returns the prompt ids followed by the new ones; encoder-decoder
+        # generate the decoder start token followed by them.
+        start = inputs["input_ids"].shape[1] if self.model.config.use_decoder_only_language_model else 1
+        new = out[:, start:]
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 
 

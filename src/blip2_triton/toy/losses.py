@@ -73,7 +73,7 @@ def losses_for(model, batch, heads=None):
     The LM loss is None for an image-only batch (`SceneDataset.image_batch`); the auxiliary loss
     (the sum of the `heads`' losses, see `aux_heads`) is None without heads.
 
-    The LM loss is BLIP-2's, `model(**batch).loss` when every example has its own image row: the
+    The LM loss is BLIP-2's (OPT or T5), `model(**batch).loss` when every example has its own image row: the
     query outputs of every row of `pixel_values` (`Blip2ForConditionalGeneration.
     get_image_features`) are gathered per example with `image_index` (when given) and scattered
     into the `<image>` positions exactly as the model's own forward does.
@@ -99,8 +99,12 @@ def losses_for(model, batch, heads=None):
     inputs_embeds = model.get_input_embeddings()(input_ids)
     mask = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds)
     inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
-    logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]
+    if not model.config.use_decoder_only_language_model:
+        # T5 makes its decoder's inputs from the labels and returns their loss, as in the model's forward.
+        lm = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], labels=labels)
+        return lm.loss, aux
+    logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"]).logits
     lm = model.loss_function(logits=logits[:, -labels.size(1):, :], labels=labels,
                              vocab_size=model.config.text_config.vocab_size)
     return lm, aux

@@ -21,7 +21,8 @@ from .card import machine_facts, plot_losses, write_model_card
 from .config import TrainConfig
 from .dataset import SceneDataset
 from .losses import aux_heads, losses_for
-from .model import SCENES_PRESET, build_model_and_processor, count_parameters
+from .embedded import TRAINED_MODELS
+from .model import SCENES_PRESETS, build_model_and_processor, copy_image_stages, count_parameters
 from .presets import TinyPreset
 from .scenes import HELDOUT_SEED, TRAIN_SEED, generate_scenes
 
@@ -63,8 +64,11 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
     set_determinism(cfg.seed, cfg.threads)
     if model is None:
         model, processor = build_model_and_processor(cfg.preset, cfg.seed, cfg.qformer_dropout, cfg.vision_init_std)
+        if cfg.image_stages_from:
+            copy_image_stages(model, cfg.image_stages_from)
     if dataset is None:
-        dataset = SceneDataset(cfg.train_scenes, TRAIN_SEED, processor, cfg.preset.num_query_tokens)
+        dataset = SceneDataset(cfg.train_scenes, TRAIN_SEED, processor, cfg.preset.num_query_tokens,
+                               encoder_decoder=cfg.preset.family == "t5")
     # Drawn after the model's weights, so the model's initialisation does not depend on it.
     aux_head = aux_heads(cfg.preset, cfg.aux_weight > 0 and cfg.slot_aux, cfg.aux_weight > 0 and cfg.shape_count_aux,
                          cfg.slot_per_query)
@@ -89,7 +93,8 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
             loss, aux = losses_for(model, dataset.image_batch(cfg.batch_size, generator), aux_head)
             total = aux
         else:
-            batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator, cfg.shared_images)
+            batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator, cfg.shared_images,
+                                  cfg.prefix_fraction)
             loss, aux = losses_for(model, batch, aux_head)
             total = loss if aux is None else loss + cfg.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
@@ -114,8 +119,10 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m blip2_triton.toy.train",
-                                description="Train the tiny BLIP-2 OPT on generated scenes (CPU, minutes).")
-    p.add_argument("--output", default=d.output, help="checkpoint directory to write (default: the bundled asset)")
+                                description="Train a tiny BLIP-2 (OPT or Flan-T5) on generated scenes (CPU, minutes).")
+    p.add_argument("--family", default="opt", choices=sorted(SCENES_PRESETS),
+                   help="the language model: OPT (decoder-only) or Flan-T5 (encoder-decoder)")
+    p.add_argument("--output", help="checkpoint directory to write (default: the family's bundled asset)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -142,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-scenes", type=int, default=d.eval_scenes, help="held-out scenes to evaluate; 0 skips")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="continue from a checkpoint this script wrote (its architecture; fresh optimizer and lr cycle)")
+    p.add_argument("--prefix-fraction", type=float, default=d.prefix_fraction,
+                   help="T5: fraction of captions split into an encoder prefix and a decoder suffix (prefix LM)")
+    p.add_argument("--image-stages-from", default=None, metavar="DIR",
+                   help="start the vision tower, Q-Former and queries from this checkpoint's (same image-stage sizes)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -161,7 +172,7 @@ def load_for_finetuning(cfg: TrainConfig):
     previous = json.loads(log_path.read_text())
     if previous.get("previous") is not None:
         raise SystemExit(f"--init-from {source}: that checkpoint was itself continued; start from a from-scratch run")
-    if previous["config"]["preset"] != asdict(cfg.preset):
+    if TinyPreset(**previous["config"]["preset"]) != cfg.preset:
         raise SystemExit(f"--init-from {source}: its architecture differs from the one the flags describe")
     previous.pop("evaluation", None)
     model = Blip2ForConditionalGeneration.from_pretrained(source)
@@ -174,24 +185,36 @@ def config_from_log(log: dict) -> TrainConfig:
     return TrainConfig(**{**log["config"], "preset": TinyPreset(**log["config"]["preset"])})
 
 
+def config_from_args(args) -> TrainConfig:
+    preset = dataclasses.replace(
+        SCENES_PRESETS[args.family], patch_size=args.patch_size, vision_hidden=args.vision_hidden,
+        vision_layers=args.vision_layers, num_query_tokens=args.num_query_tokens,
+    )
+    cfg = TrainConfig(
+        output=args.output or str(TRAINED_MODELS[args.family]), steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, warmup_steps=args.warmup_steps, caption_fraction=args.caption_fraction,
+        train_scenes=args.train_scenes, seed=args.seed, threads=args.threads, eval_scenes=args.eval_scenes,
+        qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
+        aux_weight=args.aux_weight, vision_init_std=args.vision_init_std, slot_aux=args.slot_aux,
+        shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps, slot_per_query=args.slot_per_query,
+        init_from=args.init_from, image_stages_from=args.image_stages_from, preset=preset,
+        prefix_fraction=args.prefix_fraction,
+    )
+    if not 0.0 <= cfg.caption_fraction <= 1.0:
+        raise SystemExit("--caption-fraction must be between 0 and 1")
+    if cfg.prefix_fraction and preset.family != "t5":
+        raise SystemExit("--prefix-fraction is for encoder-decoder LMs (--family t5)")
+    if cfg.init_from and cfg.image_stages_from:
+        raise SystemExit("--init-from continues a whole checkpoint; --image-stages-from starts a fresh one: give one")
+    return cfg
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """CLI entry point: train, save the checkpoint, loss curve, log and model card, evaluate."""
     from .evaluation import GenerateAnswerer, evaluate
 
     args = build_parser().parse_args(argv)
-    cfg = TrainConfig(
-        output=args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        caption_fraction=args.caption_fraction, train_scenes=args.train_scenes, seed=args.seed, threads=args.threads,
-        eval_scenes=args.eval_scenes, qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
-        aux_weight=args.aux_weight, vision_init_std=args.vision_init_std, slot_aux=args.slot_aux,
-        shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps, slot_per_query=args.slot_per_query,
-        init_from=args.init_from, preset=dataclasses.replace(
-            SCENES_PRESET, patch_size=args.patch_size, vision_hidden=args.vision_hidden,
-            vision_layers=args.vision_layers, num_query_tokens=args.num_query_tokens,
-        ),
-    )
-    if not 0.0 <= cfg.caption_fraction <= 1.0:
-        raise SystemExit("--caption-fraction must be between 0 and 1")
+    cfg = config_from_args(args)
     argv_shown = sys.argv[1:] if argv is None else argv
     command = "python -m blip2_triton.toy.train " + " ".join(argv_shown)
     output = Path(cfg.output)
@@ -208,12 +231,12 @@ def train_main(argv: list[str] | None = None) -> int:
     print(f"trained {cfg.steps} steps in {seconds:.0f} s, final loss {final_loss:.4f}; wrote {output}")
     if previous is None:
         plot_losses(losses, output / "loss_curve.png",
-                    f"blip2-tiny-scenes: {cfg.stage1_steps} + {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}",
+                    f"{output.name}: {cfg.stage1_steps} + {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}",
                     aux_losses)
     else:
         base = previous["config"]
         plot_losses(previous["losses"] + losses, output / "loss_curve.png",
-                    f"blip2-tiny-scenes: {base['stage1_steps']} + {base['steps']} + {cfg.steps} steps, seed {cfg.seed}",
+                    f"{output.name}: {base['stage1_steps']} + {base['steps']} + {cfg.steps} steps, seed {cfg.seed}",
                     previous["aux_losses"], stage3_start=base["stage1_steps"] + base["steps"],
                     aux_only_steps=base["stage1_steps"])
 
