@@ -92,3 +92,24 @@ def build_t5_tokenizer():
     vocab += [(piece, fallback) for piece in ["\u2581", *chars, *("\u2581" + c for c in chars if c.isalnum())]
               if piece not in counts]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_bert_tokenizer():
+    """WordPiece tokenizer in BERT's conventions ([PAD] = 0, [CLS] text [SEP]), lowercased.
+
+    The Q-Former's own text tokenizer for retrieval checkpoints: Salesforce/blip2-itm-vit-g uses
+    bert-base-uncased, whose [CLS] output is the text embedding ITC projects. Trained offline on
+    `scene_corpus()`.
+    """
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(
+        scene_corpus(), vocab_size=400, min_frequency=1,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        wordpiece.save(str(path))
+        return BertTokenizerFast(tokenizer_file=str(path), model_max_length=512)
