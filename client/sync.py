@@ -9,10 +9,13 @@ import queue
 import threading
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from blip2_triton import api
 
 from .aio import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncBlip2Client, Result
 from .images import ImageLike
+from .retrieval import Match
 
 _DONE = object()
 
@@ -94,6 +97,15 @@ class Blip2Client:
     def stream(self, image: ImageLike, prompt: str = "", **controls) -> Iterator[str]:
         """Text pieces as they are generated; closing the iterator early cancels the request."""
         return self._iterate(self._async.stream(image, prompt, **controls))
+
+    def match(self, image: ImageLike, text: str) -> Match:
+        return self._run(self._async.match(image, text))
+
+    def embed_image(self, image: ImageLike) -> np.ndarray:
+        return self._run(self._async.embed_image(image))
+
+    def embed_text(self, text: str) -> np.ndarray:
+        return self._run(self._async.embed_text(text))
 
     def _iterate(self, iterator) -> Iterator[str]:
         """Items of an async iterator run on the client's loop, as a blocking iterator."""

@@ -1,0 +1,175 @@
+"""Image-text retrieval (issue 13): the export gate, and ITM / ITC / embeddings through the real
+server against transformers' Blip2ForImageTextRetrieval on the same weights, on every retrieval
+preset; bad input; a repository holding a generation and a retrieval checkpoint side by side."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+
+import numpy as np
+import pytest
+
+from blip2_triton.toy.presets import RETRIEVAL_PRESETS
+
+from .conftest import pil, random_image
+
+TEXTS = ("a red circle", "two blue squares above a green triangle", "a yellow square on the left of the image")
+TOLERANCE = 1e-4  # absolute, through the server (issue 13)
+
+
+@functools.lru_cache(maxsize=None)
+def retrieval_model(ckpt: str):
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+    return Blip2ForImageTextRetrieval.from_pretrained(ckpt).eval(), AutoProcessor.from_pretrained(ckpt)
+
+
+def reference(ckpt, image_seed: int, text: str) -> dict:
+    """transformers on one pair: ITM probability (use_image_text_matching_head=True), ITC similarity
+    and the normalized embeddings (False), with the processor's own inputs."""
+    import torch
+
+    model, processor = retrieval_model(str(ckpt))
+    inputs = processor(images=pil(image_seed), text=text, return_tensors="pt")
+    with torch.no_grad():
+        itm = model(**inputs, use_image_text_matching_head=True)
+        itc = model(**inputs, use_image_text_matching_head=False)
+    return {
+        "itm_probability": float(itm.logits_per_image.softmax(dim=1)[0, 1]),
+        "itc_similarity": float(itc.logits_per_image[0, 0]),
+        "image_embeds": itc.image_embeds[0].numpy(),
+        "text_embeds": itc.text_embeds[0].numpy(),
+    }
+
+
+def test_every_retrieval_graph_passes_the_gate(exported):
+    from blip2_triton import specs
+
+    for preset in RETRIEVAL_PRESETS:
+        _, repo, report = exported(preset)
+        assert report.validated
+        assert set(report.max_abs_diff) == {s.name for s in specs.retrieval_specs(_config(repo))}
+        assert all(c["ok"] for c in report.checks) and len(report.checks) >= 8
+
+
+def _config(repo):
+    from transformers import AutoConfig
+
+    from blip2_triton.repository import retrieval_assets_dir
+
+    return AutoConfig.from_pretrained(retrieval_assets_dir(repo))
+
+
+@pytest.fixture(scope="module", params=sorted(RETRIEVAL_PRESETS))
+def served_retrieval(request, exported, tiny_checkpoints, tmp_path_factory):
+    """One retrieval preset on a real tritonserver. tiny-itm's repository also holds tiny-opt's
+    generation export, as one repository serving both kinds of checkpoint."""
+    from blip2_triton.client import Blip2Client
+    from blip2_triton.export.exporter import export_checkpoint
+    from blip2_triton.server import TritonServer
+
+    preset = request.param
+    ckpt, repo, _ = exported(preset)
+    if preset == "tiny-itm":
+        repo = tmp_path_factory.mktemp("both") / "repo"
+        export_checkpoint(tiny_checkpoints("tiny-opt"), repo, progress=False)
+        export_checkpoint(ckpt, repo, progress=False)  # leaves the generation models in place
+    log = tmp_path_factory.mktemp("served-retrieval") / "tritonserver.log"
+    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server, \
+            Blip2Client(server.grpc_url, timeout=60) as client:
+        yield preset, ckpt, repo, client
+
+
+@pytest.mark.server
+def test_match_and_embeddings_equal_transformers_through_the_server(served_retrieval):
+    _, ckpt, _, client = served_retrieval
+    worst = {"itm": 0.0, "itc": 0.0, "image": 0.0, "text": 0.0}
+    for seed in (0, 1):
+        for text in TEXTS:
+            ref = reference(ckpt, seed, text)
+            got = client.match(random_image(seed), text)
+            worst["itm"] = max(worst["itm"], abs(got.itm_probability - ref["itm_probability"]))
+            worst["itc"] = max(worst["itc"], abs(got.itc_similarity - ref["itc_similarity"]))
+            worst["text"] = max(worst["text"], float(np.abs(client.embed_text(text) - ref["text_embeds"]).max()))
+        image = client.embed_image(random_image(seed))
+        assert image.shape == ref["image_embeds"].shape and image.dtype == np.float32
+        worst["image"] = max(worst["image"], float(np.abs(image - ref["image_embeds"]).max()))
+    assert all(v <= TOLERANCE for v in worst.values()), worst
+
+
+@pytest.mark.server
+def test_concurrent_calls_of_different_lengths_give_the_answers_of_single_calls(served_retrieval):
+    """Requests batched together in the stages (texts of several lengths among them) answer as alone."""
+    _, ckpt, repo, client = served_retrieval
+    from blip2_triton.client import AsyncBlip2Client
+
+    pairs = [(seed, text) for seed in (2, 3) for text in TEXTS]
+    alone = [client.match(random_image(seed), text) for seed, text in pairs]
+
+    async def together():
+        async with AsyncBlip2Client(client.url, timeout=60) as aclient:
+            return await asyncio.gather(*(aclient.match(random_image(seed), text) for seed, text in pairs),
+                                        *(aclient.embed_text(text) for text in TEXTS))
+
+    results = asyncio.run(together())
+    for a, b in zip(alone, results[: len(pairs)]):
+        assert abs(a.itm_probability - b.itm_probability) <= 1e-5 and abs(a.itc_similarity - b.itc_similarity) <= 1e-5
+    for text, embedding in zip(TEXTS, results[len(pairs):]):
+        assert np.abs(embedding - client.embed_text(text)).max() <= 1e-5
+
+
+@pytest.mark.server
+def test_bad_input_is_refused_with_a_reason_and_the_next_request_is_served(served_retrieval):
+    from blip2_triton.api import Reason
+    from blip2_triton.client import InvalidArgumentError
+
+    _, ckpt, _, client = served_retrieval
+    image = random_image(0)
+    cases = [
+        (lambda: client.match(image, ""), Reason.TEXT, "empty"),
+        (lambda: client.embed_text("   "), Reason.TEXT, "empty"),
+        (lambda: client.embed_text("red " * 200), Reason.TEXT, "tokens"),
+        (lambda: client.match(image, "circle " * 200), Reason.TEXT, "tokens"),
+        (lambda: client.match(b"not an image", "a red circle"), Reason.IMAGE, "cannot decode"),
+        (lambda: client.embed_image(b""), Reason.IMAGE, "empty"),
+    ]
+    for call, reason, words in cases:
+        with pytest.raises(InvalidArgumentError) as e:
+            call()
+        assert e.value.reason is reason and words in e.value.message, e.value.message
+    assert client.match(image, TEXTS[0]).itm_probability == pytest.approx(reference(ckpt, 0, TEXTS[0])["itm_probability"],
+                                                                          abs=TOLERANCE)
+
+
+@pytest.mark.server
+def test_wrong_shapes_and_types_are_refused_by_triton(served_retrieval):
+    import tritonclient.grpc as grpcclient
+
+    from blip2_triton.client.errors import InvalidArgumentError, from_triton
+
+    _, _, _, client = served_retrieval
+    raw = grpcclient.InferenceServerClient(client.url)
+    text = grpcclient.InferInput("text", [1, 2], "BYTES")
+    text.set_data_from_numpy(np.asarray([[b"a", b"b"]], dtype=object))
+    wrong_type = grpcclient.InferInput("text", [1, 1], "INT32")
+    wrong_type.set_data_from_numpy(np.zeros((1, 1), np.int32))
+    for inputs in ([text], [wrong_type]):
+        with pytest.raises(Exception) as e:
+            raw.infer("embed_text", inputs)
+        assert isinstance(from_triton(e.value), InvalidArgumentError), e.value
+    raw.close()
+    assert client.embed_text(TEXTS[0]).shape[0] > 0
+
+
+@pytest.mark.server
+def test_a_repository_serves_generation_and_retrieval_side_by_side(served_retrieval):
+    """tiny-itm's repository holds tiny-opt's export too: both are served; the other, only retrieval."""
+    from blip2_triton import repository
+
+    preset, _, repo, client = served_retrieval
+    both = preset == "tiny-itm"
+    expected = set(repository.RETRIEVAL_MODELS) | (set(repository.GENERATION_MODELS) if both else set())
+    assert {p.name for p in repo.iterdir() if (p / "config.pbtxt").exists()} == expected
+    if both:
+        assert client.caption(random_image(0), max_new_tokens=3).token_ids
