@@ -7,7 +7,9 @@ Blip2Client runs them on its loop.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -56,6 +58,16 @@ class RetrievalCalls:
                                 [api.ITM_PROBABILITY.name, api.ITC_SIMILARITY.name])
         return Match(float(out[api.ITM_PROBABILITY.name].reshape(-1)[0]), float(out[api.ITC_SIMILARITY.name].reshape(-1)[0]))
 
+    async def matches(self, image: ImageLike, texts: Sequence[str]) -> list[Match]:
+        """`match` of one image with each text, sent concurrently; results in text order."""
+        image = image_bytes(image)  # read once
+        tasks = [asyncio.ensure_future(self.match(image, text)) for text in texts]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
     async def embed_image(self, image: ImageLike) -> np.ndarray:
         """The image's normalized projected query embeddings, float32 [Q, D] (BLIP-2: [32, 256])."""
         out = await self._infer(api.EMBED_IMAGE, [_tensor(api.IMAGE, image_bytes(image))], [specs.IMAGE_EMBEDS_PROJ])
@@ -65,6 +77,23 @@ class RetrievalCalls:
         """The text's normalized projected [CLS] embedding, float32 [D] (BLIP-2: [256])."""
         out = await self._infer(api.EMBED_TEXT, [_tensor(api.RETRIEVAL_TEXT, _text(text))], [specs.TEXT_EMBEDS_PROJ])
         return out[specs.TEXT_EMBEDS_PROJ][0]
+
+    # ---- image search (client/index.py) ------------------------------------------------------
+    async def index(self, index, directory, concurrency: int = 8, progress: Callable[[int], None] | None = None):
+        """Embed every image under `directory` into `index` (an index.ImageIndex) -> IndexReport."""
+        return await index.index(self, directory, concurrency=concurrency, progress=progress)
+
+    async def search_text(self, index, text: str, top_k: int = 5, rerank: int = 0):
+        """The `top_k` images of `index` for `text` by ITC, the best `rerank` re-ranked by ITM -> [Hit]."""
+        from .index import search_text
+
+        return await search_text(index, self, text, top_k, rerank)
+
+    async def search_image(self, index, image: ImageLike, top_k: int = 5):
+        """The `top_k` images of `index` nearest to `image` -> [Hit]."""
+        from .index import search_image
+
+        return await search_image(index, self, image, top_k)
 
     async def _infer(self, model: str, inputs, outputs: list[str]) -> dict[str, np.ndarray]:
         from tritonclient.grpc import InferRequestedOutput

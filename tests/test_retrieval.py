@@ -173,3 +173,125 @@ def test_a_repository_serves_generation_and_retrieval_side_by_side(served_retrie
     assert {p.name for p in repo.iterdir() if (p / "config.pbtxt").exists()} == expected
     if both:
         assert client.caption(random_image(0), max_new_tokens=3).token_ids
+
+
+# ---- CLI: match, index, search ---------------------------------------------------------------------
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from blip2_triton.cli import main
+
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.server
+def test_match_cli_prints_one_json_object_per_pair(served_retrieval, tmp_path, capsys):
+    import json
+
+    _, _, _, client = served_retrieval
+    image = tmp_path / "image.png"
+    image.write_bytes(random_image(4))
+    status, out, _ = _cli(capsys, "match", str(image), TEXTS[0], TEXTS[1], "--json", "--url", client.url)
+    assert status == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["text"] for r in records] == list(TEXTS[:2])
+    for r in records:
+        m = client.match(image, r["text"])
+        assert set(r) == {"image", "text", "itm_probability", "itc_similarity"}
+        assert (r["itm_probability"], r["itc_similarity"]) == pytest.approx((m.itm_probability, m.itc_similarity), abs=1e-6)
+    status, out, err = _cli(capsys, "match", str(image), "", "--url", client.url)
+    assert status == 1 and "invalid argument [text]" in err and out == ""
+
+
+def _gallery(directory, seeds) -> list:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in seeds:
+        path = directory / f"scene_{seed:03d}.png"
+        path.write_bytes(random_image(seed))
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.server
+def test_index_then_search_ranks_as_itc_and_itm_do(served_retrieval, tmp_path, capsys):
+    """Text search equals ITC computed by hand over the gallery; --rerank orders the best N by ITM;
+    an indexed image finds itself first; a bad file is refused and everything else is indexed."""
+    import json
+
+    from blip2_triton.client.index import ImageIndex
+
+    _, _, _, client = served_retrieval
+    paths = _gallery(tmp_path / "images", range(10, 22))
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG not really")
+    db, url = str(tmp_path / "db"), client.url
+    status, out, err = _cli(capsys, "index", str(tmp_path / "images"), "--collection", "c", "--db", db, "--url", url)
+    assert status == 1 and "indexed 12, already indexed 0, refused 1" in out and "broken.png" in err
+    status, out, _ = _cli(capsys, "index", str(tmp_path / "images"), "--collection", "c", "--db", db, "--url", url)
+    assert "indexed 0, already indexed 12, refused 1" in out  # resumable: nothing embedded twice
+
+    text = TEXTS[1]
+    query = client.embed_text(text)
+    itc = {str(p.resolve()): float(np.max(client.embed_image(p) @ query)) for p in paths}
+    by_itc = sorted(itc, key=lambda p: -itc[p])
+    status, out, _ = _cli(capsys, "search", text, "--collection", "c", "--db", db, "--url", url, "--top-k", "5", "--json")
+    hits = [json.loads(line) for line in out.splitlines()]
+    assert status == 0 and [h["path"] for h in hits] == by_itc[:5]
+    assert [h["itc_similarity"] for h in hits] == pytest.approx([itc[p] for p in by_itc[:5]], abs=1e-5)
+
+    status, out, _ = _cli(capsys, "search", text, "--collection", "c", "--db", db, "--url", url, "--top-k", "5",
+                          "--rerank", "4", "--json")
+    hits = [json.loads(line) for line in out.splitlines()]
+    itm = {p: client.match(p, text).itm_probability for p in by_itc[:4]}
+    assert [h["path"] for h in hits[:4]] == sorted(itm, key=lambda p: -itm[p]) and hits[4]["path"] == by_itc[4]
+    assert "itm_probability" not in hits[4]
+
+    status, out, _ = _cli(capsys, "search", "--image", str(paths[3]), "--collection", "c", "--db", db, "--url", url,
+                          "--json", "--top-k", "3")
+    hits = [json.loads(line) for line in out.splitlines()]
+    assert hits[0]["path"] == str(paths[3].resolve()) and hits[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+
+    for argv, words in ((("", "--collection", "c"), "invalid argument [text]"),
+                        (("a red circle", "--collection", "nothing"), "no collection 'nothing'"),
+                        (("--image", str(paths[0]), "--rerank", "2", "--collection", "c"), "--rerank needs a text")):
+        status, out, err = _cli(capsys, "search", *argv, "--db", db, "--url", url)
+        assert status == 1 and words in err, err
+    with ImageIndex("c", db) as index:
+        assert index.count() == 12  # refusals lost nothing
+
+
+@pytest.mark.server
+def test_index_killed_midway_leaves_a_collection_the_next_run_completes(served_retrieval, tmp_path):
+    """SIGKILL the indexer (a crash) once it has written some points: the collection opens and
+    searches, and the next run embeds only what is missing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from blip2_triton.client.index import ImageIndex
+
+    _, _, _, client = served_retrieval
+    count = 48
+    _gallery(tmp_path / "images", range(100, 100 + count))
+    db = str(tmp_path / "db")
+    argv = [sys.executable, "-m", "blip2_triton.cli", "index", str(tmp_path / "images"), "--collection", "c",
+            "--db", db, "--url", client.url, "--concurrency", "2"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    seen = b""
+    try:
+        while b"4/%d" % count not in seen and process.poll() is None:  # tqdm's counter, after two batches
+            seen += os.read(process.stderr.fileno(), 4096) or b""
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(30)
+        process.stderr.close()
+    with ImageIndex("c", db) as index:
+        before = index.count()
+        assert 4 <= before <= count
+        assert len(index.nearest(client.embed_text(TEXTS[0])[None], 3)) == 3
+    with ImageIndex("c", db) as index:
+        report = client.index(index, tmp_path / "images")
+        assert (report.indexed, report.skipped, report.refused) == (count - before, before, [])
+        assert index.count() == count
