@@ -53,6 +53,40 @@ def test_every_retrieval_graph_passes_the_gate(exported):
         assert all(c["ok"] for c in report.checks) and len(report.checks) >= 8
 
 
+def test_gate_rejects_retrieval_graphs_of_other_weights(exported, tmp_path):
+    """Each retrieval graph checked against another seed's module fails: the gate sees the weights."""
+    from blip2_triton import repository
+    from blip2_triton.export.exporter import load_checkpoint
+    from blip2_triton.export.families import family_graphs
+    from blip2_triton.export.validate import check_graph
+    from blip2_triton.toy.presets import build_tiny_checkpoint
+
+    _, repo, _ = exported("tiny-itm")
+    model, _ = load_checkpoint(build_tiny_checkpoint(tmp_path / "other", "tiny-itm", seed=1))
+    graphs = family_graphs(model)
+    assert [g.spec.name for g in graphs] == list(repository.RETRIEVAL_GRAPHS)
+    for graph in graphs:
+        assert any(not c.ok for c in check_graph(graph, repository.graph_path(repo, graph.spec.name))), graph.spec.name
+
+
+def test_a_stage_batches_requests_of_one_shape_and_runs_others_apart(exported):
+    """run_batched (the stage models' execute): texts of two lengths in one Triton batch each get
+    what they get alone, and a request that fails (a bad dtype here) fails alone."""
+    from blip2_triton import repository, specs
+    from blip2_triton.serving.onnx_graph import OnnxGraph, run_batched
+    from blip2_triton.serving.retrieval import text_inputs
+
+    _, repo, _ = exported("tiny-itm")
+    graph = OnnxGraph(repository.graph_path(repo, specs.TEXT_FEATURES))
+    requests = [text_inputs(np.arange(5, 5 + n)) for n in (4, 7, 4, 7, 5)]
+    bad = {specs.INPUT_IDS: np.zeros((1, 3, 2), np.int64), specs.ATTENTION_MASK: np.ones((1, 3, 2), np.int64)}
+    results = run_batched(graph, [*requests, bad])
+    assert isinstance(results[-1], Exception)
+    for inputs, result in zip(requests, results):
+        alone = graph(**inputs)[specs.TEXT_EMBEDS_PROJ]
+        assert np.abs(result[specs.TEXT_EMBEDS_PROJ] - alone).max() <= 1e-6
+
+
 def _config(repo):
     from transformers import AutoConfig
 
@@ -76,8 +110,9 @@ def served_retrieval(request, exported, tiny_checkpoints, tmp_path_factory):
         export_checkpoint(tiny_checkpoints("tiny-opt"), repo, progress=False)
         export_checkpoint(ckpt, repo, progress=False)  # leaves the generation models in place
     log = tmp_path_factory.mktemp("served-retrieval") / "tritonserver.log"
-    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server, \
-            Blip2Client(server.grpc_url, timeout=60) as client:
+    # Twelve model processes start at once (eight for tiny-itm-wide): generous on a loaded machine.
+    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log,
+                      startup_timeout=900) as server, Blip2Client(server.grpc_url, timeout=120) as client:
         yield preset, ckpt, repo, client
 
 
@@ -108,7 +143,7 @@ def test_concurrent_calls_of_different_lengths_give_the_answers_of_single_calls(
     alone = [client.match(random_image(seed), text) for seed, text in pairs]
 
     async def together():
-        async with AsyncBlip2Client(client.url, timeout=60) as aclient:
+        async with AsyncBlip2Client(client.url, timeout=120) as aclient:
             return await asyncio.gather(*(aclient.match(random_image(seed), text) for seed, text in pairs),
                                         *(aclient.embed_text(text) for text in TEXTS))
 
