@@ -130,6 +130,7 @@ def test_match_and_embeddings_equal_transformers_through_the_server(served_retri
         image = client.embed_image(random_image(seed))
         assert image.shape == ref["image_embeds"].shape and image.dtype == np.float32
         worst["image"] = max(worst["image"], float(np.abs(image - ref["image_embeds"]).max()))
+    print(f"{served_retrieval[0]}: max |served - transformers| " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     assert all(v <= TOLERANCE for v in worst.values()), worst
 
 
