@@ -79,11 +79,6 @@ def checkpoint_dir(repo: Path | str, config) -> Path:
     return retrieval_assets_dir(repo) if is_retrieval(config) else assets_dir(repo)
 
 
-def models_of(config) -> tuple[str, ...]:
-    """The Triton models the export of a checkpoint with this Blip2Config writes."""
-    return RETRIEVAL_MODELS if is_retrieval(config) else GENERATION_MODELS
-
-
 def other_models(config) -> tuple[str, ...]:
     """The models of the other kind of export, which an export into the same repository leaves alone."""
     return GENERATION_MODELS if is_retrieval(config) else RETRIEVAL_MODELS
@@ -98,7 +93,7 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
     """
     graphs = graph_specs(config, float_dtype)
     if is_retrieval(config):
-        return _retrieval_configs(config, graphs, stateless_backend)
+        return _retrieval_configs(graphs, stateless_backend)
     pixel_values = ModelTensor.from_spec(graphs[specs.VISION_ENCODER].input(specs.PIXEL_VALUES))
 
     preprocess = ModelConfig(
@@ -143,7 +138,7 @@ def _stateless(spec: specs.GraphSpec, stateless_backend: str) -> ModelConfig:
     return ModelConfig(**common, parameters={"onnx_file": graph_location(spec.name)[1], EXCLUSIVE_COMPUTE: "true"})
 
 
-def _retrieval_configs(config, graphs: dict[str, specs.GraphSpec], stateless_backend: str) -> list[ModelConfig]:
+def _retrieval_configs(graphs: dict[str, specs.GraphSpec], stateless_backend: str) -> list[ModelConfig]:
     """A retrieval checkpoint's models: its preprocess, its four graphs, and the three public calls."""
     pixel_values = ModelTensor.from_spec(graphs[specs.RETRIEVAL_VISION_ENCODER].input(specs.PIXEL_VALUES))
     checkpoint = {CHECKPOINT_DIR: _relative(retrieval_assets_dir(""))}
