@@ -85,7 +85,10 @@ class ImageIndex:
         else:
             path = Path(db) if db else default_db()
             path.mkdir(parents=True, exist_ok=True)
-            self.qdrant = QdrantClient(path=str(path))
+            try:
+                self.qdrant = QdrantClient(path=str(path))
+            except RuntimeError as e:  # qdrant-client: "already accessed by another instance"
+                raise CollectionError(f"database {path}: {e}") from None
 
     def close(self) -> None:
         self.qdrant.close()

@@ -331,3 +331,16 @@ def test_index_killed_midway_leaves_a_collection_the_next_run_completes(served_r
         report = client.index(index, tmp_path / "images")
         assert (report.indexed, report.skipped, report.refused) == (count - before, before, [])
         assert index.count() == count
+
+
+def test_a_local_database_in_use_is_a_clear_error(tmp_path):
+    """qdrant-client's local mode serves one process at a time: a second one gets CollectionError."""
+    import subprocess
+    import sys
+
+    from blip2_triton.client.index import ImageIndex
+
+    with ImageIndex("c", tmp_path / "db"):
+        code = f"from blip2_triton.client.index import ImageIndex; ImageIndex('c', {str(tmp_path / 'db')!r})"
+        err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+    assert "CollectionError" in err and "already accessed by another instance" in err
