@@ -371,12 +371,13 @@ _TEXT_TOKENIZERS: list = []
 def _text_tokenizer():
     """The retrieval calls' TextTokenizer over a tiny-itm checkpoint (Q-Former text positions: 24)."""
     if not _TEXT_TOKENIZERS:
+        import atexit
+        import shutil
         import tempfile
+        from pathlib import Path
 
         from blip2_triton.serving.retrieval import TextTokenizer
         from blip2_triton.toy.presets import build_tiny_checkpoint
-
-        from pathlib import Path
 
         directory = tempfile.mkdtemp(prefix="text-tokenizer-")
         atexit.register(shutil.rmtree, directory, True)
