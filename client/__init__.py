@@ -1,4 +1,5 @@
-"""Python client for the served BLIP-2 model: caption, ask, chat, batch and stream over gRPC."""
+"""Python client for the served BLIP-2 models: caption, ask, chat, batch and stream over gRPC; match,
+embed_image and embed_text against a retrieval checkpoint."""
 from blip2_triton.api import Reason
 
 from .aio import AsyncBlip2Client, Result
@@ -11,9 +12,10 @@ from .errors import (
     UnavailableError,
 )
 from .prompts import chat_prompt, vqa_prompt
+from .retrieval import Match
 from .sync import Blip2Client
 
 __all__ = [
     "AsyncBlip2Client", "Blip2Client", "Result", "Blip2Error", "CancelledError", "DeadlineExceededError",
-    "InvalidArgumentError", "Reason", "ServerError", "UnavailableError", "chat_prompt", "vqa_prompt",
+    "InvalidArgumentError", "Match", "Reason", "ServerError", "UnavailableError", "chat_prompt", "vqa_prompt",
 ]

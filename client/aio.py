@@ -23,6 +23,7 @@ from .errors import Blip2Error, DeadlineExceededError, InvalidArgumentError, Una
 from .images import ImageLike, image_bytes
 from .options import GenerationOptions
 from .prompts import chat_prompt, vqa_prompt
+from .retrieval import RetrievalCalls
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_TIMEOUT = 120.0
@@ -65,8 +66,9 @@ def build_inputs(image: bytes, prompt: str, stream: bool, options: GenerationOpt
 _TRITON = {"bytes": "BYTES", "bool": "BOOL", "int32": "INT32", "int64": "INT64", "float32": "FP32"}
 
 
-class AsyncBlip2Client:
-    """Caption, ask, chat and stream against a served `blip2` model.
+class AsyncBlip2Client(RetrievalCalls):
+    """Caption, ask, chat and stream against a served `blip2` model; match, embed_image and
+    embed_text against a served retrieval checkpoint (client/retrieval.py).
 
     Generation controls are keyword arguments named as in transformers' generate()
     (max_new_tokens, num_beams, do_sample, top_p, ...); absent ones take the checkpoint's defaults.
@@ -212,14 +214,15 @@ class AsyncBlip2Client:
         finally:  # also on cancellation and when the caller stops iterating: end the gRPC call
             responses.cancel()
 
-    def _typed(self, error: BaseException) -> Blip2Error:
+    def _typed(self, error: BaseException, model: str | None = None) -> Blip2Error:
         """The typed error for what the transport or the server reported; timeouts and
-        unavailability name the timeout or the server."""
+        unavailability name the timeout or the server (and `model`, by default the client's)."""
         error = from_triton(error)
         if isinstance(error, DeadlineExceededError):
             return DeadlineExceededError(_deadline_message(self.timeout))
         if isinstance(error, UnavailableError):
-            return UnavailableError(f"{self.url} (model {self.model!r}) unavailable: {error.message}", error.status)
+            return UnavailableError(f"{self.url} (model {model or self.model!r}) unavailable: {error.message}",
+                                    error.status)
         return error
 
 

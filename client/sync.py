@@ -9,10 +9,13 @@ import queue
 import threading
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from blip2_triton import api
 
 from .aio import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncBlip2Client, Result
 from .images import ImageLike
+from .retrieval import Match
 
 _DONE = object()
 
@@ -94,6 +97,27 @@ class Blip2Client:
     def stream(self, image: ImageLike, prompt: str = "", **controls) -> Iterator[str]:
         """Text pieces as they are generated; closing the iterator early cancels the request."""
         return self._iterate(self._async.stream(image, prompt, **controls))
+
+    def match(self, image: ImageLike, text: str) -> Match:
+        return self._run(self._async.match(image, text))
+
+    def matches(self, image: ImageLike, texts: Sequence[str]) -> list[Match]:
+        return self._run(self._async.matches(image, texts))
+
+    def embed_image(self, image: ImageLike) -> np.ndarray:
+        return self._run(self._async.embed_image(image))
+
+    def embed_text(self, text: str) -> np.ndarray:
+        return self._run(self._async.embed_text(text))
+
+    def index(self, index, directory, concurrency: int = 8, progress=None):
+        return self._run(self._async.index(index, directory, concurrency, progress))
+
+    def search_text(self, index, text: str, top_k: int = 5, rerank: int = 0):
+        return self._run(self._async.search_text(index, text, top_k, rerank))
+
+    def search_image(self, index, image: ImageLike, top_k: int = 5):
+        return self._run(self._async.search_image(index, image, top_k))
 
     def _iterate(self, iterator) -> Iterator[str]:
         """Items of an async iterator run on the client's loop, as a blocking iterator."""

@@ -7,12 +7,17 @@ class ProcessorMismatchError(ValueError):
 
 
 def load_checkpoint(model: str, float_dtype: str = "float32"):
-    """Model (eager attention, for tracing) and processor via transformers' own from_pretrained."""
+    """Model (eager attention, for tracing) and processor via transformers' own from_pretrained:
+    a Blip2ForImageTextRetrieval when config.json names that architecture, else a
+    Blip2ForConditionalGeneration."""
     import torch
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    from blip2_triton.families import is_retrieval
 
     processor = AutoProcessor.from_pretrained(model)
-    blip2 = Blip2ForConditionalGeneration.from_pretrained(
+    cls = Blip2ForImageTextRetrieval if is_retrieval(AutoConfig.from_pretrained(model)) else Blip2ForConditionalGeneration
+    blip2 = cls.from_pretrained(
         model, dtype=getattr(torch, float_dtype), attn_implementation="eager"
     ).eval()
     return blip2, processor

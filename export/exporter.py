@@ -83,7 +83,7 @@ def export_checkpoint(
     say(f"loading {model} ({dtype})")
     blip2, processor = load_checkpoint(model, float_dtype)
     check_image_size(processor, blip2.config)
-    config, generation_config = blip2.config, blip2.generation_config
+    config, generation_config = blip2.config, getattr(blip2, "generation_config", None)  # None: retrieval
     graphs = family_graphs(blip2, float_dtype)
     names = [g.spec.name for g in graphs]
     say(f"loaded in {time.perf_counter() - steps.start:.1f} s, peak RSS {peak_rss_mib():.0f} MiB; "
@@ -121,8 +121,8 @@ def export_checkpoint(
         say("writing config.pbtxt files, model.py files and the checkpoint's processor, tokenizer and configs")
         write_repository(staging, config, float_dtype,
                                     checkpoint_files=_save_assets(config, generation_config, processor))
-        (repository.assets_dir(staging) / REPORT).write_text(json.dumps(asdict(report), indent=2))
-        _install(staging, output)
+        (repository.checkpoint_dir(staging, config) / REPORT).write_text(json.dumps(asdict(report), indent=2))
+        _install(staging, output, keep=set(repository.other_models(config)))
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -195,9 +195,10 @@ def _has_external_files(path: Path) -> bool:
     return any(p != path for p in path.parent.iterdir())
 
 
-def _install(staging: Path, output: Path) -> None:
+def _install(staging: Path, output: Path, keep: set[str] = frozenset()) -> None:
     """Move the staged models into `output`, replacing models of the same name and removing
-    models an earlier export (or an older layout) left there; other files in `output` stay."""
+    models an earlier export (or an older layout) left there, except those named in `keep` (the
+    other kind of export's: generation and retrieval models share a repository); other files stay."""
     if not output.exists():
         staging.rename(output)
         return
@@ -208,7 +209,7 @@ def _install(staging: Path, output: Path) -> None:
             if (output / model.name).exists():
                 (output / model.name).rename(old / model.name)
             model.rename(output / model.name)
-        remove_stale_models(output, {m.name for m in models})
+        remove_stale_models(output, {m.name for m in models} | keep)
     finally:
         shutil.rmtree(old)
 
@@ -222,6 +223,7 @@ def _save_assets(config, generation_config, processor):
         directory.mkdir(parents=True)
         processor.save_pretrained(directory)
         config.save_pretrained(directory)
-        generation_config.save_pretrained(directory)
+        if generation_config is not None:  # a retrieval checkpoint generates nothing
+            generation_config.save_pretrained(directory)
 
     return write

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from blip2_triton.families import family_of
+from blip2_triton.families import family_of, is_retrieval
 
 from .graphs import opt_graphs
+from .retrieval import retrieval_graphs
 from .t5 import t5_graphs
 
 BUILDERS: dict[str, Callable[[object, str], list]] = {
@@ -20,6 +21,8 @@ BUILDERS: dict[str, Callable[[object, str], list]] = {
 
 
 def family_graphs(model, float_dtype: str = "float32") -> list:
-    """The GraphExports (spec, torch module, input sampler) of a loaded Blip2ForConditionalGeneration;
-    UnsupportedModelError for a language model with no family."""
+    """The GraphExports (spec, torch module, input sampler) of a loaded Blip2ForConditionalGeneration
+    (UnsupportedModelError for a language model with no family) or Blip2ForImageTextRetrieval."""
+    if is_retrieval(model.config):
+        return retrieval_graphs(model, float_dtype)
     return BUILDERS[family_of(model.config).name](model, float_dtype)

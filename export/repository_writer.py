@@ -11,7 +11,7 @@ from blip2_triton import api
 from blip2_triton import specs
 from blip2_triton.model_repository import SOURCE_DIR
 from blip2_triton.pbtxt import render
-from blip2_triton.repository import assets_dir, model_configs
+from blip2_triton.repository import RETRIEVAL_GRAPHS, checkpoint_dir, model_configs, other_models
 
 log = logging.getLogger("blip2_triton.export")
 
@@ -21,6 +21,9 @@ MODEL_SOURCES = {
     specs.VISION_ENCODER: "onnx_graph",
     specs.QFORMER: "onnx_graph",
     api.PIPELINE: "blip2",
+    api.RETRIEVAL_PREPROCESS: "preprocess",
+    **{graph: "onnx_graph" for graph in RETRIEVAL_GRAPHS},
+    **{call: "retrieval" for call in api.RETRIEVAL_CALLS},
 }
 
 
@@ -31,10 +34,11 @@ def write_repository(
     checkpoint_files: Callable[[Path], None] | None = None,
     stateless_backend: str = "python",
 ) -> Path:
-    """Write every config.pbtxt and model.py into `repo` (the ONNX files are written by the exporter)."""
+    """Write every config.pbtxt and model.py into `repo` (the ONNX files are written by the exporter).
+    The other kind of export's models (generation / retrieval) in `repo` stay."""
     repo = Path(repo)
     configs = model_configs(config, float_dtype, stateless_backend)
-    remove_stale_models(repo, {cfg.name for cfg in configs})
+    remove_stale_models(repo, {cfg.name for cfg in configs} | set(other_models(config)))
     for cfg in configs:
         model_dir = repo / cfg.name
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
@@ -43,7 +47,7 @@ def write_repository(
         if source and cfg.backend == "python":
             shutil.copyfile(SOURCE_DIR / source / "model.py", model_dir / "1" / "model.py")
     if checkpoint_files is not None:
-        checkpoint_files(assets_dir(repo))
+        checkpoint_files(checkpoint_dir(repo, config))
     return repo
 
 

@@ -121,7 +121,8 @@ def check_graph(export: GraphExport, onnx_path: Path, providers: list[str] | Non
 
 
 def _float_dtype(spec: specs.GraphSpec) -> str:
-    return next(t.dtype for t in spec.inputs if t.dtype.startswith("float"))
+    """The graph's float dtype: its first float input's (a text-only graph: its first float output's)."""
+    return next(t.dtype for t in (*spec.inputs, *spec.outputs) if t.dtype.startswith("float"))
 
 
 def _attended(out_spec, inputs: dict, array: np.ndarray) -> np.ndarray:

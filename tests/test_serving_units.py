@@ -365,6 +365,26 @@ def _preprocess_limits():
     return preprocess.MAX_IMAGE_BYTES, preprocess.MAX_PROMPT_BYTES
 
 
+_TEXT_TOKENIZERS: list = []
+
+
+def _text_tokenizer():
+    """The retrieval calls' TextTokenizer over a tiny-itm checkpoint (Q-Former text positions: 24)."""
+    if not _TEXT_TOKENIZERS:
+        import atexit
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from blip2_triton.serving.retrieval import TextTokenizer
+        from blip2_triton.toy.presets import build_tiny_checkpoint
+
+        directory = tempfile.mkdtemp(prefix="text-tokenizer-")
+        atexit.register(shutil.rmtree, directory, True)
+        _TEXT_TOKENIZERS.append(TextTokenizer(build_tiny_checkpoint(Path(directory) / "itm", "tiny-itm")))
+    return _TEXT_TOKENIZERS[0]
+
+
 # (id, call(pipeline, monkeypatch) that raises InvalidInput, its reason, a pattern of its message:
 # the message pins the raise site).
 REFUSALS = [
@@ -409,6 +429,12 @@ REFUSALS = [
      Reason.IMAGE, "image"),
     ("end to end: a bad control through the service",
      lambda p, mp: p.service.prepare(b"junk", b"", {"max_new_tokens": 0}), Reason.CONTROL, "max_new_tokens"),
+    ("retrieval text empty", lambda p, mp: _text_tokenizer()(b"  "), Reason.TEXT, "text: empty"),
+    ("retrieval text not UTF-8", lambda p, mp: _text_tokenizer()(b"\xff\xfe"), Reason.TEXT, "text: not valid UTF-8"),
+    ("retrieval text over the byte limit", lambda p, mp: _text_tokenizer()(b"a" * (64 * 2**10 + 1)), Reason.TEXT,
+     "text: .* bytes, more than"),
+    ("retrieval text beyond the Q-Former's positions", lambda p, mp: _text_tokenizer()("red " * 30), Reason.TEXT,
+     "text: 32 tokens, more than the 24"),
 ]
 
 

@@ -1,12 +1,12 @@
-"""Triton models `vision_encoder` and `qformer`: one stateless ONNX graph run by onnxruntime.
+"""Triton models `vision_encoder`, `qformer` and a retrieval checkpoint's graphs: one stateless
+ONNX graph run by onnxruntime.
 
-Requests that the dynamic batcher groups run as one batch; tensor names come from config.pbtxt,
-which is generated from the same spec the graph was exported with.
+Requests that the dynamic batcher groups run as one batch (those of one shape together: texts of
+different lengths run apart); tensor names come from config.pbtxt, which is generated from the same
+spec the graph was exported with.
 """
-import numpy as np
-
 from blip2_triton.serving import triton_io as io
-from blip2_triton.serving.onnx_graph import OnnxGraph
+from blip2_triton.serving.onnx_graph import OnnxGraph, run_batched
 
 
 class TritonPythonModel:
@@ -18,13 +18,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         try:
-            batch = {n: np.concatenate([io.tensor(r, n) for r in requests]) for n in self.graph.input_names}
-            outputs = self.graph(**batch)
-        except Exception as e:  # one failure answers every request of the batch, the model lives on
+            inputs = [{n: io.tensor(r, n) for n in self.graph.input_names} for r in requests]
+        except Exception as e:  # the model lives on; every request of the batch gets the error
             return [io.error_response(e) for _ in requests]
-        responses, start = [], 0
-        for request in requests:
-            rows = io.tensor(request, self.graph.input_names[0]).shape[0]
-            responses.append(io.response({n: v[start : start + rows] for n, v in outputs.items()}, has_batch_dim=True))
-            start += rows
-        return responses
+        results = run_batched(self.graph, inputs)
+        return [io.error_response(r) if isinstance(r, Exception) else io.response(r, has_batch_dim=True) for r in results]

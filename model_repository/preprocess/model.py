@@ -1,7 +1,8 @@
-"""Triton model `preprocess`: encoded image + prompt -> pixel values + prompt token ids."""
+"""Triton models `preprocess` and `retrieval_preprocess`: encoded image + prompt -> pixel values +
+prompt token ids, with the processor of the checkpoint that config.pbtxt's `checkpoint_dir` names."""
 from blip2_triton import api
 from blip2_triton import specs
-from blip2_triton.repository import assets_dir
+from blip2_triton.repository import CHECKPOINT_DIR, assets_dir
 from blip2_triton.serving import triton_io as io
 from blip2_triton.errors import InvalidInput
 from blip2_triton.serving.preprocess import Preprocessor
@@ -11,7 +12,8 @@ class TritonPythonModel:
     def initialize(self, args):
         self.args = io.ModelArgs(args)
         self.args.require_io([api.IMAGE.name, api.PROMPT.name], [specs.PIXEL_VALUES, api.PROMPT_IDS.name])
-        self.preprocessor = Preprocessor(assets_dir(self.args.repository))
+        checkpoint = self.args.parameter(CHECKPOINT_DIR, str(assets_dir("")))
+        self.preprocessor = Preprocessor(self.args.repository / checkpoint)
         self.pixel_dtype = self.args.output_dtype(specs.PIXEL_VALUES)
 
     def execute(self, requests):

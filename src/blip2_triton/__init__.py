@@ -37,4 +37,7 @@ Glossary (one word per concept; modules are named after them):
                     (serving.service.Blip2Service); LocalPipeline runs it without Triton
     piece           one response of a request: the text and token ids since the previous one
     refusal         a request the server will not run: INVALID_ARGUMENT with a reason (api.Reason)
+    retrieval       a Blip2ForImageTextRetrieval checkpoint (families.is_retrieval): its graphs
+                    (specs.retrieval_specs) and its calls embed_image, embed_text, match
+                    (api.RETRIEVAL_CALLS; serving.retrieval.RetrievalService)
 """

@@ -51,6 +51,19 @@ FINAL = ModelTensor("final", "bool", (1,))  # true on the last response of a req
 PUBLIC_INPUTS: tuple[ModelTensor, ...] = (IMAGE, PROMPT, STREAM, *CONTROLS)
 PUBLIC_OUTPUTS: tuple[ModelTensor, ...] = (TEXT, TOKEN_IDS, FINAL)
 
+# ---- the retrieval models (a Blip2ForImageTextRetrieval checkpoint): one Triton model per call ----
+EMBED_IMAGE = "embed_image"  # image -> image_embeds_proj [Q, D]: unit vectors, one per query
+EMBED_TEXT = "embed_text"  # text -> text_embeds_proj [D]: a unit vector
+MATCH = "match"  # image + text -> itm_probability, itc_similarity
+RETRIEVAL_CALLS = (EMBED_IMAGE, EMBED_TEXT, MATCH)
+RETRIEVAL_PREPROCESS = "retrieval_preprocess"  # the retrieval checkpoint's image processor (a `preprocess` model)
+
+RETRIEVAL_TEXT = ModelTensor("text", "bytes", (1,))  # UTF-8 text, tokenized by the Q-Former's tokenizer
+# softmax of the ITM logits, the "match" class (index 1), as transformers' docs compute it
+ITM_PROBABILITY = ModelTensor("itm_probability", "float32", (1,))
+# cosine similarity of the text's and the image's ITC embeddings, the max over the image's queries
+ITC_SIMILARITY = ModelTensor("itc_similarity", "float32", (1,))
+
 # ---- refusals (INVALID_ARGUMENT) ---------------------------------------------------------------
 class Reason(str, enum.Enum):
     """Why a request was refused: sent with every refusal, so clients branch on it, never on wording."""
@@ -64,6 +77,8 @@ class Reason(str, enum.Enum):
     # A generation control is unknown, of the wrong type, out of range (num_beams: also this server's
     # bound) or contradicts another; or the checkpoint's generation config asks for what is not implemented.
     CONTROL = "control"
+    # A retrieval text is empty, not valid UTF-8, or longer than the Q-Former's text positions.
+    TEXT = "text"
 
 
 class Refusal(NamedTuple):

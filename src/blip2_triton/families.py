@@ -59,6 +59,19 @@ def family_of(config) -> Family:
     return FAMILIES[model_type]
 
 
+# The architecture (config.json "architectures") of a checkpoint for image-text retrieval: ITC
+# projections and the ITM head over the Q-Former, no language model (Salesforce/blip2-itm-vit-g).
+RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
+
+
+def is_retrieval(config) -> bool:
+    """Is this Blip2Config a retrieval checkpoint's (rather than a generation one's)?"""
+    return RETRIEVAL_ARCHITECTURE in (getattr(config, "architectures", None) or ())
+
+
 def graph_specs(config, float_dtype: str = "float32") -> dict[str, GraphSpec]:
-    """All graphs of one BLIP-2 checkpoint, by name, in export order."""
+    """All graphs of one BLIP-2 checkpoint, by name, in export order: a retrieval checkpoint's, or
+    the image stages and its language-model family's."""
+    if is_retrieval(config):
+        return {s.name: s for s in specs.retrieval_specs(config, float_dtype)}
     return {s.name: s for s in family_of(config).graph_specs(config, float_dtype)}

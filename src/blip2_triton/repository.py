@@ -9,6 +9,14 @@
     <repo>/vision_encoder/{config.pbtxt,1/model.py,1/model.onnx}  dynamic batching
     <repo>/qformer/{config.pbtxt,1/model.py,1/model.onnx}         dynamic batching
 
+A retrieval checkpoint (Blip2ForImageTextRetrieval) has models of other names, so that one
+repository can hold a generation checkpoint and a retrieval one side by side:
+
+    <repo>/{embed_image,embed_text,match}/{config.pbtxt,1/model.py}  the public calls (BLS over the stages)
+    <repo>/match/1/checkpoint/           the retrieval checkpoint's processor, tokenizer, config, export report
+    <repo>/retrieval_preprocess/         image bytes -> pixel values (the `preprocess` model.py)
+    <repo>/{retrieval_vision_encoder,image_features,text_features,itm}/1/model.onnx   dynamic batching
+
 Every config.pbtxt is generated here from the graph specs (blip2_triton.specs) and the pipeline
 interface (blip2_triton.api); export/repository_writer.py writes them, with the model.py
 files copied from the `model_repository/` sources.
@@ -19,12 +27,17 @@ from pathlib import Path
 
 from . import api
 from . import specs
-from .families import graph_specs
+from .families import graph_specs, is_retrieval
 from .pbtxt import ModelConfig, ModelTensor
 
 # The image stages are Triton models of their own (batched across requests); every other graph is
 # a language-model graph, held by the `blip2` model that owns the KV caches.
 STAGE_GRAPHS = (specs.VISION_ENCODER, specs.QFORMER)
+# Every retrieval graph is a stateless stage of its own.
+RETRIEVAL_GRAPHS = (specs.RETRIEVAL_VISION_ENCODER, specs.IMAGE_FEATURES, specs.TEXT_FEATURES, specs.ITM)
+# The models each kind of export writes; an export replaces its own kind's models only.
+GENERATION_MODELS = (api.PREPROCESS, *STAGE_GRAPHS, api.PIPELINE)
+RETRIEVAL_MODELS = (api.RETRIEVAL_PREPROCESS, *RETRIEVAL_GRAPHS, *api.RETRIEVAL_CALLS)
 MAX_BATCH_SIZE = 16
 # No waiting for a batch to fill: on a CPU every stateless stage uses all cores, so requests that
 # arrive while one batch runs queue up and form the next batch anyway, while a delay only adds
@@ -34,11 +47,16 @@ QUEUE_DELAY_US = 0
 # (serving/compute_lock.py). Right for a CPU server, where every run uses all cores; set it to
 # "false" in config.pbtxt where runs should overlap (a GPU, or a host with cores to spare).
 EXCLUSIVE_COMPUTE = "exclusive_compute"
+# Model parameter of a preprocess model and of the retrieval calls: the checkpoint folder (processor,
+# tokenizer, configs) relative to the repository.
+CHECKPOINT_DIR = "checkpoint_dir"
+# Model parameter of a retrieval call's model: which call it serves (one of api.RETRIEVAL_CALLS).
+CALL = "call"
 
 
 def graph_location(graph: str) -> tuple[str, str]:
     """(model directory, file name) of a graph in the repository."""
-    return (graph, "model.onnx") if graph in STAGE_GRAPHS else (api.PIPELINE, f"{graph}.onnx")
+    return (graph, "model.onnx") if graph in STAGE_GRAPHS + RETRIEVAL_GRAPHS else (api.PIPELINE, f"{graph}.onnx")
 
 
 def graph_path(repo: Path | str, graph: str) -> Path:
@@ -51,6 +69,21 @@ def assets_dir(repo: Path | str) -> Path:
     return Path(repo) / api.PIPELINE / "1" / "checkpoint"
 
 
+def retrieval_assets_dir(repo: Path | str) -> Path:
+    """Processor, tokenizer and config of an exported retrieval checkpoint (in the `match` model's version)."""
+    return Path(repo) / api.MATCH / "1" / "checkpoint"
+
+
+def checkpoint_dir(repo: Path | str, config) -> Path:
+    """Where the export of a checkpoint with this Blip2Config keeps its processor, tokenizer and configs."""
+    return retrieval_assets_dir(repo) if is_retrieval(config) else assets_dir(repo)
+
+
+def other_models(config) -> tuple[str, ...]:
+    """The models of the other kind of export, which an export into the same repository leaves alone."""
+    return GENERATION_MODELS if is_retrieval(config) else RETRIEVAL_MODELS
+
+
 def model_configs(config, float_dtype: str = "float32", stateless_backend: str = "python") -> list[ModelConfig]:
     """All model configs of the repository for a Blip2Config, from its family's graphs (blip2_triton.families).
 
@@ -59,22 +92,9 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
     containers only).
     """
     graphs = graph_specs(config, float_dtype)
+    if is_retrieval(config):
+        return _retrieval_configs(graphs, stateless_backend)
     pixel_values = ModelTensor.from_spec(graphs[specs.VISION_ENCODER].input(specs.PIXEL_VALUES))
-
-    def stateless(spec: specs.GraphSpec) -> ModelConfig:
-        common = dict(
-            name=spec.name,
-            max_batch_size=MAX_BATCH_SIZE,
-            inputs=tuple(ModelTensor.from_spec(t) for t in spec.inputs),
-            outputs=tuple(ModelTensor.from_spec(t) for t in spec.outputs),
-            dynamic_batching=True,
-            max_queue_delay_us=QUEUE_DELAY_US,
-        )
-        if stateless_backend == "onnxruntime":
-            return ModelConfig(**common, backend=None, platform="onnxruntime_onnx")
-        if stateless_backend != "python":
-            raise ValueError(f"stateless_backend must be 'python' or 'onnxruntime', got {stateless_backend!r}")
-        return ModelConfig(**common, parameters={"onnx_file": graph_location(spec.name)[1], EXCLUSIVE_COMPUTE: "true"})
 
     preprocess = ModelConfig(
         name=api.PREPROCESS,
@@ -83,6 +103,7 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         outputs=(pixel_values, api.PROMPT_IDS),
         dynamic_batching=True,
         max_queue_delay_us=QUEUE_DELAY_US,
+        parameters={CHECKPOINT_DIR: _relative(assets_dir(""))},
     )
     pipeline = ModelConfig(
         name=api.PIPELINE,
@@ -93,4 +114,51 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         # The language model's graphs are found by name (graph_path), its family from the checkpoint's config.
         parameters={EXCLUSIVE_COMPUTE: "true"},
     )
-    return [preprocess, *(stateless(graphs[name]) for name in STAGE_GRAPHS), pipeline]
+    return [preprocess, *(_stateless(graphs[name], stateless_backend) for name in STAGE_GRAPHS), pipeline]
+
+
+def _relative(path: Path) -> str:
+    return Path(path).as_posix()
+
+
+def _stateless(spec: specs.GraphSpec, stateless_backend: str) -> ModelConfig:
+    """A stage serving one ONNX graph, dynamically batched."""
+    common = dict(
+        name=spec.name,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=tuple(ModelTensor.from_spec(t) for t in spec.inputs),
+        outputs=tuple(ModelTensor.from_spec(t) for t in spec.outputs),
+        dynamic_batching=True,
+        max_queue_delay_us=QUEUE_DELAY_US,
+    )
+    if stateless_backend == "onnxruntime":
+        return ModelConfig(**common, backend=None, platform="onnxruntime_onnx")
+    if stateless_backend != "python":
+        raise ValueError(f"stateless_backend must be 'python' or 'onnxruntime', got {stateless_backend!r}")
+    return ModelConfig(**common, parameters={"onnx_file": graph_location(spec.name)[1], EXCLUSIVE_COMPUTE: "true"})
+
+
+def _retrieval_configs(graphs: dict[str, specs.GraphSpec], stateless_backend: str) -> list[ModelConfig]:
+    """A retrieval checkpoint's models: its preprocess, its four graphs, and the three public calls."""
+    pixel_values = ModelTensor.from_spec(graphs[specs.RETRIEVAL_VISION_ENCODER].input(specs.PIXEL_VALUES))
+    checkpoint = {CHECKPOINT_DIR: _relative(retrieval_assets_dir(""))}
+    preprocess = ModelConfig(
+        name=api.RETRIEVAL_PREPROCESS, max_batch_size=MAX_BATCH_SIZE, inputs=(api.IMAGE, api.PROMPT),
+        outputs=(pixel_values, api.PROMPT_IDS), dynamic_batching=True, max_queue_delay_us=QUEUE_DELAY_US,
+        parameters=checkpoint,
+    )
+    image_out = ModelTensor.from_spec(graphs[specs.IMAGE_FEATURES].output(specs.IMAGE_EMBEDS_PROJ))
+    text_out = ModelTensor.from_spec(graphs[specs.TEXT_FEATURES].output(specs.TEXT_EMBEDS_PROJ))
+    calls = {
+        api.EMBED_IMAGE: ((api.IMAGE,), (image_out,)),
+        api.EMBED_TEXT: ((api.RETRIEVAL_TEXT,), (text_out,)),
+        api.MATCH: ((api.IMAGE, api.RETRIEVAL_TEXT), (api.ITM_PROBABILITY, api.ITC_SIMILARITY)),
+    }
+    public = [
+        # Each request runs its stages as BLS calls from its own thread, so the requests of one
+        # execute() meet in the stages' dynamic batchers.
+        ModelConfig(name=name, max_batch_size=MAX_BATCH_SIZE, inputs=inputs, outputs=outputs, dynamic_batching=True,
+                    max_queue_delay_us=QUEUE_DELAY_US, parameters={**checkpoint, CALL: name})
+        for name, (inputs, outputs) in calls.items()
+    ]
+    return [preprocess, *(_stateless(graphs[name], stateless_backend) for name in RETRIEVAL_GRAPHS), *public]

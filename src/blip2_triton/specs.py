@@ -26,6 +26,13 @@ VISION_ENCODER = "vision_encoder"
 QFORMER = "qformer"
 LLM_DECODER = "llm_decoder"  # every family's decoder: prefill and decode steps over the in-place KV cache
 LLM_ENCODER = "llm_encoder"  # an encoder-decoder family's encoder (query embeddings + prompt, once per request)
+# A retrieval checkpoint's (Blip2ForImageTextRetrieval) graphs. Its vision encoder is
+# vision_encoder_spec's graph under another name, so that one repository can serve a generation
+# and a retrieval checkpoint side by side (repository.py).
+RETRIEVAL_VISION_ENCODER = "retrieval_vision_encoder"
+IMAGE_FEATURES = "image_features"  # learned queries + Q-Former + vision_projection + L2 normalization
+TEXT_FEATURES = "text_features"  # the Q-Former's text encoder, [CLS] + text_projection + L2 normalization
+ITM = "itm"  # the Q-Former over queries and text, cross-attending to the image, + the ITM head
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,53 @@ def t5_decoder_spec(config, float_dtype: str = "float32") -> GraphSpec:
         *past,
     )
     return GraphSpec(LLM_DECODER, inputs, (TensorSpec(LOGITS, "float32", (BATCH, 1, t.vocab_size)), *present))
+
+
+# ---- retrieval: ITC features and the ITM head -----------------------------------------------------
+IMAGE_EMBEDS_PROJ = "image_embeds_proj"  # normalized projected query embeddings [B, Q, D]
+TEXT_EMBEDS_PROJ = "text_embeds_proj"  # normalized projected [CLS] embedding [B, D]
+ITM_LOGITS = "itm_logits"  # [B, 2]: (no match, match), the mean over the query positions
+
+
+def image_features_spec(config, float_dtype: str = "float32") -> GraphSpec:
+    """image_embeds [B, patches+1, Dv] -> image_embeds_proj [B, Q, D] (D: image_text_hidden_size),
+    each query's vector of unit length, as Blip2VisionModelWithProjection gives it."""
+    vision = vision_encoder_spec(config, float_dtype).output(IMAGE_EMBEDS)
+    out = TensorSpec(IMAGE_EMBEDS_PROJ, float_dtype, (BATCH, config.num_query_tokens, config.image_text_hidden_size))
+    return GraphSpec(IMAGE_FEATURES, inputs=(vision,), outputs=(out,))
+
+
+def _text_inputs() -> tuple[TensorSpec, TensorSpec]:
+    """The Q-Former tokenizer's ids ([CLS] text [SEP], no image tokens) and their mask: 1 on each
+    row's tokens, 0 on the right padding of shorter rows."""
+    return TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)), TensorSpec(ATTENTION_MASK, "int64", (BATCH, SEQUENCE))
+
+
+def text_features_spec(config, float_dtype: str = "float32") -> GraphSpec:
+    """input_ids, attention_mask [B, S] -> text_embeds_proj [B, D] of unit length: the Q-Former's text
+    encoder without the image, its [CLS] output projected, as Blip2TextModelWithProjection. The
+    output's dtype is the graph's float dtype (its only float tensor)."""
+    out = TensorSpec(TEXT_EMBEDS_PROJ, float_dtype, (BATCH, config.image_text_hidden_size))
+    return GraphSpec(TEXT_FEATURES, inputs=_text_inputs(), outputs=(out,))
+
+
+def itm_spec(config, float_dtype: str = "float32") -> GraphSpec:
+    """image_embeds [B, patches+1, Dv], input_ids, attention_mask [B, S] -> itm_logits [B, 2]:
+    the Q-Former over the queries and the text together, the queries cross-attending to the image,
+    then the ITM head on each query's output, averaged over the queries."""
+    vision = vision_encoder_spec(config, float_dtype).output(IMAGE_EMBEDS)
+    return GraphSpec(ITM, inputs=(vision, *_text_inputs()), outputs=(TensorSpec(ITM_LOGITS, float_dtype, (BATCH, 2)),))
+
+
+def retrieval_specs(config, float_dtype: str = "float32") -> tuple[GraphSpec, ...]:
+    """Every graph of a retrieval checkpoint, in export order."""
+    vision = vision_encoder_spec(config, float_dtype)
+    return (
+        GraphSpec(RETRIEVAL_VISION_ENCODER, vision.inputs, vision.outputs),
+        image_features_spec(config, float_dtype),
+        text_features_spec(config, float_dtype),
+        itm_spec(config, float_dtype),
+    )
 
 
 def cache_layers(spec: GraphSpec) -> int:

@@ -69,3 +69,29 @@ class OnnxGraph:
         with self._compute:
             outputs = self.session.run(self.output_names, feed)
         return dict(zip(self.output_names, outputs))
+
+
+def run_batched(graph: OnnxGraph, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | Exception]:
+    """Many requests' inputs (each with its own batch dimension) -> each one's outputs.
+
+    Requests whose inputs have the same shapes past the batch dimension run as one batch (texts of
+    one length, say); others in their own. A failing group answers each of its requests with the
+    exception, and the other groups still run.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, inputs in enumerate(requests):
+        groups.setdefault(tuple(inputs[n].shape[1:] for n in graph.input_names), []).append(i)
+    results: list = [None] * len(requests)
+    for members in groups.values():
+        try:
+            outputs = graph(**{n: np.concatenate([requests[i][n] for i in members]) for n in graph.input_names})
+        except Exception as e:  # noqa: BLE001 (handed to the caller, one per request)
+            for i in members:
+                results[i] = e
+            continue
+        start = 0
+        for i in members:
+            rows = requests[i][graph.input_names[0]].shape[0]
+            results[i] = {n: v[start : start + rows] for n, v in outputs.items()}
+            start += rows
+    return results

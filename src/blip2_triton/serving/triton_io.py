@@ -180,6 +180,34 @@ class BlsStages:
         return _call(specs.QFORMER, image, [specs.QUERY_EMBEDS])[specs.QUERY_EMBEDS][0]
 
 
+class RetrievalBlsStages:
+    """RetrievalService's stages as BLS calls to the retrieval checkpoint's stage models, one
+    request each, so that concurrent calls meet in those models' dynamic batchers."""
+
+    def pixel_values(self, image: bytes) -> np.ndarray:
+        out = _call(api.RETRIEVAL_PREPROCESS, {api.IMAGE.name: np.asarray([[image]], dtype=object)}, [specs.PIXEL_VALUES])
+        return out[specs.PIXEL_VALUES][0]
+
+    def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        out = _call(specs.RETRIEVAL_VISION_ENCODER, {specs.PIXEL_VALUES: pixel_values[None]}, [specs.IMAGE_EMBEDS])
+        return out[specs.IMAGE_EMBEDS][0]
+
+    def image_features(self, image_embeds: np.ndarray) -> np.ndarray:
+        out = _call(specs.IMAGE_FEATURES, {specs.IMAGE_EMBEDS: image_embeds[None]}, [specs.IMAGE_EMBEDS_PROJ])
+        return out[specs.IMAGE_EMBEDS_PROJ][0]
+
+    def text_features(self, input_ids: np.ndarray) -> np.ndarray:
+        from .retrieval import text_inputs
+
+        return _call(specs.TEXT_FEATURES, text_inputs(input_ids), [specs.TEXT_EMBEDS_PROJ])[specs.TEXT_EMBEDS_PROJ][0]
+
+    def itm_logits(self, image_embeds: np.ndarray, input_ids: np.ndarray) -> np.ndarray:
+        from .retrieval import text_inputs
+
+        inputs = {specs.IMAGE_EMBEDS: image_embeds[None], **text_inputs(input_ids)}
+        return _call(specs.ITM, inputs, [specs.ITM_LOGITS])[specs.ITM_LOGITS][0]
+
+
 def _call(model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
     p = pb()
     request = p.InferenceRequest(

@@ -7,7 +7,9 @@ processor config, generation config), so everything downstream loads it through 
 Presets cover the OPT variants the exporter must handle: pre-layernorm (OPT-125m/2.7b style),
 word_embed_proj_dim != hidden_size with project_in/out, and post-layernorm (OPT-350m style); and
 the T5 ones: Flan-T5 (gated-gelu, untied LM head), T5 v1.0 (relu, tied and rescaled LM head) and
-more decoder than encoder layers.
+more decoder than encoder layers. Retrieval presets (`RETRIEVAL_PRESETS`) build a
+`Blip2ForImageTextRetrieval` (ITC projections and ITM head, no language model) with the Q-Former's
+own BERT-style tokenizer, as Salesforce/blip2-itm-vit-g is.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tokenizer import IMAGE_TOKEN, build_t5_tokenizer, build_tokenizer
+from .tokenizer import IMAGE_TOKEN, build_bert_tokenizer, build_t5_tokenizer, build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,15 @@ class TinyPreset:
     # tokenizer are padding (as OPT pads 50265 tokens to 50272 rows), so a small offline tokenizer
     # can drive a decoder whose LM head costs what a real one costs. The <image> id is unchanged.
     vocab_size: int | None = None
+    # "generation" (Blip2ForConditionalGeneration) or "retrieval" (Blip2ForImageTextRetrieval).
+    task: str = "generation"
+    # Retrieval only: width of the ITC space, the Q-Former's text positions (its longest text), how
+    # often a Q-Former layer cross-attends (transformers' default: every 2nd), and whether the
+    # processor inserts image tokens before the text (config.image_token_index set) or not.
+    image_text_hidden_size: int = 256
+    qformer_max_positions: int = 512
+    cross_attention_frequency: int = 2
+    image_token: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -117,7 +128,23 @@ BENCH_PRESETS: dict[str, TinyPreset] = {
         init_std=0.02, vocab_size=32128,
     ),
 }
-ALL_PRESETS = {**PRESETS, **T5_PRESETS, **BENCH_PRESETS}
+# Blip2ForImageTextRetrieval presets (ITC + ITM): the retrieval parity tests run every entry.
+RETRIEVAL_PRESETS: dict[str, TinyPreset] = {
+    # The processor adds no image tokens (config.image_token_index None); a Q-Former layer
+    # cross-attends every second layer, as in transformers' default.
+    "tiny-itm": TinyPreset(
+        task="retrieval", num_query_tokens=4, image_text_hidden_size=16, qformer_max_positions=24,
+        image_token=False,
+    ),
+    # Other query count, widths and head counts; every layer cross-attends (as BLIP-2's released
+    # Q-Former does); the processor prepends image tokens that transformers strips again.
+    "tiny-itm-wide": TinyPreset(
+        task="retrieval", image_size=48, patch_size=16, vision_hidden=48, vision_heads=6, qformer_hidden=48,
+        qformer_layers=3, qformer_heads=3, num_query_tokens=6, image_text_hidden_size=24,
+        qformer_max_positions=32, cross_attention_frequency=1,
+    ),
+}
+ALL_PRESETS = {**PRESETS, **T5_PRESETS, **BENCH_PRESETS, **RETRIEVAL_PRESETS}
 # Spread of a T5 preset's logits, as the OPT presets' (1.7 to 3): see build_tiny_checkpoint.
 T5_LOGIT_STD = 2.0
 
@@ -167,7 +194,7 @@ def text_config(preset: TinyPreset, vocab_size: int) -> dict:
     )
 
 
-def blip2_config(preset: TinyPreset, vocab_size: int, image_token_index: int):
+def blip2_config(preset: TinyPreset, vocab_size: int, image_token_index: int | None):
     from transformers import Blip2Config
 
     p = preset
@@ -188,6 +215,10 @@ def blip2_config(preset: TinyPreset, vocab_size: int, image_token_index: int):
         encoder_hidden_size=p.vision_hidden,
         vocab_size=vocab_size,
         initializer_range=p.init_std,
+        max_position_embeddings=p.qformer_max_positions,
+        cross_attention_frequency=p.cross_attention_frequency,
+        # The text half of each layer (its own feed-forward): what ITC's text encoder and ITM run.
+        use_qformer_text_input=p.task == "retrieval",
     )
     return Blip2Config(
         vision_config=vision,
@@ -195,12 +226,13 @@ def blip2_config(preset: TinyPreset, vocab_size: int, image_token_index: int):
         text_config=text_config(p, vocab_size),
         num_query_tokens=p.num_query_tokens,
         image_token_index=image_token_index,
+        image_text_hidden_size=p.image_text_hidden_size,
         initializer_range=p.init_std,
         **p.extra,
     )
 
 
-def build_processor(tokenizer, image_size: int, num_query_tokens: int):
+def build_processor(tokenizer, image_size: int, num_query_tokens: int | None):
     from transformers import Blip2Processor, BlipImageProcessor
 
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
@@ -216,6 +248,8 @@ def build_tiny_checkpoint(output: str | Path, preset: str = DEFAULT_PRESET, seed
     if preset not in ALL_PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; choose from {sorted(ALL_PRESETS)}")
     p = ALL_PRESETS[preset]
+    if p.task == "retrieval":
+        return _build_retrieval_checkpoint(Path(output), p, seed)
     t5 = p.family == "t5"
     output = Path(output)
     processor = build_processor(build_t5_tokenizer() if t5 else build_tokenizer(), p.image_size, p.num_query_tokens)
@@ -241,6 +275,25 @@ def build_tiny_checkpoint(output: str | Path, preset: str = DEFAULT_PRESET, seed
     else:
         generation = GenerationConfig(bos_token_id=2, eos_token_id=2, pad_token_id=1, max_new_tokens=20)
     model.generation_config = generation
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    return output
+
+
+def _build_retrieval_checkpoint(output: Path, p: TinyPreset, seed: int) -> Path:
+    """A random-weight Blip2ForImageTextRetrieval with a BERT-style tokenizer (no language model)."""
+    import torch
+    from transformers import Blip2ForImageTextRetrieval
+
+    processor = build_processor(build_bert_tokenizer(), p.image_size, p.num_query_tokens if p.image_token else None)
+    tokenizer = processor.tokenizer
+    image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if p.image_token else None
+    # The text config is unused (no language model) but part of every Blip2Config: a tiny OPT.
+    config = blip2_config(p, vocab_size=len(tokenizer), image_token_index=image_token_index)
+    config.architectures = ["Blip2ForImageTextRetrieval"]
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(config).eval()
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     processor.save_pretrained(output)

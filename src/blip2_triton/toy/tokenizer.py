@@ -92,3 +92,23 @@ def build_t5_tokenizer():
     vocab += [(piece, fallback) for piece in ["\u2581", *chars, *("\u2581" + c for c in chars if c.isalnum())]
               if piece not in counts]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_bert_tokenizer():
+    """WordPiece tokenizer in BERT's conventions ([PAD] = 0, [CLS] text [SEP]), lowercased.
+
+    The Q-Former's own text tokenizer for retrieval checkpoints: Salesforce/blip2-itm-vit-g uses
+    bert-base-uncased, whose [CLS] output is the text embedding ITC projects. Its vocabulary is
+    written out deterministically (WordPieceTrainer orders ties differently from run to run): the
+    special tokens, every word of `scene_corpus()` by frequency, then single characters (with
+    their "##" continuations) for unseen words.
+    """
+    from transformers import BertTokenizerFast
+
+    counts = Counter(w for line in scene_corpus() for w in re.findall(r"\w+|[^\w\s]", line.lower()))
+    chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += sorted(counts, key=lambda w: (-counts[w], w))
+    vocab += [c for c in chars if c not in counts] + [f"##{c}" for c in chars if c.isalnum()]
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True,
+                             model_max_length=512)
