@@ -154,7 +154,10 @@ class _Systems:
         from . import end_to_end
         from .worker import Worker
 
+        from .workloads import configure_image_cache
+
         model, threads, logs = self.model, self.settings.threads, self.logs
+        configure_image_cache(model, None)
         with self.stack as stack:
             # Workers load while tritonserver starts.
             self.workers = {"in_process": Worker("local", model.repository, threads, logs / "in_process.log")}
@@ -513,7 +516,7 @@ def graph_costs(model, loads) -> tuple[dict[str, GraphCost], int]:
     repo = model.repository
     preprocessor = Preprocessor(repository.assets_dir(repo))
     queries = AutoConfig.from_pretrained(repository.assets_dir(repo)).num_query_tokens
-    prompts = {w.name: len(preprocessor.prompt_ids(w.prompt)) for w in loads}
+    prompts = {w.name: len(preprocessor.prompt_ids(w.prompt.encode("utf-8"))) for w in loads}
     costs = {graph: flops.graph_cost(repository.graph_path(repo, graph), {specs.BATCH: 1})
              for graph in (specs.VISION_ENCODER, specs.QFORMER)}
     for w in loads:

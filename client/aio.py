@@ -112,6 +112,14 @@ class AsyncBlip2Client(RetrievalCalls):
         """Visual question answering with BLIP-2's "Question: ... Answer:" format."""
         return await self.generate(image, vqa_prompt(question), **controls)
 
+    async def ask_many(self, image: ImageLike, questions: Sequence[str], **controls) -> list[Result]:
+        """Several questions about one image, sent concurrently; results in question order.
+
+        The image goes with every request; a server with its image cache on runs the image stages
+        once for all of them. If one request fails, the others are cancelled and its error is raised.
+        """
+        return await self.batch([image_bytes(image)], [vqa_prompt(q) for q in questions], **controls)
+
     async def chat(self, image: ImageLike, history: Sequence[tuple[str, str]], question: str, **controls) -> Result:
         """Answer `question` with the earlier (question, answer) turns as context.
 

@@ -80,6 +80,9 @@ class Blip2Client:
     def ask(self, image: ImageLike, question: str, **controls) -> Result:
         return self._run(self._async.ask(image, question, **controls))
 
+    def ask_many(self, image: ImageLike, questions: Sequence[str], **controls) -> list[Result]:
+        return self._run(self._async.ask_many(image, questions, **controls))
+
     def chat(self, image: ImageLike, history: Sequence[tuple[str, str]], question: str, **controls) -> Result:
         return self._run(self._async.chat(image, history, question, **controls))
 

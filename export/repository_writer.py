@@ -11,7 +11,7 @@ from blip2_triton import api
 from blip2_triton import specs
 from blip2_triton.model_repository import SOURCE_DIR
 from blip2_triton.pbtxt import render
-from blip2_triton.repository import RETRIEVAL_GRAPHS, checkpoint_dir, model_configs, other_models
+from blip2_triton.repository import DEFAULT_IMAGE_CACHE_BYTES, RETRIEVAL_GRAPHS, checkpoint_dir, model_configs, other_models
 
 log = logging.getLogger("blip2_triton.export")
 
@@ -33,11 +33,12 @@ def write_repository(
     float_dtype: str = "float32",
     checkpoint_files: Callable[[Path], None] | None = None,
     stateless_backend: str = "python",
+    image_cache_bytes: int | None = DEFAULT_IMAGE_CACHE_BYTES,
 ) -> Path:
     """Write every config.pbtxt and model.py into `repo` (the ONNX files are written by the exporter).
     The other kind of export's models (generation / retrieval) in `repo` stay."""
     repo = Path(repo)
-    configs = model_configs(config, float_dtype, stateless_backend)
+    configs = model_configs(config, float_dtype, stateless_backend, image_cache_bytes)
     remove_stale_models(repo, {cfg.name for cfg in configs} | set(other_models(config)))
     for cfg in configs:
         model_dir = repo / cfg.name

@@ -12,6 +12,7 @@ from blip2_triton import repository, specs
 from blip2_triton.api import Reason
 from blip2_triton.pbtxt import ConfigError, ModelConfig, ModelTensor, render
 from blip2_triton.errors import InvalidInput
+from blip2_triton.serving.preprocess import decode_prompt
 
 from .conftest import random_image, run_together
 
@@ -402,9 +403,9 @@ REFUSALS = [
      r"cannot decode \(OSError"),
     ("image of zero size", _zero_size_image, Reason.IMAGE, "degenerate size 0x3"),
     ("prompt over the byte limit",
-     lambda p, mp: p.stages.preprocessor.decode_prompt(b"a" * (_preprocess_limits()[1] + 1)),
+     lambda p, mp: decode_prompt(b"a" * (_preprocess_limits()[1] + 1)),
      Reason.CONTEXT_EXCEEDED, "prompt: .* bytes, more than"),
-    ("prompt not UTF-8", lambda p, mp: p.stages.preprocessor.decode_prompt(b"\xff\xfe"), Reason.PROMPT, "UTF-8"),
+    ("prompt not UTF-8", lambda p, mp: decode_prompt(b"\xff\xfe"), Reason.PROMPT, "UTF-8"),
     ("control unknown", lambda p, mp: p.generator.params({"bogus": 1}, 10), Reason.CONTROL, "unknown generation"),
     ("control out of range", lambda p, mp: p.generator.params({"top_p": 2.0}, 10), Reason.CONTROL, "top_p"),
     ("num_beams over the server's bound",

@@ -30,6 +30,10 @@ from . import specs
 from .families import graph_specs, is_retrieval
 from .pbtxt import ModelConfig, ModelTensor
 
+# The image cache's default bound: ~680 images of a ViT-g/OPT-125m-class checkpoint's queries
+# (32 x 768 fp32), ~200 of OPT-2.7b's (32 x 2560 fp32); small next to the decoder's weights.
+DEFAULT_IMAGE_CACHE_BYTES = 64 * 2**20
+
 # The image stages are Triton models of their own (batched across requests); every other graph is
 # a language-model graph, held by the `blip2` model that owns the KV caches.
 STAGE_GRAPHS = (specs.VISION_ENCODER, specs.QFORMER)
@@ -52,6 +56,11 @@ EXCLUSIVE_COMPUTE = "exclusive_compute"
 CHECKPOINT_DIR = "checkpoint_dir"
 # Model parameter of a retrieval call's model: which call it serves (one of api.RETRIEVAL_CALLS).
 CALL = "call"
+# `blip2` parameters: "true" keeps the query embeddings of recent images (serving/image_cache.py),
+# so follow-up questions on an image skip the image stages; "false" turns that off. The cache
+# holds at most IMAGE_CACHE_BYTES bytes of embeddings, least recently used out first.
+IMAGE_CACHE = "image_cache"
+IMAGE_CACHE_BYTES = "image_cache_bytes"
 
 
 def graph_location(graph: str) -> tuple[str, str]:
@@ -84,13 +93,16 @@ def other_models(config) -> tuple[str, ...]:
     return GENERATION_MODELS if is_retrieval(config) else RETRIEVAL_MODELS
 
 
-def model_configs(config, float_dtype: str = "float32", stateless_backend: str = "python") -> list[ModelConfig]:
+def model_configs(config, float_dtype: str = "float32", stateless_backend: str = "python",
+                  image_cache_bytes: int | None = DEFAULT_IMAGE_CACHE_BYTES) -> list[ModelConfig]:
     """All model configs of the repository for a Blip2Config, from its family's graphs (blip2_triton.families).
 
     stateless_backend: "python" serves the vision encoder and Q-Former with onnxruntime inside the
     Python backend (works everywhere); "onnxruntime" uses Triton's onnxruntime backend (NVIDIA's
-    containers only).
+    containers only). image_cache_bytes: the bound of `blip2`'s image cache; None turns it off.
     """
+    if image_cache_bytes is not None and (not isinstance(image_cache_bytes, int) or image_cache_bytes <= 0):
+        raise ValueError(f"image_cache_bytes must be a positive int or None (off), got {image_cache_bytes!r}")
     graphs = graph_specs(config, float_dtype)
     if is_retrieval(config):
         return _retrieval_configs(graphs, stateless_backend)
@@ -112,7 +124,11 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         outputs=api.PUBLIC_OUTPUTS,
         decoupled=True,
         # The language model's graphs are found by name (graph_path), its family from the checkpoint's config.
-        parameters={EXCLUSIVE_COMPUTE: "true"},
+        parameters={
+            EXCLUSIVE_COMPUTE: "true",
+            IMAGE_CACHE: "false" if image_cache_bytes is None else "true",
+            IMAGE_CACHE_BYTES: str(image_cache_bytes or DEFAULT_IMAGE_CACHE_BYTES),
+        },
     )
     return [preprocess, *(_stateless(graphs[name], stateless_backend) for name in STAGE_GRAPHS), pipeline]
 

@@ -36,6 +36,28 @@ def _base64_payload(data: bytes) -> bytes | None:
         return None
 
 
+def decode_prompt(data: bytes | None) -> str:
+    if data is None:
+        return ""
+    if len(data) > MAX_PROMPT_BYTES:
+        # Far beyond any context (64 KiB is ~16k tokens), and refused before it is tokenized.
+        raise InvalidInput(f"prompt: {len(data)} bytes, more than the {MAX_PROMPT_BYTES} allowed",
+                           Reason.CONTEXT_EXCEEDED)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"prompt: not valid UTF-8 ({e})", Reason.PROMPT) from None
+
+
+def prompt_ids(tokenizer, prompt: bytes | None) -> np.ndarray:
+    """A request's prompt bytes -> its token ids as the checkpoint's tokenizer adds special tokens
+    (OPT: BOS first; T5: </s> last, so "" is [</s>], what the processor gives for text=""); int64
+    [S], without the image placeholders; InvalidInput for bytes that are no prompt. Its length is
+    checked against the context by the language model. The `preprocess` model runs it, and
+    `blip2` itself for an image whose query embeddings it has cached."""
+    return np.asarray(tokenizer(decode_prompt(prompt), add_special_tokens=True)["input_ids"], dtype=np.int64)
+
+
 class Preprocessor:
     def __init__(self, assets: str | Path):
         from transformers import AutoProcessor
@@ -99,24 +121,8 @@ class Preprocessor:
         """RGB images -> float32 [N, 3, H, W] exactly as the checkpoint's processor makes them."""
         return np.asarray(self.image_processor(images, return_tensors="np")["pixel_values"], dtype=np.float32)
 
-    def prompt_ids(self, prompt: str) -> np.ndarray:
-        """Prompt -> its token ids as the checkpoint's tokenizer adds special tokens (OPT: BOS first;
-        T5: </s> last, so "" is [</s>], what the processor gives for text=""); int64 [S], without the
-        image placeholders. Its length is checked against the context by the language model."""
-        return np.asarray(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], dtype=np.int64)
-
-    @staticmethod
-    def decode_prompt(data: bytes | None) -> str:
-        if data is None:
-            return ""
-        if len(data) > MAX_PROMPT_BYTES:
-            # Far beyond any context (64 KiB is ~16k tokens), and refused before it is tokenized.
-            raise InvalidInput(f"prompt: {len(data)} bytes, more than the {MAX_PROMPT_BYTES} allowed",
-                               Reason.CONTEXT_EXCEEDED)
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InvalidInput(f"prompt: not valid UTF-8 ({e})", Reason.PROMPT) from None
+    def prompt_ids(self, prompt: bytes | None) -> np.ndarray:
+        return prompt_ids(self.tokenizer, prompt)
 
     def __call__(self, image: bytes, prompt: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One request -> (pixel_values [3, H, W], prompt_ids [S])."""
@@ -134,7 +140,7 @@ class Preprocessor:
         images = []
         for image, prompt in items:
             try:
-                ids = self.prompt_ids(self.decode_prompt(prompt))
+                ids = self.prompt_ids(prompt)
                 images.append(self.decode_image(image))
                 results.append(ids)
             except InvalidInput as e:

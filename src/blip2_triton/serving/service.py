@@ -6,7 +6,9 @@
 The stateless stages are pluggable: inside Triton they are BLS calls to the dynamically batched
 `preprocess`, `vision_encoder` and `qformer` models (triton_io.BlsStages); in-process they run
 the same code and graphs directly (LocalStages). Everything after them lives in this process, so
-cancellation reaches the engine directly and a token costs no extra Triton hop.
+cancellation reaches the engine directly and a token costs no extra Triton hop. With an
+ImageCache, an image whose query embeddings are cached skips the stages: its prompt is tokenized
+here and the request goes straight to the engine.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from blip2_triton import repository, specs
 from .detokenize import Detokenizer
 from .engine import EngineStats, Request
 from .generator import Generator
+from .image_cache import ImageCache, image_key
 from .onnx_graph import OnnxGraph
-from .preprocess import Preprocessor
+from .preprocess import Preprocessor, prompt_ids
 
 # Only its length matters to validation: the fewest ids a prompt tokenizes to (BOS, or </s>).
 SHORTEST_PROMPT = np.zeros(1, np.int64)
@@ -65,16 +68,26 @@ class Piece:
     final: bool
 
 
+def preprocessing_settings(repo: str | Path) -> bytes:
+    """What an image's pixels depend on besides its bytes: the checkpoint's image-processor settings."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(repository.assets_dir(repo)).to_json_string().encode()
+
+
 class Blip2Service:
     def __init__(self, repo: str | Path, stages: Stages, tokenizer=None, threads: int | None = None,
-                 stats: EngineStats | None = None, compute_lock=None):
+                 stats: EngineStats | None = None, compute_lock=None, image_cache: ImageCache | None = None):
         self.stages = stages
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(repository.assets_dir(repo))
+        self.tokenizer = tokenizer
         self.generator = Generator(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock)
         self.detokenizer = Detokenizer(tokenizer)
+        self.image_cache = image_cache
+        self._settings = preprocessing_settings(repo) if image_cache is not None else b""
 
     @property
     def engine(self):
@@ -99,13 +112,34 @@ class Blip2Service:
         """
         controls = {k: v for k, v in controls.items() if v is not None}
         self.generator.validate(SHORTEST_PROMPT, controls)
-        pixels, prompt_ids = self.stages.preprocess(image, prompt)
-        params = self.generator.validate(prompt_ids, controls)
-        query = self.stages.query_embeds(pixels)
+        if self.image_cache is None:
+            query, ids, params = self._image_stages(image, prompt, controls)
+        else:
+            query, ids, params = self._cached(image, prompt, controls)
         return self.generator.build(
-            query, prompt_ids, params, stream=stream, on_tokens=self._pieces(emit), on_error=on_error,
+            query, ids, params, stream=stream, on_tokens=self._pieces(emit), on_error=on_error,
             is_cancelled=is_cancelled,
         )
+
+    def _image_stages(self, image: bytes, prompt: bytes | None, controls: dict[str, Any]):
+        """-> (query embeddings [Q, E], prompt ids [S], params), the prompt checked before the vision encoder runs."""
+        pixels, ids = self.stages.preprocess(image, prompt)
+        params = self.generator.validate(ids, controls)
+        return self.stages.query_embeds(pixels), ids, params
+
+    def _cached(self, image: bytes, prompt: bytes | None, controls: dict[str, Any]):
+        """_image_stages through the image cache: on a hit no stage runs."""
+        computed = []
+
+        def compute() -> np.ndarray:
+            computed.extend(self._image_stages(image, prompt, controls))
+            return computed[0]
+
+        query, hit = self.image_cache.get_or_compute(image_key(image, self._settings), compute)
+        if not hit:
+            return computed
+        ids = prompt_ids(self.tokenizer, prompt)
+        return query, ids, self.generator.validate(ids, controls)
 
     def _pieces(self, emit: Callable[[Piece], None]) -> Callable[[list[int], int, bool], None]:
         stats = self.engine.stats

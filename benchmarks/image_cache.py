@@ -1,0 +1,145 @@
+"""Follow-up questions with the image cache on and off, through tritonserver (issue 14's targets).
+
+One prepared model (base-opt by default, as the main bench builds it) is served twice, side by side
+in one run: `blip2` with its image cache on, then off (config.pbtxt rewritten between the two).
+On each server, for fresh pictures (never sent before to that server):
+
+- first question on a picture, then a follow-up question on the same picture (sequential);
+- 8 questions on a fresh picture at once through `ask_many`.
+
+Targets: a follow-up with the cache takes <= 0.35x the first question; `ask_many` of 8 with the
+cache <= 0.3x the same without it; tokens identical with the cache on and off. Run:
+
+    python -m blip2_triton.benchmarks.image_cache [--model base-opt] [--workdir artifacts/bench]
+
+Writes benchmarks/results/image_cache.json (every request's seconds and tokens) and prints tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from blip2_triton.repository import DEFAULT_IMAGE_CACHE_BYTES
+
+from . import machine
+from .tables import table
+from .run import DEFAULT_WORKDIR
+from .workloads import configure_image_cache, images, prepare_model
+
+RESULTS = Path(__file__).parent / "results" / "image_cache.json"
+QUESTIONS = [
+    "what color is the square?", "how many shapes are there?", "what color is the circle?",
+    "is there a triangle?", "what is on the left?", "what is the largest shape?",
+    "what color is the background?", "how many circles are there?",
+]
+FOLLOW_UP_TARGET = 0.35
+ASK_MANY_TARGET = 0.3
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def measure(client, pictures: list[bytes], pairs: int, rounds: int, controls: dict) -> dict:
+    """pictures[:pairs]: first + follow-up each; pictures[pairs:pairs+rounds]: ask_many of 8 each."""
+    client.ask(pictures[-1], QUESTIONS[0], **controls)  # warm-up: sessions, connections
+    pairs_out = []
+    for i in range(pairs):
+        first_s, first = _timed(lambda: client.ask(pictures[i], QUESTIONS[0], **controls))
+        follow_s, follow = _timed(lambda: client.ask(pictures[i], QUESTIONS[1], **controls))
+        pairs_out.append({"picture": i, "first_s": first_s, "follow_up_s": follow_s,
+                          "first_tokens": first.token_ids, "follow_up_tokens": follow.token_ids})
+    many_out = []
+    for r in range(rounds):
+        i = pairs + r
+        seconds, results = _timed(lambda: client.ask_many(pictures[i], QUESTIONS, **controls))
+        many_out.append({"picture": i, "seconds": seconds, "tokens": [x.token_ids for x in results]})
+    return {"pairs": pairs_out, "ask_many": many_out}
+
+
+def summarize(on: dict, off: dict) -> dict:
+    med = statistics.median
+    first_on = med(p["first_s"] for p in on["pairs"])
+    follow_on = med(p["follow_up_s"] for p in on["pairs"])
+    first_off = med(p["first_s"] for p in off["pairs"])
+    follow_off = med(p["follow_up_s"] for p in off["pairs"])
+    many_on = med(r["seconds"] for r in on["ask_many"])
+    many_off = med(r["seconds"] for r in off["ask_many"])
+    tokens = lambda run: ([(p["first_tokens"], p["follow_up_tokens"]) for p in run["pairs"]],  # noqa: E731
+                          [r["tokens"] for r in run["ask_many"]])
+    return {
+        "first_question_s": {"cache_on": first_on, "cache_off": first_off},
+        "follow_up_s": {"cache_on": follow_on, "cache_off": follow_off},
+        "ask_many_8_s": {"cache_on": many_on, "cache_off": many_off},
+        "follow_up_over_first_cache_on": follow_on / first_on,
+        "ask_many_on_over_off": many_on / many_off,
+        "tokens_identical_on_off": tokens(on) == tokens(off),
+        "targets": {"follow_up_over_first": FOLLOW_UP_TARGET, "ask_many_on_over_off": ASK_MANY_TARGET},
+    }
+
+
+def render(summary: dict) -> str:
+    ms = lambda s: round(s * 1e3, 1)  # noqa: E731
+    rows = [[name, ms(summary[key]["cache_on"]), ms(summary[key]["cache_off"]),
+             round(summary[key]["cache_on"] / summary[key]["cache_off"], 3)]
+            for name, key in (("first question on a picture", "first_question_s"),
+                              ("follow-up question, same picture", "follow_up_s"),
+                              ("8 questions at once (ask_many)", "ask_many_8_s"))]
+    lines = [table(["p50 (ms)", "cache on", "cache off", "on / off"], rows), ""]
+    lines.append(f"follow-up / first question, cache on: {summary['follow_up_over_first_cache_on']:.3f} "
+                 f"(target <= {FOLLOW_UP_TARGET})")
+    lines.append(f"ask_many of 8, cache on / off: {summary['ask_many_on_over_off']:.3f} (target <= {ASK_MANY_TARGET})")
+    lines.append(f"tokens identical with the cache on and off: {summary['tokens_identical_on_off']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from blip2_triton.client import Blip2Client
+    from blip2_triton.server.launcher import TritonServer
+    from blip2_triton.serving.onnx_graph import THREADS_ENV
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="base-opt", help="preset or checkpoint directory (as `blip2-triton bench`)")
+    p.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=6, help="pictures asked a first and a follow-up question")
+    p.add_argument("--rounds", type=int, default=3, help="pictures asked 8 questions at once")
+    p.add_argument("--vqa-tokens", type=int, default=10)
+    p.add_argument("--output", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    model = prepare_model(args.model, Path(args.workdir))
+    pictures = images(args.pairs + args.rounds + 1)
+    if len(set(pictures)) != len(pictures):
+        raise SystemExit("pictures repeat: lower --pairs/--rounds")
+    controls = {"max_new_tokens": args.vqa_tokens, "min_new_tokens": args.vqa_tokens}
+    runs = {}
+    for name, size in (("cache_on", DEFAULT_IMAGE_CACHE_BYTES), ("cache_off", None)):
+        configure_image_cache(model, size)
+        logs = Path(args.workdir) / model.name / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with TritonServer(model.repository, grpc_port=None, http_port=None, metrics_port=None,
+                          log_file=logs / f"image_cache_{name}.log", startup_timeout=600,
+                          env={THREADS_ENV: str(args.threads)}) as server, \
+                Blip2Client(server.grpc_url, timeout=600) as client:
+            print(f"[{name}] measuring", file=sys.stderr)
+            runs[name] = measure(client, pictures, args.pairs, args.rounds, controls)
+    configure_image_cache(model, DEFAULT_IMAGE_CACHE_BYTES)  # as exported
+    summary = summarize(runs["cache_on"], runs["cache_off"])
+    out = {"facts": machine.facts(args.threads, Path(__file__).resolve().parents[1]), "model": model.as_dict(),
+           "settings": vars(args) | {"questions": QUESTIONS}, "summary": summary, "runs": runs}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
+    print(render(summary))
+    print(f"raw results: {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
