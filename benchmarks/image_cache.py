@@ -1,8 +1,9 @@
 """Follow-up questions with the image cache on and off, through tritonserver (issue 14's targets).
 
-One prepared model (base-opt by default, as the main bench builds it) is served twice, side by side
-in one run: `blip2` with its image cache on, then off (config.pbtxt rewritten between the two).
-On each server, for fresh pictures (never sent before to that server):
+One prepared model (base-opt by default, as the main bench builds it) is served twice, side by side:
+`blip2` with its image cache on and, from a linked copy of the repository, off. The two servers
+take turns request by request, so that load from outside falls on both alike. On each, for fresh
+pictures (never sent before to that server):
 
 - first question on a picture, then a follow-up question on the same picture (sequential);
 - 8 questions on a fresh picture at once through `ask_many`.
@@ -17,7 +18,11 @@ Writes benchmarks/results/image_cache.json (every request's seconds and tokens) 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -46,21 +51,24 @@ def _timed(fn):
     return time.perf_counter() - start, out
 
 
-def measure(client, pictures: list[bytes], pairs: int, rounds: int, controls: dict) -> dict:
-    """pictures[:pairs]: first + follow-up each; pictures[pairs:pairs+rounds]: ask_many of 8 each."""
-    client.ask(pictures[-1], QUESTIONS[0], **controls)  # warm-up: sessions, connections
-    pairs_out = []
+def measure(clients: dict, pictures: list[bytes], pairs: int, rounds: int, controls: dict) -> dict:
+    """pictures[:pairs]: first + follow-up each; pictures[pairs:pairs+rounds]: ask_many of 8 each.
+    Every step runs on each server in turn (clients: name -> Blip2Client)."""
+    runs = {name: {"pairs": [], "ask_many": []} for name in clients}
+    for client in clients.values():
+        client.ask(pictures[-1], QUESTIONS[0], **controls)  # warm-up: sessions, connections
     for i in range(pairs):
-        first_s, first = _timed(lambda: client.ask(pictures[i], QUESTIONS[0], **controls))
-        follow_s, follow = _timed(lambda: client.ask(pictures[i], QUESTIONS[1], **controls))
-        pairs_out.append({"picture": i, "first_s": first_s, "follow_up_s": follow_s,
-                          "first_tokens": first.token_ids, "follow_up_tokens": follow.token_ids})
-    many_out = []
+        for name, client in clients.items():
+            first_s, first = _timed(lambda: client.ask(pictures[i], QUESTIONS[0], **controls))
+            follow_s, follow = _timed(lambda: client.ask(pictures[i], QUESTIONS[1], **controls))
+            runs[name]["pairs"].append({"picture": i, "first_s": first_s, "follow_up_s": follow_s,
+                                        "first_tokens": first.token_ids, "follow_up_tokens": follow.token_ids})
     for r in range(rounds):
         i = pairs + r
-        seconds, results = _timed(lambda: client.ask_many(pictures[i], QUESTIONS, **controls))
-        many_out.append({"picture": i, "seconds": seconds, "tokens": [x.token_ids for x in results]})
-    return {"pairs": pairs_out, "ask_many": many_out}
+        for name, client in clients.items():
+            seconds, results = _timed(lambda: client.ask_many(pictures[i], QUESTIONS, **controls))
+            runs[name]["ask_many"].append({"picture": i, "seconds": seconds, "tokens": [x.token_ids for x in results]})
+    return runs
 
 
 def summarize(on: dict, off: dict) -> dict:
@@ -99,6 +107,17 @@ def render(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _linked_copy(repo: Path, target: Path) -> Path:
+    """A copy of `repo` whose graphs are hard links (no second copy on disk); its config.pbtxt and
+    model.py files are its own, so they can be rewritten without touching `repo`'s."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(repo, target, copy_function=os.link)
+    for own in (*target.glob("*/config.pbtxt"), *target.glob("*/1/model.py")):
+        own.unlink()
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     from blip2_triton.client import Blip2Client
     from blip2_triton.server.launcher import TritonServer
@@ -119,18 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(pictures)) != len(pictures):
         raise SystemExit("pictures repeat: lower --pairs/--rounds")
     controls = {"max_new_tokens": args.vqa_tokens, "min_new_tokens": args.vqa_tokens}
-    runs = {}
-    for name, size in (("cache_on", DEFAULT_IMAGE_CACHE_BYTES), ("cache_off", None)):
-        configure_image_cache(model, size)
-        logs = Path(args.workdir) / model.name / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with TritonServer(model.repository, grpc_port=None, http_port=None, metrics_port=None,
-                          log_file=logs / f"image_cache_{name}.log", startup_timeout=600,
-                          env={THREADS_ENV: str(args.threads)}) as server, \
-                Blip2Client(server.grpc_url, timeout=600) as client:
-            print(f"[{name}] measuring", file=sys.stderr)
-            runs[name] = measure(client, pictures, args.pairs, args.rounds, controls)
-    configure_image_cache(model, DEFAULT_IMAGE_CACHE_BYTES)  # as exported
+    logs = Path(args.workdir) / model.name / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    configure_image_cache(model, DEFAULT_IMAGE_CACHE_BYTES)
+    uncached = _linked_copy(model.repository, Path(args.workdir) / model.name / "repository-no-image-cache")
+    configure_image_cache(dataclasses.replace(model, repository=uncached), None)
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for name, repo in (("cache_on", model.repository), ("cache_off", uncached)):
+            server = stack.enter_context(TritonServer(
+                repo, grpc_port=None, http_port=None, metrics_port=None, log_file=logs / f"image_cache_{name}.log",
+                startup_timeout=600, env={THREADS_ENV: str(args.threads)}))
+            clients[name] = stack.enter_context(Blip2Client(server.grpc_url, timeout=600))
+        print("measuring", file=sys.stderr)
+        runs = measure(clients, pictures, args.pairs, args.rounds, controls)
     summary = summarize(runs["cache_on"], runs["cache_off"])
     out = {"facts": machine.facts(args.threads, Path(__file__).resolve().parents[1]), "model": model.as_dict(),
            "settings": vars(args) | {"questions": QUESTIONS}, "summary": summary, "runs": runs}

@@ -60,8 +60,11 @@ def export_checkpoint(
     providers: list[str] | None = None,
     progress: bool = True,
     quantize: str | None = None,
+    image_cache_bytes: int | None = repository.DEFAULT_IMAGE_CACHE_BYTES,
 ) -> ExportReport:
     """Export all graphs of `model` (hub id or directory) into the Triton repository `output`.
+
+    image_cache_bytes: the bound of `blip2`'s image cache (its config.pbtxt); None turns it off.
 
     quantize="int8": each graph is exported and validated in full precision first, then its
     MatMul weights are quantized and the int8 graph is validated (coarsely) too.
@@ -119,8 +122,8 @@ def export_checkpoint(
             staging.rename(kept)
             raise ValidationError(checks, output=output, kept=kept)
         say("writing config.pbtxt files, model.py files and the checkpoint's processor, tokenizer and configs")
-        write_repository(staging, config, float_dtype,
-                                    checkpoint_files=_save_assets(config, generation_config, processor))
+        write_repository(staging, config, float_dtype, image_cache_bytes=image_cache_bytes,
+                         checkpoint_files=_save_assets(config, generation_config, processor))
         (repository.checkpoint_dir(staging, config) / REPORT).write_text(json.dumps(asdict(report), indent=2))
         _install(staging, output, keep=set(repository.other_models(config)))
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -205,7 +206,8 @@ class _Load:
                 call = _Call(time.monotonic())
                 self.calls.append(call)
                 try:
-                    async for _ in client.stream(random_image(index), max_new_tokens=NEW_TOKENS,
+                    # A new picture each time: a cached one would skip the stages whose deaths this test is about.
+                    async for _ in client.stream(_new_image(), max_new_tokens=NEW_TOKENS,
                                                  min_new_tokens=NEW_TOKENS):
                         pass
                 except Blip2Error as e:
@@ -274,10 +276,18 @@ def _kill(server, model: str) -> tuple[float, float]:
         time.sleep(0.02)
 
 
+_IMAGES = itertools.count(100_000)
+
+
+def _new_image() -> bytes:
+    """A picture no request sent before, so blip2's image cache never answers for the stages."""
+    return random_image(next(_IMAGES))
+
+
 def _caption(server) -> Blip2Error | None:
     with Blip2Client(server.grpc_url, timeout=REQUEST_TIMEOUT) as client:
         try:
-            client.caption(random_image(7), max_new_tokens=3)
+            client.caption(_new_image(), max_new_tokens=3)
         except Blip2Error as e:
             return e
     return None

@@ -17,6 +17,9 @@ from .pbtxt import ModelTensor
 # detokenizer itself (see model_repository/blip2/model.py).
 PIPELINE = "blip2"
 PREPROCESS = "preprocess"
+# The same API as a Triton ensemble: preprocess -> vision_encoder -> qformer -> `blip2` as its
+# generator step, fed the Q-Former's output and the prompt ids instead of an image and a prompt.
+ENSEMBLE = "blip2_ensemble"
 
 # ---- public inputs (per request; the model has a batch dimension, so clients send [1, ...]) ----
 IMAGE = ModelTensor("image", "bytes", (1,))

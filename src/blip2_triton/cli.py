@@ -19,6 +19,7 @@ def _export(args) -> int:
         report = export_checkpoint(
             args.model, args.output, dtype=args.dtype, validate=not args.no_validate,
             providers=args.providers.split(",") if args.providers else None, quantize=args.quantize,
+            image_cache_bytes=None if args.no_image_cache else args.image_cache_mib * 2**20,
         )
     except ValidationError as e:
         print(f"error: {e.summary}", file=sys.stderr)  # every failing case: the kept report
@@ -54,9 +55,20 @@ def _bench(args) -> int:
     return run_from_args(args)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.export.exporter import DTYPES
     from blip2_triton.export.quantize import QUANTIZATIONS
+    from blip2_triton.repository import DEFAULT_IMAGE_CACHE_BYTES
     from blip2_triton.toy.presets import ALL_PRESETS, DEFAULT_PRESET
 
     parser = argparse.ArgumentParser(prog="blip2-triton", description=__doc__)
@@ -70,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZATIONS, help="int8 weights for the MatMuls (validated after fp32)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch gate")
     p.add_argument("--providers", help="onnxruntime providers for validation, comma-separated")
+    p.add_argument("--image-cache-mib", type=_positive_int, default=DEFAULT_IMAGE_CACHE_BYTES // 2**20,
+                   help="bound of blip2's cache of recent images' query embeddings (default %(default)s)")
+    p.add_argument("--no-image-cache", action="store_true", help="every request runs the image stages")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("make-tiny", help="write a random-weight tiny BLIP-2 OPT or Flan-T5 checkpoint (no download)")

@@ -8,6 +8,8 @@
     <repo>/preprocess/{config.pbtxt,1/model.py}                   dynamic batching
     <repo>/vision_encoder/{config.pbtxt,1/model.py,1/model.onnx}  dynamic batching
     <repo>/qformer/{config.pbtxt,1/model.py,1/model.onnx}         dynamic batching
+    <repo>/blip2_ensemble/{config.pbtxt,1/}  the same API as an ensemble: preprocess -> vision_encoder
+                                         -> qformer -> blip2 (fed query embeddings and prompt ids)
 
 A retrieval checkpoint (Blip2ForImageTextRetrieval) has models of other names, so that one
 repository can hold a generation checkpoint and a retrieval one side by side:
@@ -23,12 +25,13 @@ files copied from the `model_repository/` sources.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from . import api
 from . import specs
 from .families import graph_specs, is_retrieval
-from .pbtxt import ModelConfig, ModelTensor
+from .pbtxt import ENSEMBLE, EnsembleStep, ModelConfig, ModelTensor
 
 # The image cache's default bound: ~680 images of a ViT-g/OPT-125m-class checkpoint's queries
 # (32 x 768 fp32), ~200 of OPT-2.7b's (32 x 2560 fp32); small next to the decoder's weights.
@@ -40,7 +43,7 @@ STAGE_GRAPHS = (specs.VISION_ENCODER, specs.QFORMER)
 # Every retrieval graph is a stateless stage of its own.
 RETRIEVAL_GRAPHS = (specs.RETRIEVAL_VISION_ENCODER, specs.IMAGE_FEATURES, specs.TEXT_FEATURES, specs.ITM)
 # The models each kind of export writes; an export replaces its own kind's models only.
-GENERATION_MODELS = (api.PREPROCESS, *STAGE_GRAPHS, api.PIPELINE)
+GENERATION_MODELS = (api.PREPROCESS, *STAGE_GRAPHS, api.PIPELINE, api.ENSEMBLE)
 RETRIEVAL_MODELS = (api.RETRIEVAL_PREPROCESS, *RETRIEVAL_GRAPHS, *api.RETRIEVAL_CALLS)
 MAX_BATCH_SIZE = 16
 # No waiting for a batch to fill: on a CPU every stateless stage uses all cores, so requests that
@@ -117,10 +120,14 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         max_queue_delay_us=QUEUE_DELAY_US,
         parameters={CHECKPOINT_DIR: _relative(assets_dir(""))},
     )
+    # As the ensemble's generator step, `blip2` takes the Q-Former's output and the prompt ids in
+    # place of the image and the prompt: each request sends one pair or the other.
+    query_embeds = ModelTensor.from_spec(graphs[specs.QFORMER].output(specs.QUERY_EMBEDS), optional=True)
+    generator_inputs = (query_embeds, dataclasses.replace(api.PROMPT_IDS, optional=True))
     pipeline = ModelConfig(
         name=api.PIPELINE,
         max_batch_size=MAX_BATCH_SIZE,
-        inputs=api.PUBLIC_INPUTS,
+        inputs=(dataclasses.replace(api.IMAGE, optional=True), *api.PUBLIC_INPUTS[1:], *generator_inputs),
         outputs=api.PUBLIC_OUTPUTS,
         decoupled=True,
         # The language model's graphs are found by name (graph_path), its family from the checkpoint's config.
@@ -130,7 +137,8 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
             IMAGE_CACHE_BYTES: str(image_cache_bytes or DEFAULT_IMAGE_CACHE_BYTES),
         },
     )
-    return [preprocess, *(_stateless(graphs[name], stateless_backend) for name in STAGE_GRAPHS), pipeline]
+    return [preprocess, *(_stateless(graphs[name], stateless_backend) for name in STAGE_GRAPHS), pipeline,
+            ensemble_config()]
 
 
 def _relative(path: Path) -> str:
@@ -178,3 +186,25 @@ def _retrieval_configs(graphs: dict[str, specs.GraphSpec], stateless_backend: st
         for name, (inputs, outputs) in calls.items()
     ]
     return [preprocess, *(_stateless(graphs[name], stateless_backend) for name in RETRIEVAL_GRAPHS), *public]
+
+
+def ensemble_config() -> ModelConfig:
+    """`blip2_ensemble`: the `blip2` API as Triton steps. Every tensor keeps its name along the way."""
+    same = lambda *names: {n: n for n in names}  # noqa: E731
+    controls = (api.STREAM.name, *api.CONTROL_NAMES)
+    return ModelConfig(
+        name=api.ENSEMBLE,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=api.PUBLIC_INPUTS,
+        outputs=api.PUBLIC_OUTPUTS,
+        backend=None,
+        platform=ENSEMBLE,
+        steps=(
+            EnsembleStep(api.PREPROCESS, same(api.IMAGE.name, api.PROMPT.name),
+                         same(specs.PIXEL_VALUES, api.PROMPT_IDS.name)),
+            EnsembleStep(specs.VISION_ENCODER, same(specs.PIXEL_VALUES), same(specs.IMAGE_EMBEDS)),
+            EnsembleStep(specs.QFORMER, same(specs.IMAGE_EMBEDS), same(specs.QUERY_EMBEDS)),
+            EnsembleStep(api.PIPELINE, same(specs.QUERY_EMBEDS, api.PROMPT_IDS.name, *controls),
+                         same(*(t.name for t in api.PUBLIC_OUTPUTS))),
+        ),
+    )

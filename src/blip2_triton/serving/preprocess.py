@@ -49,7 +49,7 @@ def decode_prompt(data: bytes | None) -> str:
         raise InvalidInput(f"prompt: not valid UTF-8 ({e})", Reason.PROMPT) from None
 
 
-def prompt_ids(tokenizer, prompt: bytes | None) -> np.ndarray:
+def encode_prompt(tokenizer, prompt: bytes | None) -> np.ndarray:
     """A request's prompt bytes -> its token ids as the checkpoint's tokenizer adds special tokens
     (OPT: BOS first; T5: </s> last, so "" is [</s>], what the processor gives for text=""); int64
     [S], without the image placeholders; InvalidInput for bytes that are no prompt. Its length is
@@ -122,7 +122,7 @@ class Preprocessor:
         return np.asarray(self.image_processor(images, return_tensors="np")["pixel_values"], dtype=np.float32)
 
     def prompt_ids(self, prompt: bytes | None) -> np.ndarray:
-        return prompt_ids(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def __call__(self, image: bytes, prompt: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One request -> (pixel_values [3, H, W], prompt_ids [S])."""

@@ -26,7 +26,7 @@ from .engine import EngineStats, Request
 from .generator import Generator
 from .image_cache import ImageCache, image_key
 from .onnx_graph import OnnxGraph
-from .preprocess import Preprocessor, prompt_ids
+from .preprocess import Preprocessor, encode_prompt
 
 # Only its length matters to validation: the fewest ids a prompt tokenizes to (BOS, or </s>).
 SHORTEST_PROMPT = np.zeros(1, np.int64)
@@ -95,13 +95,15 @@ class Blip2Service:
 
     def prepare(
         self,
-        image: bytes,
-        prompt: bytes | None,
-        controls: dict[str, Any],
+        image: bytes | None = None,
+        prompt: bytes | None = None,
+        controls: dict[str, Any] | None = None,
         stream: bool = False,
         emit: Callable[[Piece], None] = lambda piece: None,
         on_error: Callable[[BaseException], None] = lambda e: None,
         is_cancelled: Callable[[], bool] = lambda: False,
+        query_embeds: np.ndarray | None = None,
+        prompt_ids: np.ndarray | None = None,
     ) -> Request:
         """Run the stateless stages on the calling thread and return the engine request.
 
@@ -109,10 +111,16 @@ class Blip2Service:
         stage runs, against the shortest prompt (BOS alone): that leaves the most room in the
         context, so a request refused here is refused whatever its prompt. The prompt's own
         length is checked once it is tokenized, still before the vision encoder runs.
+
+        query_embeds [Q, E] and prompt_ids [S] instead of image and prompt: the stages already ran
+        (the ensemble's steps); only the controls and the context are checked.
         """
-        controls = {k: v for k, v in controls.items() if v is not None}
+        controls = {k: v for k, v in (controls or {}).items() if v is not None}
         self.generator.validate(SHORTEST_PROMPT, controls)
-        if self.image_cache is None:
+        if query_embeds is not None:
+            ids = np.asarray(prompt_ids, np.int64)
+            query, params = query_embeds, self.generator.validate(ids, controls)
+        elif self.image_cache is None:
             query, ids, params = self._image_stages(image, prompt, controls)
         else:
             query, ids, params = self._cached(image, prompt, controls)
@@ -138,7 +146,7 @@ class Blip2Service:
         query, hit = self.image_cache.get_or_compute(image_key(image, self._settings), compute)
         if not hit:
             return computed
-        ids = prompt_ids(self.tokenizer, prompt)
+        ids = encode_prompt(self.tokenizer, prompt)
         return query, ids, self.generator.validate(ids, controls)
 
     def _pieces(self, emit: Callable[[Piece], None]) -> Callable[[list[int], int, bool], None]:

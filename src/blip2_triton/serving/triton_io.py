@@ -115,13 +115,19 @@ def single(request, name: str, required: bool = False):
 
 
 def pipeline_inputs(request) -> dict:
-    """The public `blip2` inputs of one request, as Blip2Service.prepare's keyword arguments."""
-    return {
-        "image": single(request, api.IMAGE.name, required=True),
-        "prompt": single(request, api.PROMPT.name),
+    """The inputs of one `blip2` request, as Blip2Service.prepare's keyword arguments: a client's
+    image and prompt, or, from the ensemble's generator step, the Q-Former's output and the prompt ids."""
+    inputs = {
         "stream": bool(single(request, api.STREAM.name) or False),
         "controls": {name: single(request, name) for name in api.CONTROL_NAMES},
     }
+    if tensor(request, specs.QUERY_EMBEDS) is None:
+        return inputs | {"image": single(request, api.IMAGE.name, required=True),
+                         "prompt": single(request, api.PROMPT.name)}
+    if tensor(request, api.IMAGE.name) is not None or tensor(request, api.PROMPT.name) is not None:
+        raise InvalidInput(f"send {api.IMAGE.name} (and {api.PROMPT.name}) or {specs.QUERY_EMBEDS} and "
+                           f"{api.PROMPT_IDS.name} (what {api.ENSEMBLE!r} sends), not both", api.Reason.INPUT)
+    return inputs | {"query_embeds": row(request, specs.QUERY_EMBEDS), "prompt_ids": row(request, api.PROMPT_IDS.name)}
 
 
 def row(request, name: str) -> np.ndarray:

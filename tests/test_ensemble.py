@@ -1,0 +1,128 @@
+"""`blip2_ensemble` through a real tritonserver: the `blip2` API as Triton ensemble steps
+(preprocess -> vision_encoder -> qformer -> blip2 fed query embeddings). Text equals transformers
+over gRPC (one response and streamed) and HTTP generate, on tiny-opt and tiny-t5; refusals keep
+their reason; and what a client's cancellation costs through the ensemble in Triton 2.51."""
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from blip2_triton import api, specs
+from blip2_triton.benchmarks.stages import triton_statistics
+from blip2_triton.client import Blip2Client, InvalidArgumentError
+from blip2_triton.server.launcher import TritonServer
+
+from .conftest import Served, metric, random_image, reference, wait_for_active
+
+pytestmark = pytest.mark.server
+MAX_NEW = 10
+PROMPTS = ["", "a photo of", "Question: what color is the circle? Answer:"]
+
+
+@pytest.fixture(scope="module", params=["tiny-opt", "tiny-t5"])
+def served(request, exported, tmp_path_factory):
+    """The preset's export on its own server, with a client of its ensemble."""
+    ckpt, repo, _ = exported(request.param)
+    log = tmp_path_factory.mktemp("logs") / f"ensemble-{request.param}.log"
+    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server:
+        with Blip2Client(server.grpc_url, model=api.ENSEMBLE, timeout=60) as client:
+            yield Served(ckpt, server, client)
+
+
+def expected(ckpt, seed: int, prompt: str) -> str:
+    return reference(ckpt, seed, prompt, max_new_tokens=MAX_NEW)[1]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_grpc_text_equals_transformers(served, prompt):
+    ckpt, server, client = served
+    seed = 1601 + PROMPTS.index(prompt)
+    before = triton_statistics(server.grpc_url)
+    result = client.generate(random_image(seed), prompt, max_new_tokens=MAX_NEW)
+    assert result.text == expected(ckpt, seed, prompt)
+    assert result.token_ids
+    after = triton_statistics(server.grpc_url)
+    # Every step ran once for it, `blip2` as the generator step.
+    for model in (api.ENSEMBLE, api.PREPROCESS, specs.VISION_ENCODER, specs.QFORMER, api.PIPELINE):
+        assert after[model]["inference_count"] - before[model]["inference_count"] == 1, model
+
+
+def test_grpc_stream_pieces_concatenate_to_the_transformers_text(served):
+    ckpt, _, client = served
+    pieces = list(client.stream(random_image(1611), "a photo of", max_new_tokens=MAX_NEW))
+    assert len(pieces) > 1
+    assert "".join(pieces) == expected(ckpt, 1611, "a photo of")
+
+
+def _http_generate(server, endpoint: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/{api.ENSEMBLE}/{endpoint}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_http_generate_and_generate_stream_equal_transformers(served):
+    ckpt, server, _ = served
+    seed, prompt = 1621, "Question: how many shapes are there? Answer:"
+    body = {"image": base64.b64encode(random_image(seed)).decode(), "prompt": prompt, "max_new_tokens": MAX_NEW}
+    status, text = _http_generate(server, "generate", body)
+    assert status == 200, text
+    assert json.loads(text)["text"] == expected(ckpt, seed, prompt)
+    status, text = _http_generate(server, "generate_stream", {**body, "stream": True})
+    assert status == 200, text
+    events = [json.loads(line[len("data:"):]) for line in text.splitlines() if line.startswith("data:")]
+    assert len(events) > 1 and "".join(e["text"] for e in events) == expected(ckpt, seed, prompt)
+
+
+def test_refusals_keep_their_reason_through_the_ensemble(served):
+    _, _, client = served
+    with pytest.raises(InvalidArgumentError, match="image: cannot decode") as info:
+        client.generate(b"\x89PNG\r\n\x1a\n garbage", max_new_tokens=3)
+    assert info.value.reason is api.Reason.IMAGE
+    with pytest.raises(InvalidArgumentError, match="top_p") as info:
+        client.generate(random_image(1631), top_p=1.5, do_sample=True)
+    assert info.value.reason is api.Reason.CONTROL
+    assert client.caption(random_image(1632), max_new_tokens=3).token_ids  # served on
+
+
+def test_blip2_refuses_an_image_and_query_embeddings_together(served):
+    """`blip2` takes one pair or the other: a client's image and prompt, or the ensemble's tensors."""
+    import tritonclient.grpc as grpcclient
+
+    _, server, _ = served
+    config = grpcclient.InferenceServerClient(server.grpc_url).get_model_config(api.PIPELINE, as_json=True)["config"]
+    query = next(t for t in config["input"] if t["name"] == specs.QUERY_EMBEDS)
+    inputs = {api.IMAGE.name: ("BYTES", np.asarray([[random_image(1)]], dtype=object)),
+              specs.QUERY_EMBEDS: ("FP32", np.zeros([1, *map(int, query["dims"])], np.float32)),
+              api.PROMPT_IDS.name: ("INT64", np.asarray([[2]], np.int64))}
+    errors = _stream_errors(server, inputs)
+    assert len(errors) == 1 and "not both" in str(errors[0]) and "[input]" in str(errors[0])
+
+
+def _stream_errors(server, inputs: dict) -> list:
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put(error))
+    tensors = []
+    for name, (dtype, value) in inputs.items():
+        tensors.append(grpcclient.InferInput(name, list(value.shape), dtype))
+        tensors[-1].set_data_from_numpy(value)
+    client.async_stream_infer(api.PIPELINE, tensors)
+    try:
+        return [answers.get(timeout=60)]
+    finally:
+        client.stop_stream()
+        client.close()
