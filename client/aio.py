@@ -5,12 +5,15 @@ serves decoupled models only through the streaming RPC. A non-streaming call rec
 exactly one response.
 
 Timeouts bound a whole call (DeadlineExceededError). Cancelling the task awaiting a call, or
-closing a `stream()` iterator, cancels its gRPC call.
+closing a `stream()` iterator, cancels its gRPC call. A call to another model than `blip2` (the
+ensemble) that ends early also asks `blip2` to stop its generation (api.STOP): Triton 2.51 does
+not pass a cancellation on to an ensemble step that has started.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -25,8 +28,11 @@ from .options import GenerationOptions
 from .prompts import chat_prompt, vqa_prompt
 from .retrieval import RetrievalCalls
 
+log = logging.getLogger("blip2_triton.client")
+
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_TIMEOUT = 120.0
+STOP_TIMEOUT = 5.0  # seconds for a stop (api.STOP) to be delivered
 # gRPC waits ever longer between attempts to reconnect to a server that went away (1 s, then 1.6x
 # each time, up to 120 s), and the clients of one process share that wait. A server restarted
 # because a model process died is back within seconds: reconnect attempts stay this close.
@@ -84,9 +90,16 @@ class AsyncBlip2Client(RetrievalCalls):
             raise InvalidArgumentError(f"timeout must be > 0 seconds (or None), got {timeout}")
         self.url, self.model, self.timeout = url, model, timeout
         self._client = InferenceServerClient(url, channel_args=_channel_args())
+        self._stopping: set[asyncio.Task] = set()
 
     async def close(self) -> None:
+        if self._stopping:  # stops of calls that ended early go out before the channel closes
+            await asyncio.wait(self._stopping, timeout=STOP_TIMEOUT)
         await self._client.close()
+
+    def is_stopping(self, task: asyncio.Task) -> bool:
+        """Is `task` a stop that close() waits for (the blocking client's shutdown leaves it be)?"""
+        return task in self._stopping
 
     async def __aenter__(self) -> "AsyncBlip2Client":
         return self
@@ -204,22 +217,51 @@ class AsyncBlip2Client(RetrievalCalls):
 
         # The gRPC deadline tells the server too; _with_deadline makes the client's own error.
         responses = self._client.stream_infer(requests(), stream_timeout=self.timeout)
+        ended = False  # the server answered the request to its end (its last response, or an error)
         try:
             async for result, error in _with_deadline(responses, self.timeout):
                 if error is not None:
+                    ended = True
                     raise self._typed(error)
                 text = result.as_numpy(api.TEXT.name)
                 ids = result.as_numpy(api.TOKEN_IDS.name)
+                final = result.as_numpy(api.FINAL.name)
+                ended = final is not None and bool(final.reshape(-1)[0])
                 yield (text.reshape(-1)[0].decode("utf-8") if text is not None else ""), (
                     ids.reshape(-1).tolist() if ids is not None else [])
-                final = result.as_numpy(api.FINAL.name)
-                if final is not None and bool(final.reshape(-1)[0]):
+                if ended:
                     return
         except Blip2Error:
             raise
         except Exception as e:  # transport errors (grpc.aio.AioRpcError, InferenceServerException)
             raise self._typed(e) from e
         finally:  # also on cancellation and when the caller stops iterating: end the gRPC call
+            responses.cancel()
+            if not ended and self.model != api.PIPELINE:
+                task = asyncio.get_running_loop().create_task(self._stop(request_id))
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
+
+    async def _stop(self, request_id: str) -> None:
+        """Ask `blip2` to stop generating for `request_id` (api.STOP); a failure is only logged (the
+        call it would stop has ended for the caller already)."""
+        from tritonclient.grpc import InferInput
+
+        stop = InferInput(api.STOP.name, [1, 1], _TRITON[api.STOP.dtype])
+        stop.set_data_from_numpy(np.asarray([[True]]))
+
+        async def requests():
+            yield {"model_name": api.PIPELINE, "inputs": [stop], "request_id": request_id}
+
+        responses = self._client.stream_infer(requests(), stream_timeout=STOP_TIMEOUT)
+        try:
+            async for _, error in responses:
+                if error is not None:
+                    log.warning("could not stop request %s: %s", request_id, error)
+                break
+        except Exception as e:  # noqa: BLE001  (transport errors of every kind: logged, see above)
+            log.warning("could not stop request %s: %s", request_id, e)
+        finally:
             responses.cancel()
 
     def _typed(self, error: BaseException, model: str | None = None) -> Blip2Error:

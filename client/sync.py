@@ -5,6 +5,7 @@ One implementation serves both APIs, so the sync and async clients cannot drift 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from typing import Iterator, Sequence
@@ -128,8 +129,10 @@ class Blip2Client:
 
         async def pump():
             try:
-                async for piece in iterator:
-                    pieces.put(piece)
+                # aclosing: a cancelled pump closes the iterator at once (ending its call), not when collected
+                async with contextlib.aclosing(iterator):
+                    async for piece in iterator:
+                        pieces.put(piece)
             except Exception as e:  # handed to the consuming thread; cancellation is not
                 pieces.put(e)
             finally:
@@ -146,14 +149,17 @@ class Blip2Client:
 
 
 async def _close_and_drain(client: AsyncBlip2Client) -> None:
-    """Close the channel, then finish what gRPC still has scheduled on the loop (a call's status
-    handler can outlive the call briefly): a loop stopped under a pending task makes asyncio print
-    "Task was destroyed but it is pending!" when the task is collected."""
-    await client.close()
-    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    """Let calls still unwinding finish (an iterator closed just before: its call may owe a stop,
+    which close() then waits for), close the channel, then finish what gRPC still has scheduled
+    on the loop (a call's status handler can outlive the call briefly): a loop stopped under a
+    pending task makes asyncio print "Task was destroyed but it is pending!" when it is collected."""
+    for closing in (False, True):
+        if closing:
+            await client.close()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not client.is_stopping(t)]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _make_async(url, model, timeout) -> AsyncBlip2Client:

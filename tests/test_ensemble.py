@@ -126,3 +126,93 @@ def _stream_errors(server, inputs: dict) -> list:
     finally:
         client.stop_stream()
         client.close()
+
+
+# ---- cancellation --------------------------------------------------------------------------------
+LONG = 110  # new tokens a cancelled stream asks for (the tiny models hold 128 positions)
+
+
+def _cancelled_stream_costs(server, start, cancel, freeze: bool = True) -> tuple[float, float]:
+    """A LONG-token stream, started by start(), cancelled by cancel() once its first token is out
+    -> (tokens generated for it, seconds from the cancellation until its sequence left).
+
+    `blip2`'s process is paced (test_server._Pacer) so the stream is still early when cancelled;
+    with `freeze`, frozen while the client cancels and for a second after (a request sent to it
+    meanwhile fails: Triton finds its process not healthy)."""
+    from .test_server import _Pacer
+
+    before = metric(server, "blip2_generated_tokens_total")
+    with _Pacer(server) as pacer:
+        first = start()
+        wait_for_active(server, 1)
+        first()
+        if freeze:
+            pacer.freeze()
+        cancel()
+        if freeze:
+            time.sleep(1.0)
+            pacer.thaw()
+        freed = wait_for_active(server, 0, timeout=180)
+    return metric(server, "blip2_generated_tokens_total") - before, freed
+
+
+def test_a_stream_cancelled_through_the_ensemble_runs_to_its_end_in_triton_2_51(served):
+    """Pins Triton 2.51's behaviour (triton-inference-server/server#6739): cancelling the ensemble
+    request does not reach its generator step once that step has started, so the sequence runs on
+    to max_new_tokens; the same cancellation sent to `blip2` itself ends it at the next step."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from .test_server import _inputs, _tensors
+
+    _, server, _ = served
+    costs = {}
+    for model in (api.ENSEMBLE, api.PIPELINE):
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        answers: queue.Queue = queue.Queue()
+
+        def start():
+            client.start_stream(callback=lambda result, error: answers.put((result, error)))
+            client.async_stream_infer(model, _tensors(_inputs(random_image(1641), stream=True,
+                                                              max_new_tokens=LONG, min_new_tokens=LONG)))
+            return lambda: answers.get(timeout=60)
+
+        def cancel():
+            client.stop_stream(cancel_requests=True)
+            client.close()
+
+        costs[model] = _cancelled_stream_costs(server, start, cancel)[0]
+    assert costs[api.ENSEMBLE] == LONG, costs
+    assert 1 <= costs[api.PIPELINE] <= LONG // 2, costs
+
+
+def test_the_client_stops_what_it_cancels_through_the_ensemble(served):
+    """Blip2Client: a call to the ensemble that ends early also sends `blip2` a stop for its
+    request id (api.STOP), which ends the sequence at its next step.
+
+    Paced until its first piece is out, the sequence is then held by the repository's compute
+    lock, which every decoder step takes: `blip2` itself runs on and receives the stop, which
+    has arrived when close() returns (it waits for stops under way)."""
+    from blip2_triton.serving.compute_lock import ComputeLock
+
+    from .test_server import _Pacer
+
+    _, server, _ = served
+    before = metric(server, "blip2_generated_tokens_total")
+    client = Blip2Client(server.grpc_url, model=api.ENSEMBLE, timeout=120)
+    pieces = client.stream(random_image(1642), max_new_tokens=LONG, min_new_tokens=LONG)
+    lock = ComputeLock.for_repository(server.model_repository, server.runtime_dir)
+    with _Pacer(server):
+        next(pieces)
+        lock.__enter__()
+    try:
+        pieces.close()
+        client.close()
+    finally:
+        lock.__exit__(None, None, None)
+    wait_for_active(server, 0, timeout=60)
+    generated = metric(server, "blip2_generated_tokens_total") - before
+    assert 1 <= generated <= LONG // 2, generated
+    with Blip2Client(server.grpc_url, model=api.ENSEMBLE, timeout=60) as again:
+        assert again.caption(random_image(1643), max_new_tokens=3).token_ids  # served on

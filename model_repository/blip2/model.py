@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from blip2_triton import api
 from blip2_triton.serving import triton_io as io
-from blip2_triton.serving.service import Blip2Service
+from blip2_triton.serving.service import Blip2Service, Piece
 
 
 class TritonPythonModel:
@@ -31,7 +31,12 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self.workers.submit(self._start, request, sender, io.pipeline_inputs(request), received)
+                inputs = io.pipeline_inputs(request)
+                if "stop" in inputs:  # api.STOP: end the generation of the request with this id
+                    self.service.stops.add(inputs["stop"])
+                    io.piece_sender(sender)(Piece("", [], final=True))
+                    continue
+                self.workers.submit(self._start, request, sender, inputs, received)
             except Exception as e:
                 sender.send(io.error_response(e), flags=io.final_flag())
         return None
@@ -40,7 +45,7 @@ class TritonPythonModel:
         try:
             generation = self.service.prepare(
                 **inputs, emit=io.piece_sender(sender), on_error=io.error_sender(sender),
-                is_cancelled=lambda: io.is_cancelled(request),
+                is_cancelled=lambda: io.is_cancelled(request), request_id=io.request_id(request),
             )
             generation.received = received
             self.service.engine.submit(generation)

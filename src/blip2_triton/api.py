@@ -52,6 +52,12 @@ TOKEN_IDS = ModelTensor("token_ids", "int64", (-1,))  # the token ids of this re
 FINAL = ModelTensor("final", "bool", (1,))  # true on the last response of a request
 
 PUBLIC_INPUTS: tuple[ModelTensor, ...] = (IMAGE, PROMPT, STREAM, *CONTROLS)
+
+# `blip2` only: a request with `stop` true and no other input ends the generation `blip2` runs for
+# the request of the same request id, and gets one empty final response. Through the ensemble the
+# generator step carries the client's request id, and Triton 2.51 does not pass a client's
+# cancellation on to a step that has started: the client sends this instead.
+STOP = ModelTensor("stop", "bool", (1,), optional=True)
 PUBLIC_OUTPUTS: tuple[ModelTensor, ...] = (TEXT, TOKEN_IDS, FINAL)
 
 # ---- the retrieval models (a Blip2ForImageTextRetrieval checkpoint): one Triton model per call ----

@@ -127,7 +127,7 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
     pipeline = ModelConfig(
         name=api.PIPELINE,
         max_batch_size=MAX_BATCH_SIZE,
-        inputs=(dataclasses.replace(api.IMAGE, optional=True), *api.PUBLIC_INPUTS[1:], *generator_inputs),
+        inputs=(dataclasses.replace(api.IMAGE, optional=True), *api.PUBLIC_INPUTS[1:], *generator_inputs, api.STOP),
         outputs=api.PUBLIC_OUTPUTS,
         decoupled=True,
         # The language model's graphs are found by name (graph_path), its family from the checkpoint's config.

@@ -12,6 +12,7 @@ here and the request goes straight to the engine.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from blip2_triton import repository, specs
+from blip2_triton.api import Reason
+from blip2_triton.errors import InvalidInput
 
 from .detokenize import Detokenizer
 from .engine import EngineStats, Request
@@ -75,6 +78,28 @@ def preprocessing_settings(repo: str | Path) -> bytes:
     return AutoImageProcessor.from_pretrained(repository.assets_dir(repo)).to_json_string().encode()
 
 
+class Stops:
+    """Request ids whose generation a client asked to stop (api.STOP). An id is kept for TTL_S:
+    a stop may arrive before the request it names reaches the engine (still in the image steps)."""
+
+    TTL_S = 60.0
+
+    def __init__(self):
+        self._ids: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, request_id: str) -> None:
+        if not request_id:
+            raise InvalidInput("stop: the request needs the id of the request to stop", Reason.INPUT)
+        now = time.monotonic()
+        with self._lock:
+            self._ids = {k: t for k, t in self._ids.items() if now - t < self.TTL_S}
+            self._ids[request_id] = now
+
+    def __contains__(self, request_id: str) -> bool:
+        return bool(request_id) and request_id in self._ids
+
+
 class Blip2Service:
     def __init__(self, repo: str | Path, stages: Stages, tokenizer=None, threads: int | None = None,
                  stats: EngineStats | None = None, compute_lock=None, image_cache: ImageCache | None = None):
@@ -87,6 +112,7 @@ class Blip2Service:
         self.generator = Generator(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock)
         self.detokenizer = Detokenizer(tokenizer)
         self.image_cache = image_cache
+        self.stops = Stops()
         self._settings = preprocessing_settings(repo) if image_cache is not None else b""
 
     @property
@@ -104,6 +130,7 @@ class Blip2Service:
         is_cancelled: Callable[[], bool] = lambda: False,
         query_embeds: np.ndarray | None = None,
         prompt_ids: np.ndarray | None = None,
+        request_id: str = "",
     ) -> Request:
         """Run the stateless stages on the calling thread and return the engine request.
 
@@ -113,8 +140,12 @@ class Blip2Service:
         length is checked once it is tokenized, still before the vision encoder runs.
 
         query_embeds [Q, E] and prompt_ids [S] instead of image and prompt: the stages already ran
-        (the ensemble's steps); only the controls and the context are checked.
+        (the ensemble's steps); only the controls and the context are checked. request_id: the
+        id a stop (`stop`) names; the request counts as cancelled once it is stopped.
         """
+        if request_id:
+            cancelled = is_cancelled
+            is_cancelled = lambda: request_id in self.stops or cancelled()  # noqa: E731
         controls = {k: v for k, v in (controls or {}).items() if v is not None}
         self.generator.validate(SHORTEST_PROMPT, controls)
         if query_embeds is not None:

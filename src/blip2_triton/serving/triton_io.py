@@ -117,6 +117,8 @@ def single(request, name: str, required: bool = False):
 def pipeline_inputs(request) -> dict:
     """The inputs of one `blip2` request, as Blip2Service.prepare's keyword arguments: a client's
     image and prompt, or, from the ensemble's generator step, the Q-Former's output and the prompt ids."""
+    if single(request, api.STOP.name):
+        return {"stop": request_id(request)}
     inputs = {
         "stream": bool(single(request, api.STREAM.name) or False),
         "controls": {name: single(request, name) for name in api.CONTROL_NAMES},
@@ -128,6 +130,11 @@ def pipeline_inputs(request) -> dict:
         raise InvalidInput(f"send {api.IMAGE.name} (and {api.PROMPT.name}) or {specs.QUERY_EMBEDS} and "
                            f"{api.PROMPT_IDS.name} (what {api.ENSEMBLE!r} sends), not both", api.Reason.INPUT)
     return inputs | {"query_embeds": row(request, specs.QUERY_EMBEDS), "prompt_ids": row(request, api.PROMPT_IDS.name)}
+
+
+def request_id(request) -> str:
+    """The request's id as the client set it ("" if none); an ensemble's steps carry the client's."""
+    return request.request_id() or ""
 
 
 def row(request, name: str) -> np.ndarray:
