@@ -5,6 +5,8 @@ stateless stages as BLS calls (batched in their own models) and enqueues the req
 generation engine; the engine thread runs every active sequence in one batched decoder call per
 step and answers through each request's response sender. Because the request that Triton
 cancels is the one this model holds, a client's cancellation frees its sequence at the next step.
+As `blip2_ensemble`'s generator step it receives query embeddings and prompt ids instead of an
+image and a prompt; a `stop` request ends the generation of the request with its id.
 """
 import time
 from concurrent.futures import ThreadPoolExecutor
