@@ -95,6 +95,65 @@ def test_onnxruntime_backend_variant(exported):
     assert configs[api.PIPELINE].backend == "python" and configs[api.PIPELINE].decoupled
 
 
+def test_the_ensemble_steps_connect_the_models_tensors(exported):
+    """Each step maps only tensors its model has, every required input of a step's model is fed,
+    and each step's inputs are the ensemble's inputs or an earlier step's outputs."""
+    from transformers import AutoConfig
+
+    from blip2_triton.pbtxt import ENSEMBLE, EnsembleStep
+
+    _, repo, _ = exported("tiny-opt")
+    configs = {c.name: c for c in repository.model_configs(AutoConfig.from_pretrained(repository.assets_dir(repo)))}
+    ensemble = configs[api.ENSEMBLE]
+    assert ensemble.platform == ENSEMBLE
+    assert ensemble.inputs == api.PUBLIC_INPUTS and ensemble.outputs == api.PUBLIC_OUTPUTS
+    available = {t.name for t in ensemble.inputs}
+    for step in ensemble.steps:
+        model = configs[step.model]
+        assert set(step.inputs) <= {t.name for t in model.inputs}, step.model
+        assert set(step.outputs) <= {t.name for t in model.outputs}, step.model
+        assert {t.name for t in model.inputs if not t.optional} <= set(step.inputs), step.model
+        assert set(step.inputs.values()) <= available, step.model
+        available |= set(step.outputs.values())
+    assert {t.name for t in ensemble.outputs} <= set(ensemble.steps[-1].outputs.values())
+    assert ensemble.steps[-1].model == api.PIPELINE  # the generator step shares blip2's process
+    text = render(ensemble)
+    assert "ensemble_scheduling" in text and "instance_group" not in text
+
+
+def test_ensemble_configs_that_cannot_be_rendered():
+    import dataclasses
+
+    from blip2_triton.pbtxt import EnsembleStep
+
+    tensor = ModelTensor("x", "float32", (3,))
+    step = EnsembleStep("m", {"x": "x"}, {"y": "x"})
+    good = ModelConfig("e", 1, (tensor,), (tensor,), backend=None, platform="ensemble", steps=(step,))
+    assert 'model_name: "m"' in render(good)
+    for overrides, message in ((dict(steps=()), "steps go with platform"),
+                               (dict(platform=None, backend="python"), "steps go with platform"),
+                               (dict(parameters={"k": "v"}), "no dynamic_batching, decoupled or parameters"),
+                               (dict(steps=(EnsembleStep("m", {}, {"y": "x"}),)), "needs a model, inputs and outputs"),
+                               (dict(steps=(EnsembleStep("m", {"x": ""}, {"y": "x"}),)), "both must be tensor names")):
+        with pytest.raises(ConfigError, match=message):
+            render(dataclasses.replace(good, **overrides))
+
+
+def test_a_stop_is_remembered_for_its_ttl(monkeypatch):
+    from blip2_triton.serving import service
+
+    stops = service.Stops()
+    clock = [100.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
+    stops.add("a")
+    assert "a" in stops and "b" not in stops and "" not in stops
+    clock[0] += stops.TTL_S + 1
+    stops.add("b")  # adding prunes what expired
+    assert "a" not in stops and "b" in stops
+    with pytest.raises(InvalidInput, match="stop: the request needs the id"):
+        stops.add("")
+
+
 # ---- preprocessing ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def preprocessor(exported):
