@@ -116,6 +116,16 @@ def test_ask_json_and_stream(images, url, client):
     assert ok("ask", path, "what is it?", "--stream", "--max-new-tokens", MAX_NEW, *url) == expected.text.strip() + "\n"
 
 
+def test_ask_several_questions_labels_each_answer(images, url, client):
+    path = images[0][1]
+    questions = ["what is it?", "what color is it?"]
+    expected = [client.ask(path, q, max_new_tokens=int(MAX_NEW)).text.strip() for q in questions]
+    out = ok("ask", path, *questions, "--max-new-tokens", MAX_NEW, *url)
+    assert out.splitlines() == [f"{q}: {e}" for q, e in zip(questions, expected)]
+    records = json_lines(ok("ask", path, *questions, "--json", "--max-new-tokens", MAX_NEW, *url))
+    assert [r["prompt"] for r in records] == [vqa_prompt(q) for q in questions]
+
+
 def test_caption_stream_prints_the_whole_answer(images, url, client):
     path = images[0][2]
     expected = client.caption(path, max_new_tokens=int(MAX_NEW)).text.strip()
