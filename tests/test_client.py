@@ -541,7 +541,10 @@ def test_a_cancelled_one_response_call_is_never_decoded(served, client):
         try:
             async def main():
                 async with AsyncBlip2Client(server.grpc_url, timeout=60) as c:
-                    task = asyncio.create_task(c.generate(random_image(3), max_new_tokens=LONG, min_new_tokens=LONG))
+                    # A picture not cached yet: the request waits in the vision encoder, before the
+                    # engine (a cached one would wait in its prefill, whose token then counts).
+                    task = asyncio.create_task(c.generate(random_image(1703), max_new_tokens=LONG,
+                                                          min_new_tokens=LONG))
                     await asyncio.sleep(0.5)
                     assert not task.done(), task
                     task.cancel()
