@@ -191,27 +191,20 @@ def test_the_client_stops_what_it_cancels_through_the_ensemble(served):
     """Blip2Client: a call to the ensemble that ends early also sends `blip2` a stop for its
     request id (api.STOP), which ends the sequence at its next step.
 
-    Paced until its first piece is out, the sequence is then held by the repository's compute
-    lock, which every decoder step takes: `blip2` itself runs on and receives the stop, which
-    has arrived when close() returns (it waits for stops under way)."""
-    from blip2_triton.serving.compute_lock import ComputeLock
-
-    from .test_server import _Pacer
+    Decoding is paced through the repository's compute lock (test_client._Pacer: every decoder step
+    waits for it), so the sequence is still early when the call ends, while `blip2` itself runs on
+    and receives the stop; close() returns once the stop is answered."""
+    from .test_client import _Pacer
 
     _, server, _ = served
     before = metric(server, "blip2_generated_tokens_total")
-    client = Blip2Client(server.grpc_url, model=api.ENSEMBLE, timeout=120)
-    pieces = client.stream(random_image(1642), max_new_tokens=LONG, min_new_tokens=LONG)
-    lock = ComputeLock.for_repository(server.model_repository, server.runtime_dir)
     with _Pacer(server):
+        client = Blip2Client(server.grpc_url, model=api.ENSEMBLE, timeout=120)
+        pieces = client.stream(random_image(1642), max_new_tokens=LONG, min_new_tokens=LONG)
         next(pieces)
-        lock.__enter__()
-    try:
         pieces.close()
         client.close()
-    finally:
-        lock.__exit__(None, None, None)
-    wait_for_active(server, 0, timeout=60)
+        wait_for_active(server, 0, timeout=60)
     generated = metric(server, "blip2_generated_tokens_total") - before
     assert 1 <= generated <= LONG // 2, generated
     with Blip2Client(server.grpc_url, model=api.ENSEMBLE, timeout=60) as again:
