@@ -51,6 +51,17 @@ def exported(tiny_checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def embedded_repository(tmp_path_factory):
+    """The embedded trained model (toy.embedded.TRAINED_MODEL) exported (fp32, validated), once."""
+    from blip2_triton.export.exporter import export_checkpoint
+    from blip2_triton.toy.embedded import TRAINED_MODEL
+
+    repo = tmp_path_factory.mktemp("repos") / "blip2-tiny-scenes"
+    export_checkpoint(TRAINED_MODEL, repo, progress=False)
+    return repo
+
+
+@pytest.fixture(scope="session")
 def pipeline(exported):
     """The served pipeline of tiny-opt in process (LocalPipeline), for engine and cache tests."""
     from blip2_triton.serving.pipeline import LocalPipeline

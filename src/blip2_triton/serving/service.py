@@ -63,6 +63,7 @@ class Piece:
     text: str
     token_ids: list[int]
     final: bool
+    prompt_tokens: int = 0  # what the language model read before its first new token: query tokens + prompt ids
 
 
 class Blip2Service:
@@ -103,11 +104,12 @@ class Blip2Service:
         params = self.generator.validate(prompt_ids, controls)
         query = self.stages.query_embeds(pixels)
         return self.generator.build(
-            query, prompt_ids, params, stream=stream, on_tokens=self._pieces(emit), on_error=on_error,
+            query, prompt_ids, params, stream=stream,
+            on_tokens=self._pieces(emit, self.generator.num_query_tokens + len(prompt_ids)), on_error=on_error,
             is_cancelled=is_cancelled,
         )
 
-    def _pieces(self, emit: Callable[[Piece], None]) -> Callable[[list[int], int, bool], None]:
+    def _pieces(self, emit: Callable[[Piece], None], prompt_tokens: int) -> Callable[[list[int], int, bool], None]:
         stats = self.engine.stats
 
         def on_tokens(ids: list[int], new: int, final: bool) -> None:
@@ -116,6 +118,6 @@ class Blip2Service:
             stats.on_stage("detokenize", time.perf_counter() - began)
             if final:
                 stats.flush()  # this detokenization too is counted before the client has its answer
-            emit(Piece(text, ids[len(ids) - new :], final))
+            emit(Piece(text, ids[len(ids) - new :], final, prompt_tokens))
 
         return on_tokens

@@ -325,6 +325,7 @@ def piece_sender(sender):
             api.TEXT.name: np.asarray([piece.text.encode("utf-8")], dtype=object),
             api.TOKEN_IDS.name: np.asarray(piece.token_ids, np.int64),
             api.FINAL.name: np.asarray([piece.final]),
+            api.PROMPT_TOKENS.name: np.asarray([piece.prompt_tokens], np.int32),
         })
         sender.send(resp, flags=final_flag() if piece.final else 0)
 
