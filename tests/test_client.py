@@ -27,7 +27,7 @@ from blip2_triton.client.aio import is_context_overflow
 from blip2_triton.server.launcher import TritonServer, free_port
 
 from . import conftest
-from .conftest import metric, random_image, wait_for_active
+from .conftest import ComputeLockPacer as _Pacer, metric, random_image, wait_for_active
 
 pytestmark = pytest.mark.server
 MAX_NEW = 8
@@ -419,42 +419,6 @@ def test_unknown_model_is_unavailable(served):
     with Blip2Client(served.server.grpc_url, model="no_such_model", timeout=30) as c:
         with pytest.raises(UnavailableError, match="no_such_model"):
             c.caption(random_image(1))
-
-
-class _Pacer:
-    """Slow the served models from outside through the repository's compute lock, which every
-    onnxruntime run of the server takes: held `hold` s, let go for 1 ms, again and again, so the
-    tiny model's 120 tokens take about a second or more instead of ~40 ms. Between `freeze()` and
-    `thaw()` the lock stays held and no decoder step runs."""
-
-    def __init__(self, server, hold: float = 0.04):
-        import threading
-
-        from blip2_triton.serving.compute_lock import ComputeLock
-
-        lock = ComputeLock.for_repository(server.model_repository, server.runtime_dir)
-        self.lock, self.hold, self.stop = lock, hold, threading.Event()
-        self.thread = threading.Thread(target=self._pace, daemon=True)
-
-    def _pace(self) -> None:
-        while not self.stop.is_set():
-            with self.lock:  # its thread lock also queues this thread behind freeze()
-                self.stop.wait(self.hold)
-            time.sleep(0.001)
-
-    def freeze(self) -> None:
-        self.lock.__enter__()
-
-    def thaw(self) -> None:
-        self.lock.__exit__(None, None, None)
-
-    def __enter__(self) -> "_Pacer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 # A call ended while decoding is frozen; the server is then given SETTLE s to mark the request

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(p)
     p.set_defaults(func=serve_command)
 
+    from blip2_triton.frontend.cli import add_arguments as add_openai_arguments, command as openai_command
+
+    p = sub.add_parser("openai", help="an OpenAI-compatible HTTP front door (chat completions) to Triton replicas")
+    add_openai_arguments(p)
+    p.set_defaults(func=openai_command)
+
     from blip2_triton.benchmarks.run import add_arguments as add_bench_arguments
 
     p = sub.add_parser("bench", help="latency, throughput and memory benchmarks, side by side with transformers")
