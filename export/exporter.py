@@ -60,6 +60,7 @@ def export_checkpoint(
     providers: list[str] | None = None,
     progress: bool = True,
     quantize: str | None = None,
+    sizing=None,
 ) -> ExportReport:
     """Export all graphs of `model` (hub id or directory) into the Triton repository `output`.
 
@@ -68,6 +69,8 @@ def export_checkpoint(
     Raises ValidationError when any output differs from PyTorch; `output` is then left as it was.
     progress: one line per step on stderr (loading; per graph: trace + export, weights, shape
     folding, PyTorch reference outputs; then per graph: validation in onnxruntime).
+    sizing: instances, threads, batching and devices per model (blip2_triton.sizing.Sizing; default:
+    one instance of each model on the CPU).
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -119,8 +122,8 @@ def export_checkpoint(
             staging.rename(kept)
             raise ValidationError(checks, output=output, kept=kept)
         say("writing config.pbtxt files, model.py files and the checkpoint's processor, tokenizer and configs")
-        write_repository(staging, config, float_dtype,
-                                    checkpoint_files=_save_assets(config, generation_config, processor))
+        write_repository(staging, config, float_dtype, checkpoint_files=_save_assets(config, generation_config, processor),
+                         sizing=sizing)
         (repository.checkpoint_dir(staging, config) / REPORT).write_text(json.dumps(asdict(report), indent=2))
         _install(staging, output, keep=set(repository.other_models(config)))
     finally:

@@ -11,7 +11,8 @@ from blip2_triton import api
 from blip2_triton import specs
 from blip2_triton.model_repository import SOURCE_DIR
 from blip2_triton.pbtxt import render
-from blip2_triton.repository import RETRIEVAL_GRAPHS, checkpoint_dir, model_configs, other_models
+from blip2_triton.repository import RETRIEVAL_GRAPHS, assets_dir, checkpoint_dir, model_configs, other_models
+from blip2_triton.sizing import Sizing
 
 log = logging.getLogger("blip2_triton.export")
 
@@ -33,11 +34,12 @@ def write_repository(
     float_dtype: str = "float32",
     checkpoint_files: Callable[[Path], None] | None = None,
     stateless_backend: str = "python",
+    sizing: Sizing | None = None,
 ) -> Path:
     """Write every config.pbtxt and model.py into `repo` (the ONNX files are written by the exporter).
     The other kind of export's models (generation / retrieval) in `repo` stay."""
     repo = Path(repo)
-    configs = model_configs(config, float_dtype, stateless_backend)
+    configs = model_configs(config, float_dtype, stateless_backend, sizing)
     remove_stale_models(repo, {cfg.name for cfg in configs} | set(other_models(config)))
     for cfg in configs:
         model_dir = repo / cfg.name
@@ -60,3 +62,24 @@ def remove_stale_models(repo: Path, keep: set[str]) -> None:
         if config.parent.name not in keep:
             log.warning("removing stale model %s", config.parent)
             shutil.rmtree(config.parent)
+
+
+def resize_repository(repo: Path | str, sizing: Sizing) -> Path:
+    """Render an exported repository's config.pbtxt files (and model.py files) again for `sizing`,
+    without touching its graphs: the checkpoint's config and the export's dtype are read from the
+    repository itself (blip2/1/checkpoint), the stateless backend from its current configs."""
+    import json
+
+    from transformers import AutoConfig
+
+    repo = Path(repo)
+    assets = assets_dir(repo)
+    if not (assets / "config.json").is_file():
+        raise FileNotFoundError(f"{repo} is not an exported repository: {assets / 'config.json'} is missing")
+    config = AutoConfig.from_pretrained(assets)
+    report = assets / "export_report.json"
+    dtype = json.loads(report.read_text())["dtype"] if report.is_file() else "fp32"
+    float_dtype = "float16" if dtype.startswith("fp16") else "float32"
+    current = repo / specs.VISION_ENCODER / "config.pbtxt"
+    backend = "onnxruntime" if current.is_file() and "onnxruntime_onnx" in current.read_text() else "python"
+    return write_repository(repo, config, float_dtype, stateless_backend=backend, sizing=sizing)

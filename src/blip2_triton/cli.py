@@ -15,10 +15,18 @@ def _export(args) -> int:
     from blip2_triton.errors import UnsupportedModelError
     from blip2_triton.export.validate import ValidationError
 
+    from blip2_triton.sizing import SizingError, from_arguments
+
+    try:
+        sizing = from_arguments(args)
+    except SizingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         report = export_checkpoint(
             args.model, args.output, dtype=args.dtype, validate=not args.no_validate,
             providers=args.providers.split(",") if args.providers else None, quantize=args.quantize,
+            sizing=sizing,
         )
     except ValidationError as e:
         print(f"error: {e.summary}", file=sys.stderr)  # every failing case: the kept report
@@ -31,6 +39,19 @@ def _export(args) -> int:
         print("  not validated (--no-validate): no output was compared with PyTorch")
     for graph, diff in report.max_abs_diff.items():
         print(f"  {graph:<15} max |onnx - torch| = {diff:.2e}")
+    return 0
+
+
+def _configure(args) -> int:
+    from blip2_triton.export.repository_writer import resize_repository
+    from blip2_triton.sizing import SizingError, from_arguments
+
+    try:
+        resize_repository(args.repository, from_arguments(args))
+    except (SizingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"rendered the config.pbtxt files of {args.repository} again (graphs untouched); restart its server")
     return 0
 
 
@@ -56,6 +77,7 @@ def _bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.export.exporter import DTYPES
+    from blip2_triton.sizing import add_arguments as add_sizing_arguments
     from blip2_triton.export.quantize import QUANTIZATIONS
     from blip2_triton.toy.presets import ALL_PRESETS, DEFAULT_PRESET
 
@@ -70,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZATIONS, help="int8 weights for the MatMuls (validated after fp32)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch gate")
     p.add_argument("--providers", help="onnxruntime providers for validation, comma-separated")
+    add_sizing_arguments(p)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("configure", help="size an exported repository again (config.pbtxt only, no re-export)")
+    p.add_argument("--repository", required=True, help="an exported model repository")
+    add_sizing_arguments(p)
+    p.set_defaults(func=_configure)
 
     p = sub.add_parser("make-tiny", help="write a random-weight tiny BLIP-2 OPT or Flan-T5 checkpoint (no download)")
     p.add_argument("--output", required=True)

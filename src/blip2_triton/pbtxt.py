@@ -66,6 +66,8 @@ class ModelConfig:
     max_queue_delay_us: int = 0
     decoupled: bool = False
     instance_count: int = 1
+    instance_kind: str = "KIND_CPU"
+    gpus: tuple[int, ...] = ()  # device ids, with KIND_GPU
     parameters: dict[str, str] = field(default_factory=dict)
     default_model_filename: str | None = None
 
@@ -145,7 +147,13 @@ def render(cfg: ModelConfig) -> str:
         parts.append("model_transaction_policy { decoupled: true }")
     if cfg.dynamic_batching:
         parts.append(f"dynamic_batching {{ max_queue_delay_microseconds: {cfg.max_queue_delay_us} }}")
-    parts.append(f"instance_group [ {{ count: {cfg.instance_count} kind: KIND_CPU }} ]")
+    if cfg.instance_kind not in ("KIND_CPU", "KIND_GPU"):
+        raise ConfigError(f"model config {cfg.name!r}: instance_kind must be KIND_CPU or KIND_GPU, got {cfg.instance_kind!r}")
+    if not isinstance(cfg.gpus, tuple) or not all(_is_int(g) and g >= 0 for g in cfg.gpus) \
+            or bool(cfg.gpus) != (cfg.instance_kind == "KIND_GPU"):
+        raise ConfigError(f"model config {cfg.name!r}: gpus must list device ids exactly with KIND_GPU, got {cfg.gpus!r}")
+    gpus = f" gpus: [ {', '.join(map(str, cfg.gpus))} ]" if cfg.gpus else ""
+    parts.append(f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.instance_kind}{gpus} }} ]")
     for key, value in cfg.parameters.items():
         parts.append(f"parameters {{ key: {_q(key)} value: {{ string_value: {_q(str(value))} }} }}")
     return "\n".join(parts) + "\n"

@@ -17,7 +17,7 @@ import numpy as np
 from blip2_triton import api
 from blip2_triton import specs
 from blip2_triton.errors import Cancelled, InvalidInput, Unavailable
-from blip2_triton.repository import EXCLUSIVE_COMPUTE
+from blip2_triton.sizing import EXCLUSIVE_COMPUTE, ORT_PROVIDERS, ORT_THREADS
 
 from .compute_lock import ComputeLock
 from .engine import TIMED_STAGES, EngineStats
@@ -58,6 +58,18 @@ class ModelArgs:
         if value not in ("true", "false"):
             raise ValueError(f"model {self.name!r}: parameter {EXCLUSIVE_COMPUTE!r} must be \"true\" or \"false\", got {value!r}")
         return ComputeLock.for_repository(self.repository) if value == "true" else None
+
+    def ort_threads(self) -> int | None:
+        """onnxruntime intra-op threads config.pbtxt asks for (sizing.ORT_THREADS), or None."""
+        value = self.parameter(ORT_THREADS, "").strip()
+        if value and (not value.isdigit() or int(value) < 1):
+            raise ValueError(f"model {self.name!r}: parameter {ORT_THREADS!r} must be an integer >= 1, got {value!r}")
+        return int(value) if value else None
+
+    def ort_providers(self) -> list[str] | None:
+        """onnxruntime execution providers config.pbtxt asks for (sizing.ORT_PROVIDERS), or None (CPU)."""
+        value = self.parameter(ORT_PROVIDERS, "").strip()
+        return [p.strip() for p in value.split(",") if p.strip()] or None
 
     def output_dtype(self, name: str) -> np.dtype:
         """An output's numpy dtype, read back from the config rather than repeated in code."""
