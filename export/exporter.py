@@ -61,6 +61,7 @@ def export_checkpoint(
     progress: bool = True,
     quantize: str | None = None,
     sizing=None,
+    stateless_backend: str = "python",
 ) -> ExportReport:
     """Export all graphs of `model` (hub id or directory) into the Triton repository `output`.
 
@@ -70,7 +71,8 @@ def export_checkpoint(
     progress: one line per step on stderr (loading; per graph: trace + export, weights, shape
     folding, PyTorch reference outputs; then per graph: validation in onnxruntime).
     sizing: instances, threads, batching and devices per model (blip2_triton.sizing.Sizing; default:
-    one instance of each model on the CPU).
+    one instance of each model on the CPU). stateless_backend: "onnxruntime" has Triton's own
+    onnxruntime backend run the vision encoder and Q-Former (NVIDIA's containers only).
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -123,7 +125,7 @@ def export_checkpoint(
             raise ValidationError(checks, output=output, kept=kept)
         say("writing config.pbtxt files, model.py files and the checkpoint's processor, tokenizer and configs")
         write_repository(staging, config, float_dtype, checkpoint_files=_save_assets(config, generation_config, processor),
-                         sizing=sizing)
+                         sizing=sizing, stateless_backend=stateless_backend)
         (repository.checkpoint_dir(staging, config) / REPORT).write_text(json.dumps(asdict(report), indent=2))
         _install(staging, output, keep=set(repository.other_models(config)))
     finally:

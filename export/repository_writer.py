@@ -64,10 +64,10 @@ def remove_stale_models(repo: Path, keep: set[str]) -> None:
             shutil.rmtree(config.parent)
 
 
-def resize_repository(repo: Path | str, sizing: Sizing) -> Path:
+def resize_repository(repo: Path | str, sizing: Sizing, stateless_backend: str | None = None) -> Path:
     """Render an exported repository's config.pbtxt files (and model.py files) again for `sizing`,
     without touching its graphs: the checkpoint's config and the export's dtype are read from the
-    repository itself (blip2/1/checkpoint), the stateless backend from its current configs."""
+    repository itself (blip2/1/checkpoint), the stateless backend (unless given) from its current configs."""
     import json
 
     from transformers import AutoConfig
@@ -81,5 +81,6 @@ def resize_repository(repo: Path | str, sizing: Sizing) -> Path:
     dtype = json.loads(report.read_text())["dtype"] if report.is_file() else "fp32"
     float_dtype = "float16" if dtype.startswith("fp16") else "float32"
     current = repo / specs.VISION_ENCODER / "config.pbtxt"
-    backend = "onnxruntime" if current.is_file() and "onnxruntime_onnx" in current.read_text() else "python"
+    backend = stateless_backend or (
+        "onnxruntime" if current.is_file() and "onnxruntime_onnx" in current.read_text() else "python")
     return write_repository(repo, config, float_dtype, stateless_backend=backend, sizing=sizing)

@@ -26,7 +26,7 @@ def _export(args) -> int:
         report = export_checkpoint(
             args.model, args.output, dtype=args.dtype, validate=not args.no_validate,
             providers=args.providers.split(",") if args.providers else None, quantize=args.quantize,
-            sizing=sizing,
+            sizing=sizing, stateless_backend=args.stateless_backend,
         )
     except ValidationError as e:
         print(f"error: {e.summary}", file=sys.stderr)  # every failing case: the kept report
@@ -47,7 +47,7 @@ def _configure(args) -> int:
     from blip2_triton.sizing import SizingError, from_arguments
 
     try:
-        resize_repository(args.repository, from_arguments(args))
+        resize_repository(args.repository, from_arguments(args), args.stateless_backend)
     except (SizingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -92,11 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZATIONS, help="int8 weights for the MatMuls (validated after fp32)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch gate")
     p.add_argument("--providers", help="onnxruntime providers for validation, comma-separated")
+    p.add_argument("--stateless-backend", choices=("python", "onnxruntime"), default="python",
+                   help="who runs the vision encoder and Q-Former: onnxruntime in the Python backend (everywhere), "
+                        "or Triton's onnxruntime backend (NVIDIA's containers only)")
     add_sizing_arguments(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("configure", help="size an exported repository again (config.pbtxt only, no re-export)")
     p.add_argument("--repository", required=True, help="an exported model repository")
+    p.add_argument("--stateless-backend", choices=("python", "onnxruntime"),
+                   help="as for export (default: what the repository uses now)")
     add_sizing_arguments(p)
     p.set_defaults(func=_configure)
 
