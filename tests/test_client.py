@@ -451,8 +451,8 @@ def _end_mid_stream(server, pacer, end: str) -> tuple[int, int]:
             async def consume():
                 nonlocal received
                 controls = dict(max_new_tokens=LONG, min_new_tokens=LONG)
-                async for _, ids in c._responses(random_image(3), "", stream=True, controls=controls):
-                    received += len(ids)
+                async for piece in c.responses(random_image(3), "", stream=True, **controls):
+                    received += len(piece.token_ids)
                     if not frozen.is_set():
                         pacer.freeze()
                         frozen.set()
