@@ -703,6 +703,25 @@ class BaselineBatch(Record):
 # ---- memory and perf_analyzer -----------------------------------------------------------------------
 
 @dataclass(kw_only=True)
+class ProcessMemoryRecord(Record):
+    """One server process at one moment (server.memory.ProcessMemory in MiB)."""
+
+    rss_mib: float  # resident set size: shared pages counted in full
+    pss_mib: float  # proportional set size: each shared page split between the processes mapping it
+    uss_mib: float  # unique set size: what ending this process would free
+    anonymous_mib: float  # resident anonymous memory (weights read into memory, arenas, prepacked copies, Python)
+    file_mib: float  # resident file-backed pages (libraries, memory-mapped weights)
+    torch: bool  # whether the process maps libtorch
+    mappings_mib: dict[str, float]  # PSS of its largest mappings by file ([anon]: anonymous memory)
+
+    @classmethod
+    def of(cls, m) -> "ProcessMemoryRecord":
+        mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+        return cls(rss_mib=mib(m.rss), pss_mib=mib(m.pss), uss_mib=mib(m.uss), anonymous_mib=mib(m.anonymous),
+                   file_mib=mib(m.file), torch=m.torch, mappings_mib={k: mib(v) for k, v in m.mappings.items()})
+
+
+@dataclass(kw_only=True)
 class Memory(Record):
     """Peak memory of the server and of each worker. In bench.json a worker's peak is the key
     `<worker>_peak_rss_mib` (in_process_peak_rss_mib, transformers_peak_rss_mib, ...)."""
@@ -714,6 +733,7 @@ class Memory(Record):
     server_samples: int  # samples taken
     workers_peak_rss_mib: dict[str, float]  # worker -> its peak RSS (VmHWM; one key per worker, see above)
     note: str  # how these were measured
+    server_processes: dict[str, ProcessMemoryRecord] | None = optional()  # process -> RSS, PSS, USS and largest mappings at the end
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in super().to_dict().items() if k not in ("workers_peak_rss_mib", "note")}
@@ -731,26 +751,11 @@ class Memory(Record):
                        *[f"{label(k, threads)} peak RSS" for k in self.workers_peak_rss_mib]],
                       [[self.server_peak_rss_mib, self.server_pss_at_end_mib, *self.workers_peak_rss_mib.values()]])
                 + "\nServer peak RSS by process: "
-                + ", ".join(f"{k} {v}" for k, v in self.server_peak_rss_by_process_mib.items()) + ".\n")
-
-
-@dataclass(kw_only=True)
-class ProcessMemoryRecord(Record):
-    """One server process at one moment (server.memory.ProcessMemory in MiB)."""
-
-    rss_mib: float  # resident set size: shared pages counted in full
-    pss_mib: float  # proportional set size: each shared page split between the processes mapping it
-    uss_mib: float  # unique set size: what ending this process would free
-    anonymous_mib: float  # resident anonymous memory (weights read into memory, arenas, prepacked copies, Python)
-    file_mib: float  # resident file-backed pages (libraries, memory-mapped weights)
-    torch: bool  # whether the process maps libtorch
-    mappings_mib: dict[str, float]  # PSS of its largest mappings by file ([anon]: anonymous memory)
-
-    @classmethod
-    def of(cls, m) -> "ProcessMemoryRecord":
-        mib = lambda b: round(b / 2**20, 1)  # noqa: E731
-        return cls(rss_mib=mib(m.rss), pss_mib=mib(m.pss), uss_mib=mib(m.uss), anonymous_mib=mib(m.anonymous),
-                   file_mib=mib(m.file), torch=m.torch, mappings_mib={k: mib(v) for k, v in m.mappings.items()})
+                + ", ".join(f"{k} {v}" for k, v in self.server_peak_rss_by_process_mib.items()) + ".\n"
+                + ("" if not self.server_processes else "\nServer processes at the end (MiB):\n\n" + table(
+                    ["process", "RSS", "PSS", "USS", "anonymous", "maps libtorch"],
+                    [[k, m.rss_mib, m.pss_mib, m.uss_mib, m.anonymous_mib, "yes" if m.torch else "no"]
+                     for k, m in self.server_processes.items()])))
 
 
 @dataclass(kw_only=True)
