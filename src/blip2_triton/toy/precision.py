@@ -2,7 +2,7 @@
 
     python -m blip2_triton.toy.precision src/blip2_triton/assets/blip2-tiny-scenes [--workdir DIR]
 
-Exports the checkpoint as fp32, fp16 and int8 model repositories, evaluates each in-process
+Exports the checkpoint as fp32, fp16, int8 and int4 model repositories, evaluates each in-process
 (`PipelineAnswerer`: the served preprocessing, ONNX Runtime graphs, KV-cached decoding and
 detokenization) next to transformers `generate()`, writes `precision.json` into the checkpoint
 and replaces the "## Precision" section of its model card (README.md). It is the yardstick every
@@ -25,6 +25,7 @@ VARIANTS = {
     "exported fp32": {"dtype": "fp32"},
     "exported fp16": {"dtype": "fp16"},
     "exported int8": {"dtype": "fp32", "quantize": "int8"},
+    "exported int4": {"dtype": "fp32", "quantize": "int4"},
 }
 SECTION = "## Precision"
 
