@@ -10,8 +10,8 @@ one 4-bit zero point per INT4_BLOCK_SIZE input rows of each output column (asymm
 block's range need not be centred on zero); activations stay fp32 outside the op. Accuracy level
 4 quantizes the activations to int8 per block inside the op, so the inner products run as int8 dot
 products (AVX-512 VNNI / AVX-VNNI / AMX on x86, which the machines here have): onnxruntime's fast
-path on such CPUs. Block size 32 is the finest onnxruntime's CPU kernels take: the smallest
-quantization error per weight, for an eighth more bytes than 4 bits (scale + zero point per 32).
+path on such CPUs. Block size 32: finer scales than onnxruntime's default 128, for 1.28x the bytes
+of bare 4 bits (an fp32 scale and a 4-bit zero point per 32 weights) against 1.07x.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ QUANTIZATIONS = ("int8", "int4")
 # The graphs int4 pays for. A decode step reads every weight of the decoder for a few rows, so its
 # time is the weights' bytes; MatMulNBits halves int8's. The vision encoder and the Q-Former multiply
 # hundreds of rows per image: there int4 ran slower than fp32 on this project's CPUs, and dynamic
-# int8 ~4x faster (benchmarks/README.md, "int4"), so an int4 export keeps them int8.
+# int8 faster than both (README.md, "Quantized weights"), so an int4 export keeps them int8.
 INT4_GRAPHS = (specs.LLM_DECODER,)
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # int8 activations, integer dot products (MatMulNBits' accuracy_level)

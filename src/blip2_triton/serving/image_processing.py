@@ -2,7 +2,7 @@
 as transformers applies them, without importing transformers (which imports torch).
 
 The `preprocess` model needs nothing else from transformers; importing it made that process map
-libtorch and hold hundreds of MiB for no weights (benchmarks/README.md, "Server memory"). The
+libtorch and hold hundreds of MiB for no weights (README.md, "Server memory"). The
 output equals transformers' processor bit for bit (tests/test_serving_units.py), because the
 operations are the same ones in the same order and dtypes: Pillow resizes the uint8 RGB image,
 rescaling multiplies in float64 and rounds to float32, normalization subtracts and divides in

@@ -44,8 +44,8 @@ def release_free_heap() -> None:
 
     onnxruntime frees the graph's parsed protobuf and every weight it replaced by a prepacked copy
     right after it builds a session, but glibc keeps those freed pages in the process: loading a
-    graph then held about 1.2x-1.35x its weight bytes, where 1.0x is what the session still uses
-    (benchmarks/README.md, "Server memory").
+    graph then held its weights plus those freed pages, where its weights alone are what the session
+    still uses (README.md, "Server memory").
     """
     trim = _malloc_trim()
     if trim is not None:
