@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id or local checkpoint directory")
     p.add_argument("--output", required=True, help="model repository directory to write")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp16 is meant for GPU deployments")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, help="int8 weights for the MatMuls (validated after fp32)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="int8 weights for the MatMuls; int4 (MatMulNBits) for the decoder's, int8 elsewhere (validated after fp32)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch gate")
     p.add_argument("--providers", help="onnxruntime providers for validation, comma-separated")
     p.add_argument("--stateless-backend", choices=("python", "onnxruntime"), default="python",

@@ -1,7 +1,10 @@
 """Request preprocessing: encoded image bytes + prompt -> pixel values + prompt token ids.
 
-Uses the checkpoint's own image processor and tokenizer (saved next to the graphs), so the server
-sees exactly what `Blip2Processor` would produce in transformers.
+Uses the checkpoint's own image processor settings and tokenizer (saved next to the graphs), so the
+server sees exactly what `Blip2Processor` would produce in transformers, without importing
+transformers: the tokenizer is the `tokenizers` library's own (transformers' fast tokenizers run it),
+the image processor numpy and Pillow (image_processing.py). transformers imports torch, which would
+make this process, which holds no weights, the size of a PyTorch runtime.
 """
 from __future__ import annotations
 
@@ -38,11 +41,13 @@ def _base64_payload(data: bytes) -> bytes | None:
 
 class Preprocessor:
     def __init__(self, assets: str | Path):
-        from transformers import AutoProcessor
+        from tokenizers import Tokenizer
 
-        processor = AutoProcessor.from_pretrained(assets)
-        self.image_processor = processor.image_processor
-        self.tokenizer = processor.tokenizer
+        from .image_processing import ImageProcessor
+
+        self.image_processor = ImageProcessor.from_pretrained(assets)
+        # tokenizer.json holds the special tokens the checkpoint's tokenizer adds (its post-processor).
+        self.tokenizer = Tokenizer.from_file(str(Path(assets) / "tokenizer.json"))
 
     def decode_image(self, data: bytes):
         """Encoded image file -> RGB PIL image; InvalidInput for anything Pillow cannot read safely.
@@ -97,13 +102,13 @@ class Preprocessor:
 
     def pixel_values(self, images) -> np.ndarray:
         """RGB images -> float32 [N, 3, H, W] exactly as the checkpoint's processor makes them."""
-        return np.asarray(self.image_processor(images, return_tensors="np")["pixel_values"], dtype=np.float32)
+        return self.image_processor(images)
 
     def prompt_ids(self, prompt: str) -> np.ndarray:
         """Prompt -> its token ids as the checkpoint's tokenizer adds special tokens (OPT: BOS first;
         T5: </s> last, so "" is [</s>], what the processor gives for text=""); int64 [S], without the
         image placeholders. Its length is checked against the context by the language model."""
-        return np.asarray(self.tokenizer(prompt, add_special_tokens=True)["input_ids"], dtype=np.int64)
+        return np.asarray(self.tokenizer.encode(prompt, add_special_tokens=True).ids, dtype=np.int64)
 
     @staticmethod
     def decode_prompt(data: bytes | None) -> str:
