@@ -188,10 +188,12 @@ def served(exported, tmp_path_factory):
     """tiny-opt on one tritonserver for the session: the client and CLI tests share it."""
     from blip2_triton.client import Blip2Client
     from blip2_triton.server import TritonServer
+    from blip2_triton.serving.step_gate import STEP_GATE_ENV
 
     ckpt, repo, _ = exported("tiny-opt")
     log = tmp_path_factory.mktemp("served") / "tritonserver.log"
-    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server, \
+    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log,
+                      env={STEP_GATE_ENV: "1"}) as server, \
             Blip2Client(server.grpc_url, timeout=60) as client:
         yield Served(ckpt, server, client)
 
@@ -199,3 +201,14 @@ def served(exported, tmp_path_factory):
 @pytest.fixture
 def client(served):
     return served.client
+
+
+@pytest.fixture
+def gate(served):
+    """The served engine's step gate (serving/step_gate.py), closed once the engine is idle: the
+    test lets each language-model call through (allow, release_until); open again afterwards."""
+    from blip2_triton.serving.step_gate import StepGateControl
+
+    wait_for_active(served.server, 0)
+    with StepGateControl(served.server.runtime_dir) as control:
+        yield control

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .language_model import LanguageModel
+from .step_gate import StepGate
 from blip2_triton.errors import Cancelled
 from blip2_triton.generation import Search
 
@@ -98,8 +99,9 @@ class Engine:
     """
 
     def __init__(self, language_model: LanguageModel, max_rows: int = 64, stats: EngineStats | None = None,
-                 cancel_poll_s: float = 0.01):
+                 cancel_poll_s: float = 0.01, gate: StepGate | None = None):
         self.language_model = language_model
+        self.gate = gate  # a test hook: every language-model call waits for it (serving/step_gate.py)
         self.max_rows = max_rows
         self.stats = stats or EngineStats()
         self.cancel_poll_s = cancel_poll_s
@@ -201,6 +203,8 @@ class Engine:
         in hand must see its sequence in the active count (it is reported synchronously).
         """
         seq = None
+        if self.gate is not None:
+            self.gate.wait(self._stop)
         try:
             if request.is_cancelled():
                 raise Cancelled("cancelled before start")
@@ -222,6 +226,8 @@ class Engine:
 
     def step(self) -> None:
         """One batched language-model call for every active sequence's rows."""
+        if self.gate is not None:
+            self.gate.wait(self._stop)
         live = []
         now = time.monotonic()
         for seq in self._active:

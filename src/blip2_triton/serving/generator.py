@@ -17,6 +17,7 @@ from blip2_triton.api import CONTROL_NAMES, Reason
 
 from .engine import EngineStats, Engine, Request
 from .language_model import LanguageModel, load_language_model
+from .step_gate import StepGate
 
 
 # Each beam is a row of every decoder call and a copy of the KV cache: a server-side bound keeps one
@@ -33,7 +34,7 @@ class Generator:
         self.generation_config = GenerationConfig.from_pretrained(assets)
         self.language_model: LanguageModel = load_language_model(
             repo, self.config, self.generation_config, tokenizer, threads=threads, compute_lock=compute_lock)
-        self.engine = Engine(self.language_model, max_rows=max_rows, stats=stats)
+        self.engine = Engine(self.language_model, max_rows=max_rows, stats=stats, gate=StepGate.from_environment())
         self.num_query_tokens = self.config.num_query_tokens
 
     def params(self, controls: dict[str, Any], prompt_length: int) -> "generation.GenerationParams":
