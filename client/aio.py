@@ -220,9 +220,9 @@ class AsyncBlip2Client(RetrievalCalls):
         error = from_triton(error)
         if isinstance(error, DeadlineExceededError):
             return DeadlineExceededError(_deadline_message(self.timeout))
-        if isinstance(error, UnavailableError):
-            return UnavailableError(f"{self.url} (model {model or self.model!r}) unavailable: {error.message}",
-                                    error.status)
+        if isinstance(error, UnavailableError):  # ResourceExhaustedError too, keeping its type
+            return type(error)(f"{self.url} (model {model or self.model!r}) unavailable: {error.message}",
+                               error.status)
         return error
 
 
