@@ -6,6 +6,12 @@ exactly one response.
 
 Timeouts bound a whole call (DeadlineExceededError). Cancelling the task awaiting a call, or
 closing a `stream()` iterator, cancels its gRPC call.
+
+Streams are reused: a call that ends with its final answer leaves its gRPC stream open for the
+next call (one call at a time per stream); a call that ends otherwise (cancelled, timed out,
+an error) cancels its stream, which is how the server learns to stop (Triton 2.51 cancels only
+whole streams). tritonserver 2.51 keeps a few KiB for every stream ever opened (measured:
+benchmarks/README.md, "Soak"), so a stream per call made its memory grow without bound.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from .retrieval import RetrievalCalls
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_TIMEOUT = 120.0
+MAX_IDLE_STREAMS = 16  # open streams kept for reuse; more, after a burst of concurrent calls, are closed
 # gRPC waits ever longer between attempts to reconnect to a server that went away (1 s, then 1.6x
 # each time, up to 120 s), and the clients of one process share that wait. A server restarted
 # because a model process died is back within seconds: reconnect attempts stay this close.
@@ -84,8 +91,11 @@ class AsyncBlip2Client(RetrievalCalls):
             raise InvalidArgumentError(f"timeout must be > 0 seconds (or None), got {timeout}")
         self.url, self.model, self.timeout = url, model, timeout
         self._client = InferenceServerClient(url, channel_args=_channel_args())
+        self._idle: list[_Stream] = []
 
     async def close(self) -> None:
+        while self._idle:
+            self._idle.pop().cancel()
         await self._client.close()
 
     async def __aenter__(self) -> "AsyncBlip2Client":
@@ -189,30 +199,57 @@ class AsyncBlip2Client(RetrievalCalls):
         """(text, token ids) of each response until the final one; typed errors only."""
         options = GenerationOptions.from_kwargs(controls)  # raises InvalidArgumentError early
         inputs = build_inputs(image_bytes(image), prompt, stream, options)
-        request_id = uuid.uuid4().hex
-
-        async def requests():
-            yield {"model_name": self.model, "inputs": inputs, "request_id": request_id}
-
-        # The gRPC deadline tells the server too; _with_deadline makes the client's own error.
-        responses = self._client.stream_infer(requests(), stream_timeout=self.timeout)
+        request = {"model_name": self.model, "inputs": inputs, "request_id": uuid.uuid4().hex}
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        stream, fresh = self._stream()
+        done = received = False
         try:
-            async for result, error in _with_deadline(responses, self.timeout):
-                if error is not None:
-                    raise self._typed(error)
-                text = result.as_numpy(api.TEXT.name)
-                ids = result.as_numpy(api.TOKEN_IDS.name)
-                yield (text.reshape(-1)[0].decode("utf-8") if text is not None else ""), (
-                    ids.reshape(-1).tolist() if ids is not None else [])
-                final = result.as_numpy(api.FINAL.name)
-                if final is not None and bool(final.reshape(-1)[0]):
-                    return
+            while True:
+                stream.send(request)
+                try:
+                    # The deadline is the client's own (a reused stream has none): when it runs out
+                    # the stream is cancelled, which tells the server.
+                    async for result, error in _with_deadline(stream, self.timeout, deadline):
+                        received = True
+                        if error is not None:
+                            raise self._typed(error)
+                        text = result.as_numpy(api.TEXT.name)
+                        ids = result.as_numpy(api.TOKEN_IDS.name)
+                        final = result.as_numpy(api.FINAL.name)
+                        done = final is not None and bool(final.reshape(-1)[0])
+                        yield (text.reshape(-1)[0].decode("utf-8") if text is not None else ""), (
+                            ids.reshape(-1).tolist() if ids is not None else [])
+                        if done:
+                            return
+                    raise _StreamEnded("the server closed the stream before the final answer")
+                except Exception as e:
+                    # A reused stream that the server dropped while idle (it restarted) fails before
+                    # any answer: send the request once more, on a new stream.
+                    if fresh or received or (isinstance(e, Blip2Error) and not isinstance(e, _StreamEnded)):
+                        raise
+                    stream.cancel()
+                    stream, fresh = _Stream(self._client), True
+        except _StreamEnded as e:
+            raise self._typed(UnavailableError(e.message)) from None
         except Blip2Error:
             raise
         except Exception as e:  # transport errors (grpc.aio.AioRpcError, InferenceServerException)
             raise self._typed(e) from e
-        finally:  # also on cancellation and when the caller stops iterating: end the gRPC call
-            responses.cancel()
+        finally:  # done: the stream serves the next call; else (cancelled, closed early, failed) end it
+            if done and len(self._idle) < MAX_IDLE_STREAMS:
+                self._idle.append(stream)
+            else:
+                stream.cancel()
+
+    def _stream(self) -> "tuple[_Stream, bool]":
+        """An idle open stream (and False), or a new one (and True)."""
+        while self._idle:
+            stream = self._idle.pop()
+            if stream.is_open():
+                return stream, False
+            stream.cancel()
+        return _Stream(self._client), True
 
     def _typed(self, error: BaseException, model: str | None = None) -> Blip2Error:
         """The typed error for what the transport or the server reported; timeouts and
@@ -224,6 +261,38 @@ class AsyncBlip2Client(RetrievalCalls):
             return type(error)(f"{self.url} (model {model or self.model!r}) unavailable: {error.message}",
                                error.status)
         return error
+
+
+class _StreamEnded(UnavailableError):
+    """The server ended a stream without the call's final answer (it stopped or restarted)."""
+
+
+class _Stream:
+    """One gRPC bidirectional stream (ModelStreamInfer) carrying one call at a time: requests go in
+    through a queue, responses come out as (result, error) pairs."""
+
+    def __init__(self, client):
+        self._requests: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while (request := await self._requests.get()) is not None:
+                yield request
+
+        self._responses = client.stream_infer(requests())
+
+    def send(self, request: dict) -> None:
+        self._requests.put_nowait(request)
+
+    def __aiter__(self):
+        return self._responses
+
+    def is_open(self) -> bool:
+        call = getattr(self._responses, "_grpc_call", None)
+        return call is None or not call.done()
+
+    def cancel(self) -> None:
+        self._requests.put_nowait(None)
+        self._responses.cancel()
 
 
 def _channel_args() -> list[tuple[str, int]]:
@@ -248,10 +317,12 @@ def _deadline_message(timeout: float | None) -> str:
     return f"no complete answer within the {timeout:g}s timeout"
 
 
-async def _with_deadline(responses, timeout: float | None):
+async def _with_deadline(responses, timeout: float | None, deadline: float | None = None):
+    """Items of `responses` until `deadline` (loop time; default: `timeout` s from now)."""
     iterator = responses.__aiter__()
     loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
+    if deadline is None and timeout is not None:
+        deadline = loop.time() + timeout
     while True:
         remaining = None if deadline is None else deadline - loop.time()
         if remaining is not None and remaining <= 0:
