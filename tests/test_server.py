@@ -14,6 +14,7 @@ import pytest
 
 from blip2_triton.client import Blip2Client, InvalidArgumentError
 from blip2_triton.server.launcher import TritonServer
+from blip2_triton.serving.step_gate import STEP_GATE_ENV
 
 from .conftest import Served, metric, random_image, reference, wait_for_active
 
@@ -26,7 +27,8 @@ SERVED_PRESETS = ["tiny-opt", "tiny-opt-postln"]
 def served(request, exported, tmp_path_factory):
     ckpt, repo, _ = exported(request.param)
     log = tmp_path_factory.mktemp("logs") / f"{request.param}.log"
-    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server:
+    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log,
+                      env={STEP_GATE_ENV: "1"}) as server:  # the `gate` fixture holds its engine
         with Blip2Client(server.grpc_url, timeout=60) as client:
             yield Served(ckpt, server, client)
 
