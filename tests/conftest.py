@@ -116,6 +116,14 @@ def wait_for_active(server, count: int, timeout: float = 30) -> float:
     return time.monotonic() - start
 
 
+def wait_for_idle(server, timeout: float = 60) -> None:
+    """Until no request is decoding or waiting (received, in its stages, or being admitted)."""
+    start = time.monotonic()
+    while metric(server, "blip2_active_sequences") != 0 or metric(server, "blip2_waiting_requests") != 0:
+        assert time.monotonic() - start < timeout, "the engine never went idle"
+        time.sleep(0.005)
+
+
 # ---- transformers, the reference ------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def reference_model(ckpt: str):
@@ -205,10 +213,11 @@ def client(served):
 
 @pytest.fixture
 def gate(served):
-    """The served engine's step gate (serving/step_gate.py), closed once the engine is idle: the
-    test lets each language-model call through (allow, release_until); open again afterwards."""
+    """The served engine's step gate (serving/step_gate.py), closed once the engine is idle (an
+    earlier test's request still on its way would take the calls this test allows): the test lets
+    each language-model call through (allow, release_until); open again afterwards."""
     from blip2_triton.serving.step_gate import StepGateControl
 
-    wait_for_active(served.server, 0)
+    wait_for_idle(served.server)
     with StepGateControl(served.server.runtime_dir) as control:
         yield control

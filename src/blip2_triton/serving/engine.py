@@ -58,7 +58,7 @@ class Request:
 
 class Place:
     """A request's place among the engine's waiting requests, from before its stages run until the
-    engine takes it (or it fails); `release()` may be called any number of times."""
+    engine has admitted it (or it failed); `release()` may be called any number of times."""
 
     def __init__(self, engine: "Engine"):
         self._engine, self._held = engine, True
@@ -68,6 +68,7 @@ class Place:
             if self._held:
                 self._held = False
                 self._engine._places -= 1
+                self._engine.stats.on_waiting(self._engine._places)
 
 
 @dataclass
@@ -141,6 +142,9 @@ class EngineStats:
     def on_active(self, sequences: int) -> None:
         self.active = sequences
 
+    def on_waiting(self, requests: int) -> None:
+        """Requests holding a place in the waiting line (Engine.enter) now."""
+
     def on_cache(self, reserved_bytes: int, allocated_bytes: int) -> None:
         """The KV cache the admitted sequences may reach at most, and what its buffers take now."""
 
@@ -211,6 +215,7 @@ class Engine:
                 raise ResourceExhausted(f"{self._places} requests are waiting already (this server's "
                                         f"max_queue_size); retry later")
             self._places += 1
+            self.stats.on_waiting(self._places)
         return Place(self)
 
     def check_fits(self, rows: int, extent: tuple[int, ...]) -> None:
@@ -320,8 +325,8 @@ class Engine:
                     return
                 request = self._waiting.popleft()
             block = False
-            self._take(request)
             self.admit(request)
+            self._take(request)  # only now: a request being admitted still counts as waiting
 
     def admit(self, request: Request) -> None:
         """Prefill one request and take its first token.

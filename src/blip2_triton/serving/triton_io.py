@@ -296,6 +296,8 @@ class EngineMetrics(EngineStats):
         self._reserved = gauge("blip2_kv_cache_reserved_bytes",
                                "KV cache bytes the active sequences may reach at most (what the budget bounds)", labels)
         self._cache_bytes = gauge("blip2_kv_cache_bytes", "KV cache bytes allocated now", labels)
+        self._waiting = gauge("blip2_waiting_requests",
+                              "Requests received and not yet decoding (bounded by max_queue_size)", labels)
         self._stages = {
             stage: (counter(f"blip2_{stage}_seconds_sum", f"Seconds spent in {stage}", labels),
                     counter(f"blip2_{stage}_seconds_count", f"Timed runs of {stage}", labels))
@@ -328,6 +330,9 @@ class EngineMetrics(EngineStats):
     def on_active(self, sequences: int) -> None:
         super().on_active(sequences)
         self._active.set(sequences)  # synchronous: done before the engine sends a token
+
+    def on_waiting(self, requests: int) -> None:
+        self._waiting.set(requests)
 
     def on_cache(self, reserved_bytes: int, allocated_bytes: int) -> None:
         self._reserved.set(reserved_bytes)
