@@ -2,6 +2,7 @@
 served tiny model, and transformers' generate() as the reference, once per session."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import os
@@ -161,6 +162,33 @@ class ComputeLockPacer:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+
+
+class BackgroundLoad:
+    """`clients` asyncio clients (`_client(index)`, a subclass's) running on a thread of their own
+    until the `with` block ends; leaving it fails if one has not returned within `join_timeout` s."""
+
+    def __init__(self, clients: int, join_timeout: float):
+        import threading
+
+        self.clients_count, self.join_timeout = clients, join_timeout
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="load", daemon=True)
+
+    async def _client(self, index: int) -> None:
+        raise NotImplementedError
+
+    async def _main(self) -> None:
+        await asyncio.gather(*(self._client(i) for i in range(self.clients_count)))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(self.join_timeout)
+        assert not self._thread.is_alive(), "a load client never returned"
 
 
 def wait_for_idle(server, timeout: float = 60) -> None:

@@ -8,12 +8,10 @@ and load returns to the revived server.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
 import signal
-import threading
 import time
 import urllib.request
 
@@ -24,7 +22,7 @@ from blip2_triton.client.errors import Blip2Error
 from blip2_triton.client.replicas import Replica, Replicas, parse_urls
 from blip2_triton.server.launcher import TritonServer, free_port
 
-from .conftest import random_image
+from .conftest import BackgroundLoad, random_image
 
 
 # ---- the choice, without a server ---------------------------------------------------------------------
@@ -105,17 +103,16 @@ class _Call:
     error: Blip2Error | None = None
 
 
-class _Load:
+class _Load(BackgroundLoad):
     """CLIENTS asyncio clients, each with both URLs, sending requests back to back on a thread of
     their own; every call is recorded, and `current[i]` is client i's call in flight."""
 
     def __init__(self, urls: list[str]):
+        super().__init__(CLIENTS, REQUEST_TIMEOUT + 30)
         self.urls = urls
         self.calls: list[_Call] = []
         self.current: list[_Call | None] = [None] * CLIENTS
         self.clients: list[AsyncBlip2Client | None] = [None] * CLIENTS
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="load", daemon=True)
 
     async def _client(self, index: int) -> None:
         async with AsyncBlip2Client(self.urls, timeout=REQUEST_TIMEOUT, health_interval=HEALTH_INTERVAL) as client:
@@ -138,18 +135,6 @@ class _Load:
                     call.error = e
                 call.ended = time.monotonic()
                 self.current[index] = None
-
-    async def _main(self) -> None:
-        await asyncio.gather(*(self._client(i) for i in range(CLIENTS)))
-
-    def __enter__(self) -> "_Load":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(REQUEST_TIMEOUT + 30)
-        assert not self._thread.is_alive(), "a load client never returned"
 
     def on(self, url: str) -> list[_Call]:
         """Calls in flight whose client has its one outstanding request at `url`."""
