@@ -703,6 +703,25 @@ class BaselineBatch(Record):
 # ---- memory and perf_analyzer -----------------------------------------------------------------------
 
 @dataclass(kw_only=True)
+class ProcessMemoryRecord(Record):
+    """One server process at one moment (server.memory.ProcessMemory in MiB)."""
+
+    rss_mib: float  # resident set size: shared pages counted in full
+    pss_mib: float  # proportional set size: each shared page split between the processes mapping it
+    uss_mib: float  # unique set size: what ending this process would free
+    anonymous_mib: float  # resident anonymous memory (weights read into memory, arenas, prepacked copies, Python)
+    file_mib: float  # resident file-backed pages (libraries, memory-mapped weights)
+    torch: bool  # whether the process maps libtorch
+    mappings_mib: dict[str, float]  # PSS of its largest mappings by file ([anon]: anonymous memory)
+
+    @classmethod
+    def of(cls, m) -> "ProcessMemoryRecord":
+        mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+        return cls(rss_mib=mib(m.rss), pss_mib=mib(m.pss), uss_mib=mib(m.uss), anonymous_mib=mib(m.anonymous),
+                   file_mib=mib(m.file), torch=m.torch, mappings_mib={k: mib(v) for k, v in m.mappings.items()})
+
+
+@dataclass(kw_only=True)
 class Memory(Record):
     """Peak memory of the server and of each worker. In bench.json a worker's peak is the key
     `<worker>_peak_rss_mib` (in_process_peak_rss_mib, transformers_peak_rss_mib, ...)."""
@@ -714,6 +733,7 @@ class Memory(Record):
     server_samples: int  # samples taken
     workers_peak_rss_mib: dict[str, float]  # worker -> its peak RSS (VmHWM; one key per worker, see above)
     note: str  # how these were measured
+    server_processes: dict[str, ProcessMemoryRecord] | None = optional()  # process -> RSS, PSS, USS and largest mappings at the end
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in super().to_dict().items() if k not in ("workers_peak_rss_mib", "note")}
@@ -731,7 +751,48 @@ class Memory(Record):
                        *[f"{label(k, threads)} peak RSS" for k in self.workers_peak_rss_mib]],
                       [[self.server_peak_rss_mib, self.server_pss_at_end_mib, *self.workers_peak_rss_mib.values()]])
                 + "\nServer peak RSS by process: "
-                + ", ".join(f"{k} {v}" for k, v in self.server_peak_rss_by_process_mib.items()) + ".\n")
+                + ", ".join(f"{k} {v}" for k, v in self.server_peak_rss_by_process_mib.items()) + ".\n"
+                + ("" if not self.server_processes else "\nServer processes at the end (MiB):\n\n" + table(
+                    ["process", "RSS", "PSS", "USS", "anonymous", "maps libtorch"],
+                    [[k, m.rss_mib, m.pss_mib, m.uss_mib, m.anonymous_mib, "yes" if m.torch else "no"]
+                     for k, m in self.server_processes.items()])))
+
+
+@dataclass(kw_only=True)
+class ServerMemory(Record):
+    """The server's processes idle after load and after requests, against the weights it serves
+    (`python -m blip2_triton.benchmarks.server_memory`)."""
+
+    weights_mib: float  # bytes of the served graphs (.onnx and external data)
+    requests: int  # captions sent between the two measurements
+    idle: dict[str, ProcessMemoryRecord]  # process -> memory once every model is loaded
+    after_requests: dict[str, ProcessMemoryRecord]  # process -> memory after the requests
+
+    @property
+    def target_mib(self) -> float:
+        """Issue 15's bound: 1.15x the weight bytes plus 0.6 GiB."""
+        return round(1.15 * self.weights_mib + 0.6 * 1024, 1)
+
+    def table(self) -> str:
+        names = sorted(set(self.idle) | set(self.after_requests))
+        rows = []
+        for name in names:
+            a, b = self.idle.get(name), self.after_requests.get(name)
+            rows.append([name, a and a.rss_mib, a and a.pss_mib, a and a.anonymous_mib, b and b.rss_mib,
+                         b and b.pss_mib, b and b.anonymous_mib, "yes" if (a or b).torch else "no"])
+        total = lambda phase, key: round(sum(getattr(m, key) for m in phase.values()), 1)  # noqa: E731
+        rows.append(["**total**", total(self.idle, "rss_mib"), total(self.idle, "pss_mib"),
+                     total(self.idle, "anonymous_mib"), total(self.after_requests, "rss_mib"),
+                     total(self.after_requests, "pss_mib"), total(self.after_requests, "anonymous_mib"), ""])
+        pss = total(self.after_requests, "pss_mib")
+        return (table(["process", "idle RSS", "idle PSS", "idle anon", f"after {self.requests} RSS",
+                       f"after {self.requests} PSS", f"after {self.requests} anon", "torch"], rows)
+                + f"\nWeights served: {self.weights_mib} MiB. Server PSS after requests {pss} MiB = "
+                  f"{pss / self.weights_mib:.2f}x weights; target (1.15x + 0.6 GiB) {self.target_mib} MiB: "
+                  f"{'met' if pss <= self.target_mib else 'missed'}.\n"
+                + "Largest mappings after requests (PSS MiB): "
+                + "; ".join(f"{n}: " + ", ".join(f"{k} {v}" for k, v in m.mappings_mib.items())
+                            for n, m in self.after_requests.items()) + "\n")
 
 
 @dataclass(kw_only=True)

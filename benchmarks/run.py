@@ -188,14 +188,17 @@ class _Systems:
         return {name: _environment(pid).get(THREADS_ENV) for name, pid in model_stub_pids(self.server.pgid).items()}
 
     def memory(self) -> Memory:
+        from .server_memory import snapshot
+
         pss = self.sampler.pss()
+        processes = snapshot(self.server.pgid)
         self.sampler.stop()
         mib = lambda sizes: {k: round(v / 2**20, 1) for k, v in sorted(sizes.items())}  # noqa: E731
         return Memory(
             server_peak_rss_mib=round(self.sampler.peak_total / 2**20, 1),
             server_peak_rss_by_process_mib=mib(self.sampler.peak_by_process),
             server_pss_at_end_mib=round(sum(pss.values()) / 2**20, 1) if pss else None,
-            server_pss_by_process_mib=mib(pss), server_samples=self.sampler.samples,
+            server_pss_by_process_mib=mib(pss), server_samples=self.sampler.samples, server_processes=processes,
             workers_peak_rss_mib={name: round(w.call("memory")["peak_rss_mib"], 1) for name, w in self.workers.items()},
             note="server: sum over tritonserver and its stubs, sampled every 0.25 s (shared pages are "
                  "counted once per process; PSS splits them); workers: their own peak (VmHWM)")

@@ -13,9 +13,11 @@ from .errors import (
 )
 from .prompts import chat_prompt, vqa_prompt
 from .retrieval import Match
+from .replicas import ReplicaStatus
 from .sync import Blip2Client
 
 __all__ = [
     "AsyncBlip2Client", "Blip2Client", "Result", "Blip2Error", "CancelledError", "DeadlineExceededError",
-    "InvalidArgumentError", "Match", "Reason", "ServerError", "UnavailableError", "chat_prompt", "vqa_prompt",
+    "InvalidArgumentError", "Match", "Reason", "ReplicaStatus", "ServerError", "UnavailableError", "chat_prompt",
+    "vqa_prompt",
 ]

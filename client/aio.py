@@ -4,10 +4,16 @@ Every call is a gRPC bidirectional stream: `blip2` is a decoupled (streaming) mo
 serves decoupled models only through the streaming RPC. A non-streaming call receives
 exactly one response.
 
-Timeouts bound a whole call (DeadlineExceededError). Cancelling the task awaiting a call, or
-closing a `stream()` iterator, cancels its gRPC call. A call to another model than `blip2` (the
-ensemble) that ends early also asks `blip2` to stop its generation (api.STOP): Triton 2.51 does
-not pass a cancellation on to an ensemble step that has started.
+Timeouts bound a whole call (DeadlineExceededError), retries included. Cancelling the task
+awaiting a call, or closing a `stream()` iterator, cancels its gRPC call. A call to another model than `blip2` (the
+ensemble) that ends early also asks `blip2` on the same replica to stop its generation
+(api.STOP): Triton 2.51 does not pass a cancellation on to an ensemble step that has started.
+
+Several URLs make a client of replicas (replicas.py): each request goes to the ready one with the
+fewest of this client's requests outstanding. A request that fails with UnavailableError (nothing
+listening, the server went away, a model process died, the model is not loaded there) before its
+first response is sent again to the next replica; one that fails after it (a stream that produced
+text) raises UnavailableError saying how much it had received, since that text was handed out.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from .errors import Blip2Error, DeadlineExceededError, InvalidArgumentError, Una
 from .images import ImageLike, image_bytes
 from .options import GenerationOptions
 from .prompts import chat_prompt, vqa_prompt
+from .replicas import DEFAULT_HEALTH_INTERVAL, Replica, Replicas, ReplicaStatus, parse_urls
 from .retrieval import RetrievalCalls
 
 log = logging.getLogger("blip2_triton.client")
@@ -45,12 +52,15 @@ class Result:
 
     dropped_turns: for `chat`, how many of the oldest history turns were left out so that the
     prompt fits the language model's context (0 otherwise).
+    prompt_tokens: the tokens the model read before generating (image query tokens + prompt), as
+    the server counted them; `len(token_ids)` is the count of generated ones.
     """
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     prompt: str = ""
     dropped_turns: int = 0
+    prompt_tokens: int = 0
 
 
 def build_inputs(image: bytes, prompt: str, stream: bool, options: GenerationOptions):
@@ -83,19 +93,27 @@ class AsyncBlip2Client(RetrievalCalls):
     UnavailableError then.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = api.PIPELINE, timeout: float | None = DEFAULT_TIMEOUT):
+    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = api.PIPELINE,
+                 timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL):
+        """`url`: one server's gRPC address "host:port", or several replicas' (a list or tuple).
+        `health_interval`: seconds between readiness probes of each replica (several URLs only)."""
         from tritonclient.grpc.aio import InferenceServerClient
 
         if timeout is not None and timeout <= 0:
             raise InvalidArgumentError(f"timeout must be > 0 seconds (or None), got {timeout}")
-        self.url, self.model, self.timeout = url, model, timeout
-        self._client = InferenceServerClient(url, channel_args=_channel_args())
+        if not health_interval > 0:
+            raise InvalidArgumentError(f"health_interval must be > 0 seconds, got {health_interval}")
+        self.urls = parse_urls(url)
+        self.url = self.urls[0] if len(self.urls) == 1 else ",".join(self.urls)
+        self.model, self.timeout = model, timeout
+        self._replicas = Replicas(self.urls, model, lambda u: InferenceServerClient(u, channel_args=_channel_args()),
+                                  health_interval)
         self._stopping: set[asyncio.Task] = set()
 
     async def close(self) -> None:
-        if self._stopping:  # stops of calls that ended early go out before the channel closes
+        if self._stopping:  # stops of calls that ended early go out before the channels close
             await asyncio.wait(self._stopping, timeout=STOP_TIMEOUT)
-        await self._client.close()
+        await self._replicas.close()
 
     def is_stopping(self, task: asyncio.Task) -> bool:
         """Is `task` a stop that close() waits for (the blocking client's shutdown leaves it be)?"""
@@ -108,13 +126,13 @@ class AsyncBlip2Client(RetrievalCalls):
         await self.close()
 
     async def is_ready(self) -> bool:
-        """True when the server answers and serves the model; never raises."""
-        from tritonclient.utils import InferenceServerException
+        """True when a server answers and serves the model (any replica); never raises."""
+        return any(await self._replicas.probe_all())
 
-        try:
-            return bool(await self._client.is_model_ready(self.model))
-        except InferenceServerException:
-            return False
+    @property
+    def replicas(self) -> list[ReplicaStatus]:
+        """What this client knows of each server: readiness, requests outstanding and sent."""
+        return self._replicas.status()
 
     # ---- workflows ------------------------------------------------------------------------
     async def caption(self, image: ImageLike, prompt: str = "", **controls) -> Result:
@@ -187,12 +205,13 @@ class AsyncBlip2Client(RetrievalCalls):
 
     async def generate(self, image: ImageLike, prompt: str = "", **controls) -> Result:
         """One request, one response: the whole generated text and its token ids."""
-        text, ids = [], []
+        text, ids, read = [], [], 0
         async with contextlib.aclosing(self._responses(image, prompt, stream=False, controls=controls)) as responses:
-            async for piece, piece_ids in responses:
-                text.append(piece)
-                ids += piece_ids
-        return Result("".join(text), ids, prompt)
+            async for piece in responses:
+                text.append(piece.text)
+                ids += piece.token_ids
+                read = piece.prompt_tokens
+        return Result("".join(text), ids, prompt, prompt_tokens=read)
 
     async def stream(self, image: ImageLike, prompt: str = "", **controls) -> AsyncIterator[str]:
         """Text pieces as tokens are generated; they concatenate to the whole text.
@@ -201,48 +220,114 @@ class AsyncBlip2Client(RetrievalCalls):
         """
         # aclosing: closing this iterator closes the call at once, not when garbage collected
         async with contextlib.aclosing(self._responses(image, prompt, stream=True, controls=controls)) as responses:
-            async for piece, _ in responses:
-                if piece:
-                    yield piece
+            async for piece in responses:
+                if piece.text:
+                    yield piece.text
 
     # ---- transport ------------------------------------------------------------------------
+    async def responses(self, image: ImageLike, prompt: str = "", stream: bool = True, **controls):
+        """Every response of one request, as `Piece`s (text, token ids, prompt tokens, final), for
+        callers that need more than the text (the OpenAI front door's usage counts)."""
+        async with contextlib.aclosing(self._responses(image, prompt, stream=stream, controls=controls)) as responses:
+            async for piece in responses:
+                yield piece
+
     async def _responses(self, image: ImageLike, prompt: str, stream: bool, controls: dict):
-        """(text, token ids) of each response until the final one; typed errors only."""
+        """The Piece of each response until the final one; typed errors only.
+
+        Replicas are tried in `Replicas.order()`, each once, while they fail with UnavailableError
+        before their first response; the deadline covers every attempt."""
         options = GenerationOptions.from_kwargs(controls)  # raises InvalidArgumentError early
         inputs = build_inputs(image_bytes(image), prompt, stream, options)
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        self._replicas.watch()
+        failures: list[str] = []
+        for replica in self._replicas.order():
+            text: list[str] = []
+            ids: list[int] = []
+            responses = 0
+            try:
+                # aclosing: a caller that stops early ends the gRPC call now, not at garbage collection
+                with replica.attempt():
+                    async with contextlib.aclosing(self._attempt(replica, inputs, deadline)) as attempt:
+                        async for piece in attempt:
+                            responses += 1
+                            text.append(piece.text)
+                            ids += piece.token_ids
+                            yield piece
+                return
+            except UnavailableError as e:
+                self._replicas.mark_down(replica)
+                if responses:
+                    raise UnavailableError(
+                        f"{replica.url} (model {self.model!r}) went away after {responses} response(s) of the "
+                        f"stream had arrived ({len(ids)} tokens, {len(''.join(text))} characters of text); not sent "
+                        f"again, since that text was already delivered: {e.message}",
+                        e.status, "".join(text), ids) from e
+                if len(self._replicas) == 1:
+                    raise
+                failures.append(e.message)
+        raise UnavailableError(f"no replica could serve the request: {'; '.join(failures)}")
+
+    async def _unary(self, model: str, call):
+        """`await call(grpc_client)` for a one-response model (the retrieval models), on the replicas
+        in `Replicas.order()`: one that is unavailable is marked down and the next one tried (a
+        unary call delivered nothing before it failed)."""
+        self._replicas.watch()
+        failures: list[str] = []
+        for replica in self._replicas.order():
+            try:
+                with replica.attempt():
+                    try:
+                        return await call(replica.client)
+                    except Blip2Error:
+                        raise
+                    except Exception as e:  # InferenceServerException, grpc errors: one typed error each
+                        raise self._typed(e, replica, model) from e
+            except UnavailableError as e:
+                self._replicas.mark_down(replica)
+                if len(self._replicas) == 1:
+                    raise
+                failures.append(e.message)
+        raise UnavailableError(f"no replica could serve the request: {'; '.join(failures)}")
+
+    async def _attempt(self, replica: Replica, inputs, deadline: float | None):
+        """The Piece of each response of one request sent to one replica."""
         request_id = uuid.uuid4().hex
 
         async def requests():
             yield {"model_name": self.model, "inputs": inputs, "request_id": request_id}
 
+        loop = asyncio.get_running_loop()
+        remaining = None if deadline is None else deadline - loop.time()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceededError(_deadline_message(self.timeout))
         # The gRPC deadline tells the server too; _with_deadline makes the client's own error.
-        responses = self._client.stream_infer(requests(), stream_timeout=self.timeout)
+        responses = replica.client.stream_infer(requests(), stream_timeout=remaining)
         ended = False  # the server answered the request to its end (its last response, or an error)
         try:
-            async for result, error in _with_deadline(responses, self.timeout):
+            async for result, error in _with_deadline(responses, deadline, self.timeout):
                 if error is not None:
                     ended = True
-                    raise self._typed(error)
-                text = result.as_numpy(api.TEXT.name)
-                ids = result.as_numpy(api.TOKEN_IDS.name)
-                final = result.as_numpy(api.FINAL.name)
-                ended = final is not None and bool(final.reshape(-1)[0])
-                yield (text.reshape(-1)[0].decode("utf-8") if text is not None else ""), (
-                    ids.reshape(-1).tolist() if ids is not None else [])
-                if ended:
+                    raise self._typed(error, replica)
+                piece = _piece(result)
+                ended = piece.final
+                yield piece
+                if piece.final:
                     return
         except Blip2Error:
             raise
         except Exception as e:  # transport errors (grpc.aio.AioRpcError, InferenceServerException)
-            raise self._typed(e) from e
+            raise self._typed(e, replica) from e
         finally:  # also on cancellation and when the caller stops iterating: end the gRPC call
             responses.cancel()
             if not ended and self.model != api.PIPELINE:
-                task = asyncio.get_running_loop().create_task(self._stop(request_id))
+                task = asyncio.get_running_loop().create_task(self._stop(replica, request_id))
                 self._stopping.add(task)
                 task.add_done_callback(self._stopping.discard)
 
-    async def _stop(self, request_id: str) -> None:
+    async def _stop(self, replica: Replica, request_id: str) -> None:
         """Ask `blip2` to stop generating for `request_id` (api.STOP); a failure is only logged (the
         call it would stop has ended for the caller already)."""
         from tritonclient.grpc import InferInput
@@ -253,7 +338,7 @@ class AsyncBlip2Client(RetrievalCalls):
         async def requests():
             yield {"model_name": api.PIPELINE, "inputs": [stop], "request_id": request_id}
 
-        responses = self._client.stream_infer(requests(), stream_timeout=STOP_TIMEOUT)
+        responses = replica.client.stream_infer(requests(), stream_timeout=STOP_TIMEOUT)
         try:
             async for _, error in responses:
                 if error is not None:
@@ -264,16 +349,38 @@ class AsyncBlip2Client(RetrievalCalls):
         finally:
             responses.cancel()
 
-    def _typed(self, error: BaseException, model: str | None = None) -> Blip2Error:
+    def _typed(self, error: BaseException, replica: Replica, model: str | None = None) -> Blip2Error:
         """The typed error for what the transport or the server reported; timeouts and
         unavailability name the timeout or the server (and `model`, by default the client's)."""
         error = from_triton(error)
         if isinstance(error, DeadlineExceededError):
             return DeadlineExceededError(_deadline_message(self.timeout))
         if isinstance(error, UnavailableError):
-            return UnavailableError(f"{self.url} (model {model or self.model!r}) unavailable: {error.message}",
+            return UnavailableError(f"{replica.url} (model {model or self.model!r}) unavailable: {error.message}",
                                     error.status)
         return error
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One response of the `blip2` model: its new text and token ids, the prompt's token count
+    (api.PROMPT_TOKENS; 0 from a server without that output), and whether it is the last."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    final: bool
+
+
+def _piece(result) -> Piece:
+    def first(tensor, default):
+        value = result.as_numpy(tensor.name)
+        return value.reshape(-1)[0] if value is not None and value.size else default
+
+    ids = result.as_numpy(api.TOKEN_IDS.name)
+    text = first(api.TEXT, b"")
+    return Piece(text.decode("utf-8"), ids.reshape(-1).tolist() if ids is not None else [],
+                 int(first(api.PROMPT_TOKENS, 0)), bool(first(api.FINAL, False)))
 
 
 def _channel_args() -> list[tuple[str, int]]:
@@ -298,10 +405,10 @@ def _deadline_message(timeout: float | None) -> str:
     return f"no complete answer within the {timeout:g}s timeout"
 
 
-async def _with_deadline(responses, timeout: float | None):
+async def _with_deadline(responses, deadline: float | None, timeout: float | None):
+    """The items of `responses` until the loop's clock reaches `deadline` (None: no limit)."""
     iterator = responses.__aiter__()
     loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
     while True:
         remaining = None if deadline is None else deadline - loop.time()
         if remaining is not None and remaining <= 0:

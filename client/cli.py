@@ -93,7 +93,7 @@ def register(subparsers) -> None:
 
 
 def _add_connection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=DEFAULT_URL, help="gRPC address host:port of the server (default %(default)s)")
+    _add_url(p)
     p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT,
                    help="seconds allowed per call (default %(default)g)")
 
@@ -120,8 +120,15 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _add_url(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", dest="urls", action="append", metavar="URL",
+                   help=f"gRPC address host:port of a server (default {DEFAULT_URL}); repeat it for replicas: "
+                        "requests go to the ready one with the fewest outstanding, and move to another when one "
+                        "is unavailable before answering")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=DEFAULT_URL, help="gRPC address host:port of the server (default %(default)s)")
+    _add_url(p)
     p.add_argument("--model", default=PIPELINE, help="served model name (default %(default)s)")
     p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT,
                    help="seconds allowed per answer (default %(default)g)")
@@ -300,7 +307,7 @@ def _print_stream(pieces, out: TextIO, label: str | None = None) -> str:
 def _with_client(args, run: Callable[[Blip2Client, TextIO], None]) -> int:
     """Run a command; a Blip2Error or Ctrl-C becomes one line on stderr and an exit status."""
     try:
-        with Blip2Client(args.url, getattr(args, "model", PIPELINE), args.timeout) as client:
+        with Blip2Client(args.urls or [DEFAULT_URL], getattr(args, "model", PIPELINE), args.timeout) as client:
             run(client, sys.stdout)
     except Blip2Error as e:
         print(f"error: {_one_line(e.message)}", file=sys.stderr)

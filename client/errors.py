@@ -41,9 +41,20 @@ class InvalidArgumentError(Blip2Error):
 
 class UnavailableError(Blip2Error):
     """The server cannot be reached, is overloaded, or does not serve the model (yet), or a model
-    process died under the request (the server brings it back within seconds); retry later."""
+    process died under the request (the server brings it back within seconds); retry later.
+
+    A stream that failed after its first response is never retried (its text was already handed
+    out): `received_text` and `received_token_ids` are what it had delivered, and the message says
+    how much that was. Both are empty when nothing was received.
+    """
 
     status = "UNAVAILABLE"
+
+    def __init__(self, message: str, status: str | None = None, received_text: str = "",
+                 received_token_ids: list[int] | None = None):
+        super().__init__(message, status)
+        self.received_text = received_text
+        self.received_token_ids = list(received_token_ids or [])
 
 
 class DeadlineExceededError(Blip2Error):

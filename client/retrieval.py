@@ -50,7 +50,7 @@ def _text(text: str) -> bytes:
 
 
 class RetrievalCalls:
-    """Mixin over the asyncio client's gRPC connection (`_client`, `timeout`, `_typed`)."""
+    """Mixin over the asyncio client's replicas (`_unary`, `timeout`)."""
 
     async def match(self, image: ImageLike, text: str) -> Match:
         """ITM probability and ITC similarity of one image and one text."""
@@ -98,11 +98,9 @@ class RetrievalCalls:
     async def _infer(self, model: str, inputs, outputs: list[str]) -> dict[str, np.ndarray]:
         from tritonclient.grpc import InferRequestedOutput
 
-        try:
-            result = await self._client.infer(model, inputs, outputs=[InferRequestedOutput(n) for n in outputs],
-                                              client_timeout=self.timeout)
-        except Blip2Error:
-            raise
-        except Exception as e:  # InferenceServerException, grpc errors: one typed error each
-            raise self._typed(e, model) from e
-        return {n: result.as_numpy(n) for n in outputs}
+        async def call(client):
+            result = await client.infer(model, inputs, outputs=[InferRequestedOutput(n) for n in outputs],
+                                        client_timeout=self.timeout)
+            return {n: result.as_numpy(n) for n in outputs}
+
+        return await self._unary(model, call)

@@ -17,6 +17,7 @@ from blip2_triton import api
 from .aio import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncBlip2Client, Result
 from .images import ImageLike
 from .retrieval import Match
+from .replicas import DEFAULT_HEALTH_INTERVAL, ReplicaStatus
 
 _DONE = object()
 
@@ -24,12 +25,13 @@ _DONE = object()
 class Blip2Client:
     """Blocking twin of AsyncBlip2Client: same methods, same arguments, same exceptions."""
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = api.PIPELINE, timeout: float | None = DEFAULT_TIMEOUT):
+    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = api.PIPELINE,
+                 timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="blip2-client", daemon=True)
         self._thread.start()
         try:
-            self._async = self._run(_make_async(url, model, timeout))
+            self._async = self._run(_make_async(url, model, timeout, health_interval))
         except BaseException:
             self._stop_loop()
             raise
@@ -37,6 +39,14 @@ class Blip2Client:
     @property
     def url(self) -> str:
         return self._async.url
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self._async.urls
+
+    @property
+    def replicas(self) -> list[ReplicaStatus]:
+        return self._async.replicas
 
     @property
     def model(self) -> str:
@@ -162,5 +172,5 @@ async def _close_and_drain(client: AsyncBlip2Client) -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _make_async(url, model, timeout) -> AsyncBlip2Client:
-    return AsyncBlip2Client(url, model, timeout)
+async def _make_async(url, model, timeout, health_interval) -> AsyncBlip2Client:
+    return AsyncBlip2Client(url, model, timeout, health_interval)

@@ -23,7 +23,7 @@ from blip2_triton.progress import Progress, peak_rss_mib
 from .checkpoint import check_image_size, load_checkpoint  # noqa: F401  (load_checkpoint: public here)
 from .families import family_graphs
 from .onnx_io import consolidate_external_data, export_module, graph_bytes
-from .quantize import QUANTIZATIONS, quantize_graph
+from .quantize import QUANTIZATIONS, graph_quantization, quantize_graph
 from .repository_writer import remove_stale_models, write_repository
 from .shapes import fold_reshape_shapes
 from .validate import OutputCheck, ValidationError, compare, reference_cases, summarize
@@ -60,17 +60,23 @@ def export_checkpoint(
     providers: list[str] | None = None,
     progress: bool = True,
     quantize: str | None = None,
+    sizing=None,
+    stateless_backend: str = "python",
     image_cache_bytes: int | None = repository.DEFAULT_IMAGE_CACHE_BYTES,
 ) -> ExportReport:
     """Export all graphs of `model` (hub id or directory) into the Triton repository `output`.
 
     image_cache_bytes: the bound of `blip2`'s image cache (its config.pbtxt); None turns it off.
 
-    quantize="int8": each graph is exported and validated in full precision first, then its
-    MatMul weights are quantized and the int8 graph is validated (coarsely) too.
+    quantize="int8" / "int4": each graph is exported and validated in full precision first, then its
+    MatMul weights are quantized (int4: the decoder only, the others int8; quantize.INT4_GRAPHS)
+    and the quantized graph is validated (coarsely) too.
     Raises ValidationError when any output differs from PyTorch; `output` is then left as it was.
     progress: one line per step on stderr (loading; per graph: trace + export, weights, shape
     folding, PyTorch reference outputs; then per graph: validation in onnxruntime).
+    sizing: instances, threads, batching and devices per model (blip2_triton.sizing.Sizing; default:
+    one instance of each model on the CPU). stateless_backend: "onnxruntime" has Triton's own
+    onnxruntime backend run the vision encoder and Q-Former (NVIDIA's containers only).
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -122,8 +128,8 @@ def export_checkpoint(
             staging.rename(kept)
             raise ValidationError(checks, output=output, kept=kept)
         say("writing config.pbtxt files, model.py files and the checkpoint's processor, tokenizer and configs")
-        write_repository(staging, config, float_dtype, image_cache_bytes=image_cache_bytes,
-                         checkpoint_files=_save_assets(config, generation_config, processor))
+        write_repository(staging, config, float_dtype, checkpoint_files=_save_assets(config, generation_config, processor),
+                         sizing=sizing, stateless_backend=stateless_backend, image_cache_bytes=image_cache_bytes)
         (repository.checkpoint_dir(staging, config) / REPORT).write_text(json.dumps(asdict(report), indent=2))
         _install(staging, output, keep=set(repository.other_models(config)))
     finally:
@@ -165,12 +171,13 @@ def _validate_graph(spec, path: Path, cases, staging: Path, report: ExportReport
         checks += compare(spec, cases, path, providers)
     final = repository.graph_path(staging, spec.name)
     if quantize is not None:
-        say(f"quantize ({quantize})")
-        quantize_graph(path, final)
+        kind = graph_quantization(spec.name, quantize)
+        say(f"quantize ({kind})")
+        quantize_graph(path, final, kind)
         shutil.rmtree(path.parent)
         if cases:
-            say(f"validate {quantize} in onnxruntime against PyTorch ({len(cases)} cases)")
-            checks += compare(spec, cases, final, providers, precision=quantize)
+            say(f"validate {kind} in onnxruntime against PyTorch ({len(cases)} cases)")
+            checks += compare(spec, cases, final, providers, precision=kind)
     entry = report.graphs[spec.name]
     entry.update(bytes=graph_bytes(final), export_seconds=round(entry["export_seconds"] + time.perf_counter() - t0, 2))
     if checks:

@@ -43,6 +43,15 @@ def random_float(t: TensorSpec, axes: Axes, gen: torch.Generator) -> torch.Tenso
     return torch.randn(t.resolve(**axes), generator=gen).to(getattr(torch, t.dtype))
 
 
+def right_padded_mask(shape) -> torch.Tensor:
+    """An all-ones attention mask of `shape` [B, T] whose row 0 is right-padded by a third when
+    there are several rows and more than 2 positions: gate inputs that check padding is masked."""
+    mask = torch.ones(shape, dtype=torch.int64)
+    if shape[0] > 1 and shape[1] > 2:
+        mask[0, shape[1] - shape[1] // 3 :] = 0
+    return mask
+
+
 def _decoder_input(vocab_size: int):
     def make(t: TensorSpec, axes: Axes, gen: torch.Generator) -> torch.Tensor:
         shape = t.resolve(**axes)
@@ -52,10 +61,9 @@ def _decoder_input(vocab_size: int):
             # At a decode step (one new position) row 0 is shorter than the others, right-padded,
             # the way sequences of different lengths share a step. The cache buffers beyond each
             # row's length hold random values, which must not matter.
-            mask = torch.ones(shape, dtype=torch.int64)
-            if axes[specs.SEQUENCE] + axes[specs.PREFIX] == 1 and shape[0] > 1 and shape[1] > 2:
-                mask[0, shape[1] - shape[1] // 3 :] = 0
-            return mask
+            if axes[specs.SEQUENCE] + axes[specs.PREFIX] == 1:
+                return right_padded_mask(shape)
+            return torch.ones(shape, dtype=torch.int64)
         return random_float(t, axes, gen)
 
     return make

@@ -13,7 +13,7 @@ from torch import nn
 from blip2_triton import specs
 from blip2_triton.specs import TensorSpec
 
-from .graphs import Axes, GraphExport, random_float
+from .graphs import Axes, GraphExport, random_float, right_padded_mask
 from .wrappers import VisionEncoder
 
 
@@ -85,10 +85,7 @@ def _text_input(vocab_size: int):
         if t.name == specs.INPUT_IDS:
             return torch.randint(5, vocab_size, shape, generator=gen)
         if t.name == specs.ATTENTION_MASK:
-            mask = torch.ones(shape, dtype=torch.int64)
-            if shape[0] > 1 and shape[1] > 2:
-                mask[0, shape[1] - shape[1] // 3:] = 0
-            return mask
+            return right_padded_mask(shape)
         return random_float(t, axes, gen)
 
     return make

@@ -18,7 +18,11 @@ from .graphs import GraphExport
 # int8 (dynamically quantized weights and activations) is compared with the fp32 module too, with a
 # coarse bound that a graph with wrong or garbled weights fails by far (their error is ~100% of the
 # output's range) while quantization noise passes; the accuracy evaluation is the real measure.
-TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (2e-2, 1e-2), "int8": (0.0, 0.25)}
+# int4 (MatMulNBits, the decoder) the same way, from measurement: the worst output's |diff| was
+# 0.14 of its max|torch| on the trained embedded model, 0.38 on tiny-opt and 0.52 on tiny-t5 (random
+# weights over a hidden width of one or two 32-row blocks quantize worst); another seed's weights
+# gave at least 1.42 on every output. 0.8 sits between the two with room on both sides.
+TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (2e-2, 1e-2), "int8": (0.0, 0.25), "int4": (0.0, 0.8)}
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 served tiny model, and transformers' generate() as the reference, once per session."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import os
@@ -48,6 +49,17 @@ def exported(tiny_checkpoints, tmp_path_factory):
         return cache[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def embedded_repository(tmp_path_factory):
+    """The embedded trained model (toy.embedded.TRAINED_MODEL) exported (fp32, validated), once."""
+    from blip2_triton.export.exporter import export_checkpoint
+    from blip2_triton.toy.embedded import TRAINED_MODEL
+
+    repo = tmp_path_factory.mktemp("repos") / "blip2-tiny-scenes"
+    export_checkpoint(TRAINED_MODEL, repo, progress=False)
+    return repo
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +126,69 @@ def wait_for_active(server, count: int, timeout: float = 30) -> float:
         assert time.monotonic() - start < timeout, f"blip2_active_sequences never read {count}"
         time.sleep(0.005)
     return time.monotonic() - start
+
+
+class ComputeLockPacer:
+    """Slow the served models from outside through the repository's compute lock, which every
+    onnxruntime run of the server takes: held `hold` s, let go for 1 ms, again and again, so the
+    tiny model's 120 tokens take about a second or more instead of ~40 ms. Between `freeze()` and
+    `thaw()` the lock stays held and no decoder step runs."""
+
+    def __init__(self, server, hold: float = 0.04):
+        import threading
+
+        from blip2_triton.serving.compute_lock import ComputeLock
+
+        lock = ComputeLock.for_repository(server.model_repository, server.runtime_dir)
+        self.lock, self.hold, self.stop = lock, hold, threading.Event()
+        self.thread = threading.Thread(target=self._pace, daemon=True)
+
+    def _pace(self) -> None:
+        while not self.stop.is_set():
+            with self.lock:  # its thread lock also queues this thread behind freeze()
+                self.stop.wait(self.hold)
+            time.sleep(0.001)
+
+    def freeze(self) -> None:
+        self.lock.__enter__()
+
+    def thaw(self) -> None:
+        self.lock.__exit__(None, None, None)
+
+    def __enter__(self) -> "ComputeLockPacer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+class BackgroundLoad:
+    """`clients` asyncio clients (`_client(index)`, a subclass's) running on a thread of their own
+    until the `with` block ends; leaving it fails if one has not returned within `join_timeout` s."""
+
+    def __init__(self, clients: int, join_timeout: float):
+        import threading
+
+        self.clients_count, self.join_timeout = clients, join_timeout
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="load", daemon=True)
+
+    async def _client(self, index: int) -> None:
+        raise NotImplementedError
+
+    async def _main(self) -> None:
+        await asyncio.gather(*(self._client(i) for i in range(self.clients_count)))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(self.join_timeout)
+        assert not self._thread.is_alive(), "a load client never returned"
 
 
 # ---- transformers, the reference ------------------------------------------------------------------

@@ -27,7 +27,7 @@ from blip2_triton.client.aio import is_context_overflow
 from blip2_triton.server.launcher import TritonServer, free_port
 
 from . import conftest
-from .conftest import metric, random_image, wait_for_active
+from .conftest import ComputeLockPacer as _Pacer, metric, random_image, wait_for_active
 
 pytestmark = pytest.mark.server
 MAX_NEW = 8
@@ -421,42 +421,6 @@ def test_unknown_model_is_unavailable(served):
             c.caption(random_image(1))
 
 
-class _Pacer:
-    """Slow the served models from outside through the repository's compute lock, which every
-    onnxruntime run of the server takes: held `hold` s, let go for 1 ms, again and again, so the
-    tiny model's 120 tokens take about a second or more instead of ~40 ms. Between `freeze()` and
-    `thaw()` the lock stays held and no decoder step runs."""
-
-    def __init__(self, server, hold: float = 0.04):
-        import threading
-
-        from blip2_triton.serving.compute_lock import ComputeLock
-
-        lock = ComputeLock.for_repository(server.model_repository, server.runtime_dir)
-        self.lock, self.hold, self.stop = lock, hold, threading.Event()
-        self.thread = threading.Thread(target=self._pace, daemon=True)
-
-    def _pace(self) -> None:
-        while not self.stop.is_set():
-            with self.lock:  # its thread lock also queues this thread behind freeze()
-                self.stop.wait(self.hold)
-            time.sleep(0.001)
-
-    def freeze(self) -> None:
-        self.lock.__enter__()
-
-    def thaw(self) -> None:
-        self.lock.__exit__(None, None, None)
-
-    def __enter__(self) -> "_Pacer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
 # A call ended while decoding is frozen; the server is then given SETTLE s to mark the request
 # cancelled before decoding resumes. Triton usually does within ms, but more than a second was seen
 # on the loaded 2-core machine; the engine asks at its next step, so once marked, the sequence is
@@ -487,8 +451,8 @@ def _end_mid_stream(server, pacer, end: str) -> tuple[int, int]:
             async def consume():
                 nonlocal received
                 controls = dict(max_new_tokens=LONG, min_new_tokens=LONG)
-                async for _, ids in c._responses(random_image(3), "", stream=True, controls=controls):
-                    received += len(ids)
+                async for piece in c.responses(random_image(3), "", stream=True, **controls):
+                    received += len(piece.token_ids)
                     if not frozen.is_set():
                         pacer.freeze()
                         frozen.set()

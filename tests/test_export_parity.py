@@ -275,3 +275,65 @@ def test_int8_export_is_validated_and_serves(exported, tmp_path):
     for graph in family_graphs(other):
         path = repository.graph_path(tmp_path / "int8", graph.spec.name)
         assert any(not c.ok for c in check_graph(graph, path, precision="int8")), graph.spec.name
+
+
+@pytest.mark.parametrize("preset", ["tiny-opt", "tiny-t5"])
+def test_int4_export_is_validated_and_serves(preset, exported, tmp_path):
+    """--quantize int4: the decoder's MatMuls (Gemms included) become MatMulNBits at the documented
+    block size and accuracy level, the other graphs int8; every quantized graph passes its gate,
+    which another checkpoint's weights still fail; the repository serves."""
+    from blip2_triton.export.exporter import export_checkpoint, load_checkpoint
+    from blip2_triton.export.families import family_graphs
+    from blip2_triton.export.quantize import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, graph_quantization
+    from blip2_triton.export.validate import check_graph
+    from blip2_triton.serving.pipeline import LocalPipeline
+    from blip2_triton.toy.presets import build_tiny_checkpoint
+
+    ckpt, _, _ = exported(preset)
+    repo = tmp_path / "int4"
+    report = export_checkpoint(ckpt, repo, quantize="int4", progress=False)
+    assert report.dtype == "fp32+int4"
+    assert all(c["ok"] for c in report.checks)
+    graphs = {c["graph"] for c in report.checks}
+    assert {"llm_decoder[int4]", "vision_encoder[int8]", "qformer[int8]"} <= graphs
+    decoder = onnx.load(str(repository.graph_path(repo, specs.LLM_DECODER)))
+    ops = [n.op_type for n in decoder.graph.node]
+    assert "MatMulNBits" in ops and "Gemm" not in ops
+    for node in (n for n in decoder.graph.node if n.op_type == "MatMulNBits"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (4, INT4_BLOCK_SIZE, INT4_ACCURACY_LEVEL)
+    # No float MatMul with a constant weight is left in the decoder (the only float weight: the embedding's Gather).
+    weights = {t.name for t in decoder.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
+    assert not [n.name for n in decoder.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert LocalPipeline(repo)(random_image(3), "a photo of", max_new_tokens=5).token_ids
+
+    other, _ = load_checkpoint(build_tiny_checkpoint(tmp_path / "other", preset, seed=1))
+    for graph in family_graphs(other):
+        path = repository.graph_path(repo, graph.spec.name)
+        kind = graph_quantization(graph.spec.name, "int4")
+        assert any(not c.ok for c in check_graph(graph, path, precision=kind)), graph.spec.name
+
+
+def test_gemms_to_matmuls_computes_the_same(tmp_path):
+    """The rewrite int4 needs (MatMulNBits replaces MatMuls only) changes no output."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from blip2_triton.export.quantize import gemms_to_matmuls
+
+    rng = np.random.default_rng(0)
+    w1, b1, w2 = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=6).astype(np.float32), \
+        rng.normal(size=(6, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),  # torch's Linear: [out, in], transposed
+         helper.make_node("Gemm", ["h", "w2"], ["y"], name="fc2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    before = run(model)
+    assert gemms_to_matmuls(model.graph) == 2
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "MatMul"]
+    np.testing.assert_allclose(run(model), before, rtol=1e-6, atol=1e-6)

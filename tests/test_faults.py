@@ -26,7 +26,7 @@ from blip2_triton.client.errors import Blip2Error, from_status
 from blip2_triton.server import supervisor
 from blip2_triton.server.supervisor import RELOAD, RESTART, SHM_DIR, Supervisor, stub_region
 
-from .conftest import metric, random_image, wait_for_active
+from .conftest import BackgroundLoad, metric, random_image, wait_for_active
 
 
 # ---- the client's side of it ------------------------------------------------------------------------
@@ -190,15 +190,14 @@ class _Call:
     error: Blip2Error | None = None
 
 
-class _Load:
+class _Load(BackgroundLoad):
     """LOAD_CLIENTS asyncio clients streaming captions back to back, on a thread of their own; every
     call is recorded. A client whose call failed pauses a little, as one that retries would."""
 
     def __init__(self, url: str):
+        super().__init__(LOAD_CLIENTS, REQUEST_TIMEOUT + 30)
         self.url = url
         self.calls: list[_Call] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="load", daemon=True)
 
     async def _client(self, index: int) -> None:
         async with AsyncBlip2Client(self.url, timeout=REQUEST_TIMEOUT) as client:
@@ -215,18 +214,6 @@ class _Load:
                 call.ended = time.monotonic()
                 if call.error is not None:
                     await asyncio.sleep(0.2)
-
-    async def _main(self) -> None:
-        await asyncio.gather(*(self._client(i) for i in range(LOAD_CLIENTS)))
-
-    def __enter__(self) -> "_Load":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(REQUEST_TIMEOUT + 30)
-        assert not self._thread.is_alive(), "a load client never returned"
 
     def served_since(self, moment: float) -> bool:
         return any(c.began >= moment and c.ended is not None and c.error is None for c in list(self.calls))

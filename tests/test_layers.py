@@ -13,14 +13,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # Import name -> source folder (setup.py maps the top-level folders into the package).
 PACKAGES = {"blip2_triton": "src/blip2_triton", "blip2_triton.export": "export", "blip2_triton.client": "client",
             "blip2_triton.benchmarks": "benchmarks", "blip2_triton.model_repository": "model_repository"}
-CORE = ("specs", "families", "api", "errors", "pbtxt", "repository", "generation", "progress")
-FEATURES = ("export", "serving", "server", "client", "benchmarks", "toy", "model_repository")
+CORE = ("specs", "families", "api", "errors", "pbtxt", "repository", "generation", "progress", "sizing")
+FEATURES = ("export", "serving", "server", "client", "benchmarks", "toy", "model_repository", "frontend")
 ENTRY_POINTS = ("cli", "demo")
 # What each feature may import besides the core: the served code must not pull in the exporter
 # (torch tracing) or the client, and the client only the core (its users install no torch).
 ALLOWED = {
     "serving": set(),
     "client": set(),
+    "frontend": {"client"},  # the OpenAI front door speaks to Triton only through the client
     "server": {"serving"},
     "export": {"serving", "model_repository"},  # the gate runs graphs with the serving code's sessions; model.py sources
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -76,10 +77,19 @@ def test_serves_python_model_over_grpc_and_metrics(tmp_path):
         np.testing.assert_array_equal(result.as_numpy("Y"), x + 1)
         client.close()
 
-        with urllib.request.urlopen(server.metrics_url, timeout=5) as resp:
-            metrics = resp.read().decode()
+        # Triton counts a request in its metrics after the response is sent, so a loaded machine
+        # can answer the scrape first: poll, and require the exact count once it shows.
+        success = 'nv_inference_request_success{model="plus_one",version="1"} '
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(server.metrics_url, timeout=5) as resp:
+                metrics = resp.read().decode()
+            counted = [line for line in metrics.splitlines() if line.startswith(success)]
+            if counted and counted[0] != success + "0" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert "# TYPE nv_inference_request_success counter" in metrics
-        assert 'nv_inference_request_success{model="plus_one",version="1"} 1' in metrics
+        assert counted == [success + "1"], counted
 
     assert not server.is_running()
     assert server.poll() == 0

@@ -132,7 +132,8 @@ def test_ensemble_configs_that_cannot_be_rendered():
     assert 'model_name: "m"' in render(good)
     for overrides, message in ((dict(steps=()), "steps go with platform"),
                                (dict(platform=None, backend="python"), "steps go with platform"),
-                               (dict(parameters={"k": "v"}), "no dynamic_batching, decoupled or parameters"),
+                               (dict(parameters={"k": "v"}), "no dynamic_batching, decoupled, parameters or instances"),
+                               (dict(instance_count=2), "no dynamic_batching, decoupled, parameters or instances"),
                                (dict(steps=(EnsembleStep("m", {}, {"y": "x"}),)), "needs a model, inputs and outputs"),
                                (dict(steps=(EnsembleStep("m", {"x": ""}, {"y": "x"}),)), "both must be tensor names")):
         with pytest.raises(ConfigError, match=message):
@@ -163,20 +164,63 @@ def preprocessor(exported):
     return Preprocessor(repository.assets_dir(repo))
 
 
-def test_preprocess_equals_the_transformers_processor(preprocessor, exported):
+PROMPTS = ["", "a photo of", "Question: what color is the circle? Answer:", "  two  spaces ", "é ü 日本 🙂",
+           "</s> and <pad> inside", "circle " * 40, "\n\ttabs\n"]
+
+
+def _images():
+    """Images of every size class and mode the processor converts: larger and smaller than the
+    model's input, not square, grey, palette, RGBA, 16-bit."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))  # noqa: E731
+    return [rgb(40, 52), rgb(300, 200), rgb(7, 400), rgb(224, 224), rgb(30, 30).convert("L"),
+            rgb(64, 48).convert("P"), rgb(50, 60).convert("RGBA"),
+            Image.fromarray(rng.integers(0, 65535, (33, 21), dtype=np.uint16))]
+
+
+@pytest.mark.parametrize("preset", ["tiny-opt", "tiny-t5", "embedded"])
+def test_preprocess_equals_the_transformers_processor(preset, exported):
+    """The preprocess model's torch-free tokenizer and image processor give transformers' processor's
+    ids and pixel values exactly, on every checkpoint kind the project ships."""
     import io
 
     from PIL import Image
     from transformers import AutoProcessor
 
-    ckpt, _, _ = exported("tiny-opt")
-    processor = AutoProcessor.from_pretrained(ckpt)
-    data = random_image(3)
-    pixels, ids = preprocessor(data, b"a photo of")
+    from blip2_triton.serving.preprocess import Preprocessor
+    from blip2_triton.toy.embedded import TRAINED_MODEL
+
+    ckpt = str(TRAINED_MODEL) if preset == "embedded" else exported(preset)[0]
+    ours, processor = Preprocessor(ckpt), AutoProcessor.from_pretrained(ckpt)
+    for prompt in PROMPTS:
+        ref = processor.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        assert ours.prompt_ids(prompt).tolist() == ref, prompt
+    for n, image in enumerate(_images()):
+        rgb = image.convert("RGB")  # what decode_image hands over
+        ref = processor.image_processor(rgb, return_tensors="np")["pixel_values"]
+        np.testing.assert_array_equal(ours.pixel_values([rgb]), ref, err_msg=f"image {n} ({image.mode})")
+    data = random_image(3)  # the whole request path, as in transformers' processor call
+    pixels, ids = ours(data, b"a photo of")
     ref = processor(images=Image.open(io.BytesIO(data)), text="a photo of", return_tensors="np")
     np.testing.assert_array_equal(pixels, ref["pixel_values"][0])
-    q = processor.num_query_tokens
-    assert ids.tolist() == ref["input_ids"][0, q:].tolist()
+    assert ids.tolist() == ref["input_ids"][0, processor.num_query_tokens:].tolist()
+
+
+def test_preprocess_does_not_import_torch(exported, tmp_path):
+    """The preprocess model holds no weights: transformers, and torch with it, stay out of its process."""
+    import subprocess
+    import sys
+
+    _, repo, _ = exported("tiny-opt")
+    image = tmp_path / "image.png"
+    image.write_bytes(random_image(1))
+    code = ("import sys; from blip2_triton.serving.preprocess import Preprocessor; "
+            f"p = Preprocessor({str(repository.assets_dir(repo))!r}); p(open({str(image)!r}, 'rb').read(), b'a photo'); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_preprocess_batch_isolates_bad_items(preprocessor):
@@ -196,10 +240,12 @@ def test_preprocess_rejects_bad_prompts(preprocessor, pipeline):
 
 
 # ---- detokenization ---------------------------------------------------------------------------------
-def test_pieces_concatenate_even_across_split_characters(preprocessor):
+def test_pieces_concatenate_even_across_split_characters(exported):
     from blip2_triton.serving.detokenize import Detokenizer
 
-    tok = preprocessor.tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(repository.assets_dir(exported("tiny-opt")[1]))
     detok = Detokenizer(tok)
     assert detok.incremental  # byte-level BPE, no clean-up: text streams token by token
     ids = tok("a red circle é ü and 日本", add_special_tokens=False)["input_ids"]

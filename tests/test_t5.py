@@ -91,7 +91,7 @@ def test_context_limit_is_the_tokenizers_model_max_length(t5):
     from blip2_triton.errors import InvalidInput
 
     _, pipeline, _ = t5
-    limit = pipeline.stages.preprocessor.tokenizer.model_max_length
+    limit = pipeline.detokenizer.tokenizer.model_max_length  # transformers' tokenizer, which blip2 holds
     with pytest.raises(InvalidInput, match=rf"prompt: \d+ tokens, more than the {limit}"):
         pipeline(random_image(1), "circle " * (limit + 5))
     with pytest.raises(InvalidInput, match=f"max_new_tokens must be <= {limit}"):

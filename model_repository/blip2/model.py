@@ -22,7 +22,8 @@ class TritonPythonModel:
         self.args.require_io([t.name for t in api.PUBLIC_INPUTS], [t.name for t in api.PUBLIC_OUTPUTS])
         self.service = Blip2Service(
             self.args.repository, stages=io.BlsStages(), stats=io.EngineMetrics(self.args.name),
-            compute_lock=self.args.compute_lock(), image_cache=self.args.image_cache(),
+            threads=self.args.ort_threads(), compute_lock=self.args.compute_lock(),
+            image_cache=self.args.image_cache(),
         )
         self.service.engine.start()
         # BLS calls block: enough workers for a full batch of requests to wait in the stages together.

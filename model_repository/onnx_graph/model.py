@@ -12,8 +12,8 @@ from blip2_triton.serving.onnx_graph import OnnxGraph, run_batched
 class TritonPythonModel:
     def initialize(self, args):
         self.args = io.ModelArgs(args)
-        self.graph = OnnxGraph(self.args.version_dir / self.args.parameter("onnx_file"),
-                               compute_lock=self.args.compute_lock())
+        self.graph = OnnxGraph(self.args.version_dir / self.args.parameter("onnx_file"), threads=self.args.ort_threads(),
+                               providers=self.args.ort_providers(), compute_lock=self.args.compute_lock())
         self.args.require_io(self.graph.input_names, self.graph.output_names)
 
     def execute(self, requests):

@@ -4,8 +4,9 @@ Layers (imports point down only, and tests/test_layers.py holds every module to 
 
     entry points   cli, demo, server.serve
     features       export/ (tracing, gate, repository writing), serving/ (what the Triton models
-                   run), server/ (starting tritonserver), client/, benchmarks/, toy/ (the trained
-                   tiny models), model_repository/ (thin Triton model.py files)
+                   run), server/ (starting tritonserver), client/, frontend/ (the OpenAI-compatible
+                   HTTP front door, over the client), benchmarks/, toy/ (the trained tiny models),
+                   model_repository/ (thin Triton model.py files)
     core           specs, families, api, errors, pbtxt, progress, repository (layout and
                    config generation), generation/ (numpy decoding that reproduces generate())
 

@@ -50,6 +50,8 @@ CONTROL_NAMES = tuple(t.name for t in CONTROLS)
 TEXT = ModelTensor("text", "bytes", (1,))  # the new text of this response (all of it when not streaming)
 TOKEN_IDS = ModelTensor("token_ids", "int64", (-1,))  # the token ids of this response
 FINAL = ModelTensor("final", "bool", (1,))  # true on the last response of a request
+# the tokens the language model read: the image's query tokens and the tokenized prompt (usage counts)
+PROMPT_TOKENS = ModelTensor("prompt_tokens", "int32", (1,))
 
 PUBLIC_INPUTS: tuple[ModelTensor, ...] = (IMAGE, PROMPT, STREAM, *CONTROLS)
 
@@ -58,7 +60,7 @@ PUBLIC_INPUTS: tuple[ModelTensor, ...] = (IMAGE, PROMPT, STREAM, *CONTROLS)
 # generator step carries the client's request id, and Triton 2.51 does not pass a client's
 # cancellation on to a step that has started: the client sends this instead.
 STOP = ModelTensor("stop", "bool", (1,), optional=True)
-PUBLIC_OUTPUTS: tuple[ModelTensor, ...] = (TEXT, TOKEN_IDS, FINAL)
+PUBLIC_OUTPUTS: tuple[ModelTensor, ...] = (TEXT, TOKEN_IDS, FINAL, PROMPT_TOKENS)
 
 # ---- the retrieval models (a Blip2ForImageTextRetrieval checkpoint): one Triton model per call ----
 EMBED_IMAGE = "embed_image"  # image -> image_embeds_proj [Q, D]: unit vectors, one per query

@@ -15,11 +15,19 @@ def _export(args) -> int:
     from blip2_triton.errors import UnsupportedModelError
     from blip2_triton.export.validate import ValidationError
 
+    from blip2_triton.sizing import SizingError, from_arguments
+
+    try:
+        sizing = from_arguments(args)
+    except SizingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         report = export_checkpoint(
             args.model, args.output, dtype=args.dtype, validate=not args.no_validate,
             providers=args.providers.split(",") if args.providers else None, quantize=args.quantize,
             image_cache_bytes=None if args.no_image_cache else args.image_cache_mib * 2**20,
+            sizing=sizing, stateless_backend=args.stateless_backend,
         )
     except ValidationError as e:
         print(f"error: {e.summary}", file=sys.stderr)  # every failing case: the kept report
@@ -32,6 +40,19 @@ def _export(args) -> int:
         print("  not validated (--no-validate): no output was compared with PyTorch")
     for graph, diff in report.max_abs_diff.items():
         print(f"  {graph:<15} max |onnx - torch| = {diff:.2e}")
+    return 0
+
+
+def _configure(args) -> int:
+    from blip2_triton.export.repository_writer import resize_repository
+    from blip2_triton.sizing import SizingError, from_arguments
+
+    try:
+        resize_repository(args.repository, from_arguments(args), args.stateless_backend)
+    except (SizingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"rendered the config.pbtxt files of {args.repository} again (graphs untouched); restart its server")
     return 0
 
 
@@ -67,6 +88,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.export.exporter import DTYPES
+    from blip2_triton.sizing import add_arguments as add_sizing_arguments
     from blip2_triton.export.quantize import QUANTIZATIONS
     from blip2_triton.repository import DEFAULT_IMAGE_CACHE_BYTES
     from blip2_triton.toy.presets import ALL_PRESETS, DEFAULT_PRESET
@@ -79,13 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id or local checkpoint directory")
     p.add_argument("--output", required=True, help="model repository directory to write")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp16 is meant for GPU deployments")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, help="int8 weights for the MatMuls (validated after fp32)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="int8 weights for the MatMuls; int4 (MatMulNBits) for the decoder's, int8 elsewhere (validated after fp32)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch gate")
     p.add_argument("--providers", help="onnxruntime providers for validation, comma-separated")
+    p.add_argument("--stateless-backend", choices=("python", "onnxruntime"), default="python",
+                   help="who runs the vision encoder and Q-Former: onnxruntime in the Python backend (everywhere), "
+                        "or Triton's onnxruntime backend (NVIDIA's containers only)")
+    add_sizing_arguments(p)
     p.add_argument("--image-cache-mib", type=_positive_int, default=DEFAULT_IMAGE_CACHE_BYTES // 2**20,
                    help="bound of blip2's cache of recent images' query embeddings (default %(default)s)")
     p.add_argument("--no-image-cache", action="store_true", help="every request runs the image stages")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("configure", help="size an exported repository again (config.pbtxt only, no re-export)")
+    p.add_argument("--repository", required=True, help="an exported model repository")
+    p.add_argument("--stateless-backend", choices=("python", "onnxruntime"),
+                   help="as for export (default: what the repository uses now)")
+    add_sizing_arguments(p)
+    p.set_defaults(func=_configure)
 
     p = sub.add_parser("make-tiny", help="write a random-weight tiny BLIP-2 OPT or Flan-T5 checkpoint (no download)")
     p.add_argument("--output", required=True)
@@ -107,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the real tritonserver on an exported model repository")
     add_serve_arguments(p)
     p.set_defaults(func=serve_command)
+
+    from blip2_triton.frontend.cli import add_arguments as add_openai_arguments, command as openai_command
+
+    p = sub.add_parser("openai", help="an OpenAI-compatible HTTP front door (chat completions) to Triton replicas")
+    add_openai_arguments(p)
+    p.set_defaults(func=openai_command)
 
     from blip2_triton.benchmarks.run import add_arguments as add_bench_arguments
 

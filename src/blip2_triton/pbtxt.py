@@ -76,6 +76,8 @@ class ModelConfig:
     max_queue_delay_us: int = 0
     decoupled: bool = False
     instance_count: int = 1
+    instance_kind: str = "KIND_CPU"
+    gpus: tuple[int, ...] = ()  # device ids, with KIND_GPU
     parameters: dict[str, str] = field(default_factory=dict)
     default_model_filename: str | None = None
     # platform "ensemble" only: its steps, in the order Triton may start them.
@@ -148,8 +150,9 @@ def _check(cfg: ModelConfig) -> None:
     if ensemble != bool(cfg.steps):
         raise ConfigError(f"{label}: steps go with platform {ENSEMBLE!r} and it needs them, got {len(cfg.steps)} steps"
                           f" for platform {cfg.platform!r}")
-    if ensemble and (cfg.dynamic_batching or cfg.decoupled or cfg.parameters):
-        raise ConfigError(f"{label}: an ensemble has no dynamic_batching, decoupled or parameters of its own")
+    if ensemble and (cfg.dynamic_batching or cfg.decoupled or cfg.parameters or cfg.gpus
+                     or cfg.instance_kind != "KIND_CPU" or cfg.instance_count != 1):
+        raise ConfigError(f"{label}: an ensemble has no dynamic_batching, decoupled, parameters or instances of its own")
     for step in cfg.steps:
         if not isinstance(step, EnsembleStep) or not step.model or not step.inputs or not step.outputs:
             raise ConfigError(f"{label}: a step needs a model, inputs and outputs, got {step!r}")
@@ -179,10 +182,16 @@ def render(cfg: ModelConfig) -> str:
         parts.append("model_transaction_policy { decoupled: true }")
     if cfg.dynamic_batching:
         parts.append(f"dynamic_batching {{ max_queue_delay_microseconds: {cfg.max_queue_delay_us} }}")
+    if cfg.instance_kind not in ("KIND_CPU", "KIND_GPU"):
+        raise ConfigError(f"model config {cfg.name!r}: instance_kind must be KIND_CPU or KIND_GPU, got {cfg.instance_kind!r}")
+    if not isinstance(cfg.gpus, tuple) or not all(_is_int(g) and g >= 0 for g in cfg.gpus) \
+            or bool(cfg.gpus) != (cfg.instance_kind == "KIND_GPU"):
+        raise ConfigError(f"model config {cfg.name!r}: gpus must list device ids exactly with KIND_GPU, got {cfg.gpus!r}")
+    gpus = f" gpus: [ {', '.join(map(str, cfg.gpus))} ]" if cfg.gpus else ""
     if cfg.steps:
         parts.append("ensemble_scheduling {\n  step [\n" + ",\n".join(_step(s) for s in cfg.steps) + "\n  ]\n}")
     else:  # an ensemble runs no instances of its own
-        parts.append(f"instance_group [ {{ count: {cfg.instance_count} kind: KIND_CPU }} ]")
+        parts.append(f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.instance_kind}{gpus} }} ]")
     for key, value in cfg.parameters.items():
         parts.append(f"parameters {{ key: {_q(key)} value: {{ string_value: {_q(str(value))} }} }}")
     return "\n".join(parts) + "\n"

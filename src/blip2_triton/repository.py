@@ -32,6 +32,7 @@ from . import api
 from . import specs
 from .families import graph_specs, is_retrieval
 from .pbtxt import ENSEMBLE, EnsembleStep, ModelConfig, ModelTensor
+from .sizing import EXCLUSIVE_COMPUTE, MAX_BATCH_SIZE, QUEUE_DELAY_US, Sizing  # noqa: F401 (re-exported)
 
 # The image cache's default bound: ~680 images of a ViT-g/OPT-125m-class checkpoint's queries
 # (32 x 768 fp32), ~200 of OPT-2.7b's (32 x 2560 fp32); small next to the decoder's weights.
@@ -45,15 +46,9 @@ RETRIEVAL_GRAPHS = (specs.RETRIEVAL_VISION_ENCODER, specs.IMAGE_FEATURES, specs.
 # The models each kind of export writes; an export replaces its own kind's models only.
 GENERATION_MODELS = (api.PREPROCESS, *STAGE_GRAPHS, api.PIPELINE, api.ENSEMBLE)
 RETRIEVAL_MODELS = (api.RETRIEVAL_PREPROCESS, *RETRIEVAL_GRAPHS, *api.RETRIEVAL_CALLS)
-MAX_BATCH_SIZE = 16
-# No waiting for a batch to fill: on a CPU every stateless stage uses all cores, so requests that
-# arrive while one batch runs queue up and form the next batch anyway, while a delay only adds
-# latency to a lone request (benchmarks/README.md has the measurements).
-QUEUE_DELAY_US = 0
-# Model parameter: "true" makes the model's onnxruntime runs take turns with the other models'
-# (serving/compute_lock.py). Right for a CPU server, where every run uses all cores; set it to
-# "false" in config.pbtxt where runs should overlap (a GPU, or a host with cores to spare).
-EXCLUSIVE_COMPUTE = "exclusive_compute"
+# Model parameter EXCLUSIVE_COMPUTE: "true" makes the model's onnxruntime runs take turns with the
+# other models' (serving/compute_lock.py). Right for a CPU server, where every run uses all cores;
+# "false" where runs should overlap (a GPU, or a host with cores to spare): see sizing.py.
 # Model parameter of a preprocess model and of the retrieval calls: the checkpoint folder (processor,
 # tokenizer, configs) relative to the repository.
 CHECKPOINT_DIR = "checkpoint_dir"
@@ -97,15 +92,19 @@ def other_models(config) -> tuple[str, ...]:
 
 
 def model_configs(config, float_dtype: str = "float32", stateless_backend: str = "python",
+                  sizing: Sizing | None = None,
                   image_cache_bytes: int | None = DEFAULT_IMAGE_CACHE_BYTES) -> list[ModelConfig]:
     """All model configs of the repository for a Blip2Config, from its family's graphs (blip2_triton.families).
 
     stateless_backend: "python" serves the vision encoder and Q-Former with onnxruntime inside the
     Python backend (works everywhere); "onnxruntime" uses Triton's onnxruntime backend (NVIDIA's
-    containers only). image_cache_bytes: the bound of `blip2`'s image cache; None turns it off.
+    containers only). sizing: instances, threads, batching and devices per model (default: one
+    instance of each on the CPU, sizing.Sizing()). image_cache_bytes: the bound of `blip2`'s image
+    cache; None turns it off.
     """
     if image_cache_bytes is not None and (not isinstance(image_cache_bytes, int) or image_cache_bytes <= 0):
         raise ValueError(f"image_cache_bytes must be a positive int or None (off), got {image_cache_bytes!r}")
+    sizing = sizing or Sizing()
     graphs = graph_specs(config, float_dtype)
     if is_retrieval(config):
         return _retrieval_configs(graphs, stateless_backend)
@@ -113,12 +112,10 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
 
     preprocess = ModelConfig(
         name=api.PREPROCESS,
-        max_batch_size=MAX_BATCH_SIZE,
         inputs=(api.IMAGE, api.PROMPT),
         outputs=(pixel_values, api.PROMPT_IDS),
-        dynamic_batching=True,
-        max_queue_delay_us=QUEUE_DELAY_US,
         parameters={CHECKPOINT_DIR: _relative(assets_dir(""))},
+        **_sized(sizing, api.PREPROCESS),
     )
     # As the ensemble's generator step, `blip2` takes the Q-Former's output and the prompt ids in
     # place of the image and the prompt: each request sends one pair or the other.
@@ -132,34 +129,45 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         decoupled=True,
         # The language model's graphs are found by name (graph_path), its family from the checkpoint's config.
         parameters={
-            EXCLUSIVE_COMPUTE: "true",
+            **sizing.parameters(api.PIPELINE),
             IMAGE_CACHE: "false" if image_cache_bytes is None else "true",
             IMAGE_CACHE_BYTES: str(image_cache_bytes or DEFAULT_IMAGE_CACHE_BYTES),
         },
+        **_sized(sizing, api.PIPELINE, batching=False),
     )
-    return [preprocess, *(_stateless(graphs[name], stateless_backend) for name in STAGE_GRAPHS), pipeline,
+    return [preprocess, *(_stateless(graphs[name], stateless_backend, sizing) for name in STAGE_GRAPHS), pipeline,
             ensemble_config()]
+
+
+def _sized(sizing: Sizing, name: str, batching: bool = True) -> dict:
+    """A generation model's instances, devices and batching from `sizing` (ModelConfig fields)."""
+    m = sizing.model(name)
+    placed = dict(instance_count=m.instances, instance_kind=sizing.kind, gpus=sizing.gpus)
+    if not batching:
+        return placed
+    return dict(placed, max_batch_size=m.max_batch_size, dynamic_batching=True, max_queue_delay_us=m.max_queue_delay_us)
 
 
 def _relative(path: Path) -> str:
     return Path(path).as_posix()
 
 
-def _stateless(spec: specs.GraphSpec, stateless_backend: str) -> ModelConfig:
-    """A stage serving one ONNX graph, dynamically batched."""
+def _stateless(spec: specs.GraphSpec, stateless_backend: str, sizing: Sizing | None = None) -> ModelConfig:
+    """A stage serving one ONNX graph, dynamically batched; sized by `sizing` (generation stages),
+    else one instance on the CPU taking turns (the retrieval stages)."""
     common = dict(
         name=spec.name,
-        max_batch_size=MAX_BATCH_SIZE,
         inputs=tuple(ModelTensor.from_spec(t) for t in spec.inputs),
         outputs=tuple(ModelTensor.from_spec(t) for t in spec.outputs),
-        dynamic_batching=True,
-        max_queue_delay_us=QUEUE_DELAY_US,
+        **(_sized(sizing, spec.name) if sizing else dict(max_batch_size=MAX_BATCH_SIZE, dynamic_batching=True,
+                                                          max_queue_delay_us=QUEUE_DELAY_US)),
     )
     if stateless_backend == "onnxruntime":
         return ModelConfig(**common, backend=None, platform="onnxruntime_onnx")
     if stateless_backend != "python":
         raise ValueError(f"stateless_backend must be 'python' or 'onnxruntime', got {stateless_backend!r}")
-    return ModelConfig(**common, parameters={"onnx_file": graph_location(spec.name)[1], EXCLUSIVE_COMPUTE: "true"})
+    parameters = sizing.parameters(spec.name) if sizing else {EXCLUSIVE_COMPUTE: "true"}
+    return ModelConfig(**common, parameters={"onnx_file": graph_location(spec.name)[1], **parameters})
 
 
 def _retrieval_configs(graphs: dict[str, specs.GraphSpec], stateless_backend: str) -> list[ModelConfig]:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
 from pathlib import Path
 
@@ -26,6 +29,29 @@ def threads_from_env() -> int | None:
     return int(value)
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc malloc_trim; elsewhere nothing).
+
+    onnxruntime frees the graph's parsed protobuf and every weight it replaced by a prepacked copy
+    right after it builds a session, but glibc keeps those freed pages in the process: loading a
+    graph then held its weights plus those freed pages, where its weights alone are what the session
+    still uses (README.md, "Server memory").
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def make_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
                  spinning: bool = True):
     """An onnxruntime session; `threads` None takes THREADS_ENV's count, else onnxruntime's default;
@@ -46,15 +72,27 @@ def make_session(path: str | Path, threads: int | None = None, providers: list[s
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    release_free_heap()
+    return session
 
 
 class OnnxGraph:
-    """`compute_lock`: held around every run (see compute_lock.py); None runs freely."""
+    """`compute_lock`: held around every run (see compute_lock.py); None runs freely.
+
+    Run once per request batch, so each run gives back what it allocated: onnxruntime's arena
+    would otherwise keep the largest batch's activations (batch 16 of the vision encoder or the
+    Q-Former) for the life of the process. Shrinking the arena after a run and trimming the heap
+    cost little next to the run itself.
+    """
 
     def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None,
                  compute_lock=None):
+        import onnxruntime as ort
+
         self.session = make_session(path, threads, providers, spinning=False)
+        self._run_options = ort.RunOptions()
+        self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._compute = compute_lock or contextlib.nullcontext()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -67,7 +105,8 @@ class OnnxGraph:
             raise KeyError(f"missing graph inputs {sorted(missing)}")
         feed = {n: inputs[n].astype(self._casts[n], copy=False) if n in self._casts else inputs[n] for n in self.input_names}
         with self._compute:
-            outputs = self.session.run(self.output_names, feed)
+            outputs = self.session.run(self.output_names, feed, self._run_options)
+        release_free_heap()
         return dict(zip(self.output_names, outputs))
 
 

@@ -22,7 +22,7 @@ class LocalPipeline:
     def __init__(self, repo: str | Path, threads: int | None = None):
         repo = Path(repo)
         self.stages = LocalStages(repo, threads)
-        self.service = Blip2Service(repo, self.stages, tokenizer=self.stages.preprocessor.tokenizer, threads=threads)
+        self.service = Blip2Service(repo, self.stages, threads=threads)
         self.generator = self.service.generator
         self.detokenizer = self.service.detokenizer
 

@@ -1,7 +1,10 @@
 """Request preprocessing: encoded image bytes + prompt -> pixel values + prompt token ids.
 
-Uses the checkpoint's own image processor and tokenizer (saved next to the graphs), so the server
-sees exactly what `Blip2Processor` would produce in transformers.
+Uses the checkpoint's own image processor settings and tokenizer (saved next to the graphs), so the
+server sees exactly what `Blip2Processor` would produce in transformers, without importing
+transformers: the tokenizer is the `tokenizers` library's own (transformers' fast tokenizers run it),
+the image processor numpy and Pillow (image_processing.py). transformers imports torch, which would
+make this process, which holds no weights, the size of a PyTorch runtime.
 """
 from __future__ import annotations
 
@@ -49,22 +52,29 @@ def decode_prompt(data: bytes | None) -> str:
         raise InvalidInput(f"prompt: not valid UTF-8 ({e})", Reason.PROMPT) from None
 
 
+def load_tokenizer(assets: str | Path):
+    """The checkpoint's tokenizer as the `tokenizers` library reads it: tokenizer.json holds the
+    special tokens the checkpoint's tokenizer adds (its post-processor)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(assets) / "tokenizer.json"))
+
+
 def encode_prompt(tokenizer, prompt: bytes | None) -> np.ndarray:
     """A request's prompt bytes -> its token ids as the checkpoint's tokenizer adds special tokens
     (OPT: BOS first; T5: </s> last, so "" is [</s>], what the processor gives for text=""); int64
     [S], without the image placeholders; InvalidInput for bytes that are no prompt. Its length is
     checked against the context by the language model. The `preprocess` model runs it, and
     `blip2` itself for an image whose query embeddings it has cached."""
-    return np.asarray(tokenizer(decode_prompt(prompt), add_special_tokens=True)["input_ids"], dtype=np.int64)
+    return np.asarray(tokenizer.encode(decode_prompt(prompt), add_special_tokens=True).ids, dtype=np.int64)
 
 
 class Preprocessor:
     def __init__(self, assets: str | Path):
-        from transformers import AutoProcessor
+        from .image_processing import ImageProcessor
 
-        processor = AutoProcessor.from_pretrained(assets)
-        self.image_processor = processor.image_processor
-        self.tokenizer = processor.tokenizer
+        self.image_processor = ImageProcessor.from_pretrained(assets)
+        self.tokenizer = load_tokenizer(assets)
 
     def decode_image(self, data: bytes):
         """Encoded image file -> RGB PIL image; InvalidInput for anything Pillow cannot read safely.
@@ -119,10 +129,13 @@ class Preprocessor:
 
     def pixel_values(self, images) -> np.ndarray:
         """RGB images -> float32 [N, 3, H, W] exactly as the checkpoint's processor makes them."""
-        return np.asarray(self.image_processor(images, return_tensors="np")["pixel_values"], dtype=np.float32)
+        return self.image_processor(images)
 
-    def prompt_ids(self, prompt: bytes | None) -> np.ndarray:
-        return encode_prompt(self.tokenizer, prompt)
+    def prompt_ids(self, prompt: str) -> np.ndarray:
+        """Prompt -> its token ids (encode_prompt without the bytes checks)."""
+        return np.asarray(self.tokenizer.encode(prompt, add_special_tokens=True).ids, dtype=np.int64)
+
+    decode_prompt = staticmethod(decode_prompt)
 
     def __call__(self, image: bytes, prompt: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One request -> (pixel_values [3, H, W], prompt_ids [S])."""
@@ -140,7 +153,7 @@ class Preprocessor:
         images = []
         for image, prompt in items:
             try:
-                ids = self.prompt_ids(prompt)
+                ids = encode_prompt(self.tokenizer, prompt)
                 images.append(self.decode_image(image))
                 results.append(ids)
             except InvalidInput as e:

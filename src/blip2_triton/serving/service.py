@@ -29,7 +29,7 @@ from .engine import EngineStats, Request
 from .generator import Generator
 from .image_cache import ImageCache, image_key
 from .onnx_graph import OnnxGraph
-from .preprocess import Preprocessor, encode_prompt
+from .preprocess import Preprocessor, encode_prompt, load_tokenizer
 
 # Only its length matters to validation: the fewest ids a prompt tokenizes to (BOS, or </s>).
 SHORTEST_PROMPT = np.zeros(1, np.int64)
@@ -69,13 +69,14 @@ class Piece:
     text: str
     token_ids: list[int]
     final: bool
+    prompt_tokens: int = 0  # what the language model read before its first new token: query tokens + prompt ids
 
 
 def preprocessing_settings(repo: str | Path) -> bytes:
     """What an image's pixels depend on besides its bytes: the checkpoint's image-processor settings."""
-    from transformers import AutoImageProcessor
+    from .image_processing import ImageProcessor
 
-    return AutoImageProcessor.from_pretrained(repository.assets_dir(repo)).to_json_string().encode()
+    return repr(ImageProcessor.from_pretrained(repository.assets_dir(repo))).encode()
 
 
 class Stops:
@@ -114,6 +115,8 @@ class Blip2Service:
         self.image_cache = image_cache
         self.stops = Stops()
         self._settings = preprocessing_settings(repo) if image_cache is not None else b""
+        # the cached path tokenizes here exactly as the `preprocess` model does
+        self._prompt_tokenizer = load_tokenizer(repository.assets_dir(repo)) if image_cache is not None else None
 
     @property
     def engine(self):
@@ -156,7 +159,8 @@ class Blip2Service:
         else:
             query, ids, params = self._cached(image, prompt, controls)
         return self.generator.build(
-            query, ids, params, stream=stream, on_tokens=self._pieces(emit), on_error=on_error,
+            query, ids, params, stream=stream,
+            on_tokens=self._pieces(emit, self.generator.num_query_tokens + len(ids)), on_error=on_error,
             is_cancelled=is_cancelled,
         )
 
@@ -177,10 +181,10 @@ class Blip2Service:
         query, hit = self.image_cache.get_or_compute(image_key(image, self._settings), compute)
         if not hit:
             return computed
-        ids = encode_prompt(self.tokenizer, prompt)
+        ids = encode_prompt(self._prompt_tokenizer, prompt)
         return query, ids, self.generator.validate(ids, controls)
 
-    def _pieces(self, emit: Callable[[Piece], None]) -> Callable[[list[int], int, bool], None]:
+    def _pieces(self, emit: Callable[[Piece], None], prompt_tokens: int) -> Callable[[list[int], int, bool], None]:
         stats = self.engine.stats
 
         def on_tokens(ids: list[int], new: int, final: bool) -> None:
@@ -189,6 +193,6 @@ class Blip2Service:
             stats.on_stage("detokenize", time.perf_counter() - began)
             if final:
                 stats.flush()  # this detokenization too is counted before the client has its answer
-            emit(Piece(text, ids[len(ids) - new :], final))
+            emit(Piece(text, ids[len(ids) - new :], final, prompt_tokens))
 
         return on_tokens

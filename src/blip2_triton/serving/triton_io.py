@@ -18,7 +18,8 @@ import numpy as np
 from blip2_triton import api
 from blip2_triton import specs
 from blip2_triton.errors import Cancelled, InvalidInput, Unavailable
-from blip2_triton.repository import EXCLUSIVE_COMPUTE, IMAGE_CACHE, IMAGE_CACHE_BYTES
+from blip2_triton.repository import IMAGE_CACHE, IMAGE_CACHE_BYTES
+from blip2_triton.sizing import EXCLUSIVE_COMPUTE, ORT_PROVIDERS, ORT_THREADS
 
 from .compute_lock import ComputeLock
 from .engine import TIMED_STAGES, EngineStats
@@ -77,6 +78,18 @@ class ModelArgs:
             raise ValueError(f"model {self.name!r}: parameter {IMAGE_CACHE_BYTES!r} must be a positive "
                              f"number of bytes, got {text!r}")
         return ImageCache(size, ImageCacheMetrics(self.name))
+
+    def ort_threads(self) -> int | None:
+        """onnxruntime intra-op threads config.pbtxt asks for (sizing.ORT_THREADS), or None."""
+        value = self.parameter(ORT_THREADS, "").strip()
+        if value and (not value.isdigit() or int(value) < 1):
+            raise ValueError(f"model {self.name!r}: parameter {ORT_THREADS!r} must be an integer >= 1, got {value!r}")
+        return int(value) if value else None
+
+    def ort_providers(self) -> list[str] | None:
+        """onnxruntime execution providers config.pbtxt asks for (sizing.ORT_PROVIDERS), or None (CPU)."""
+        value = self.parameter(ORT_PROVIDERS, "").strip()
+        return [p.strip() for p in value.split(",") if p.strip()] or None
 
     def output_dtype(self, name: str) -> np.dtype:
         """An output's numpy dtype, read back from the config rather than repeated in code."""
@@ -408,6 +421,7 @@ def piece_sender(sender):
             api.TEXT.name: np.asarray([piece.text.encode("utf-8")], dtype=object),
             api.TOKEN_IDS.name: np.asarray(piece.token_ids, np.int64),
             api.FINAL.name: np.asarray([piece.final]),
+            api.PROMPT_TOKENS.name: np.asarray([piece.prompt_tokens], np.int32),
         })
         sender.send(resp, flags=final_flag() if piece.final else 0)
 
