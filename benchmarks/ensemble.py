@@ -4,9 +4,10 @@ Both entry points share `blip2`'s process, decoder and engine, so the difference
 ensemble adds: Triton scheduling its four steps (and passing tensors between them) instead of
 `blip2`'s BLS calls, and each streamed token passing through the ensemble. `blip2`'s image cache
 is off, so both run every stage; the two models take turns, so load from outside falls on both
-alike. Run:
+alike. With --perf-analyzer, Triton's own load generator then drives each model too (the same
+request, one response each: its latency is the whole request's). Run:
 
-    python -m blip2_triton.benchmarks.ensemble [--model base-opt] [--workdir artifacts/bench]
+    python -m blip2_triton.benchmarks.ensemble [--model base-opt] [--workdir artifacts/bench] [--perf-analyzer]
 
 Writes benchmarks/results/ensemble.json (every request's seconds and tokens) and prints tables.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -78,6 +80,20 @@ def summarize(runs: dict) -> dict:
     }
 
 
+def perf_analyzer_table(runs: dict) -> str:
+    """perf_analyzer's rows of each model side by side (or why a model has none)."""
+    rows, notes = [], []
+    for m, run in runs.items():
+        if not run.get("ok"):
+            notes.append(f"perf_analyzer on {m}: {run.get('error')}")
+            continue
+        rows += [[m, r["concurrency"], round(r["requests_per_s"], 3), round(r["p50_ms"]), round(r["p90_ms"]),
+                  round(r["server_queue_ms"]), round(r["server_compute_infer_ms"])] for r in run["rows"]]
+    head = ["perf_analyzer: model", "concurrency", "requests/s", "p50 (ms)", "p90 (ms)", "server queue (ms)",
+            "server compute (ms)"]
+    return "\n".join([table(head, rows) if rows else "", *notes])
+
+
 def render(summary: dict) -> str:
     p50 = summary["single_p50_s"]
     lines = [table(["one request at a time", "p50 (ms)"],
@@ -104,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--singles", type=int, default=10, help="requests per model, one at a time")
     p.add_argument("--levels", default="1,8,16", help="concurrent streams")
     p.add_argument("--per-stream", type=int, default=2, help="requests each stream sends, one after the other")
+    p.add_argument("--perf-analyzer", action="store_true",
+                   help="also drive each model with perf_analyzer (from .venv-perf, created on first use)")
+    p.add_argument("--perf-analyzer-concurrency", default="1:8:7", help="perf_analyzer --concurrency-range")
+    p.add_argument("--perf-analyzer-requests", type=int, default=6, help="requests per measurement window")
     p.add_argument("--output", default=str(RESULTS))
     args = p.parse_args(argv)
 
@@ -120,14 +140,31 @@ def main(argv: list[str] | None = None) -> int:
             print("measuring", file=sys.stderr)
             runs = asyncio.run(measure(server.grpc_url, pictures, workload, args.singles,
                                        [int(n) for n in args.levels.split(",")], args.per_stream))
+            perf = {}
+            if args.perf_analyzer:
+                from . import perf_analyzer
+
+                for m in MODELS:
+                    print(f"perf_analyzer on {m}", file=sys.stderr)
+                    work = logs / "perf_analyzer" / m
+                    perf[m] = perf_analyzer.run(server.grpc_url, pictures[0], workload, work,
+                                                args.perf_analyzer_concurrency, args.perf_analyzer_requests, model=m)
+                    # its own CSV and full output next to the JSON
+                    raw = Path(args.output).parent / "ensemble_perf_analyzer"
+                    raw.mkdir(parents=True, exist_ok=True)
+                    for name in ("perf_analyzer.csv", "perf_analyzer.out"):
+                        if (work / name).exists():
+                            shutil.copyfile(work / name, raw / f"{m}_{name}")
     finally:
         configure_image_cache(model, DEFAULT_IMAGE_CACHE_BYTES)  # as exported
     summary = summarize(runs)
     out = {"facts": machine.facts(args.threads, Path(__file__).resolve().parents[1]), "model": model.as_dict(),
-           "settings": vars(args), "summary": summary, "runs": runs}
+           "settings": vars(args), "summary": summary, "runs": runs, "perf_analyzer": perf}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
     print(render(summary))
+    if perf:
+        print("\n" + perf_analyzer_table(perf))
     print(f"raw results: {args.output}", file=sys.stderr)
     return 0
 

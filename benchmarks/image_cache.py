@@ -33,6 +33,7 @@ from blip2_triton.repository import DEFAULT_IMAGE_CACHE_BYTES
 from . import machine
 from .tables import table
 from .run import DEFAULT_WORKDIR
+from .stages import PerWorkload
 from .workloads import configure_image_cache, images, prepare_model
 
 RESULTS = Path(__file__).parent / "results" / "image_cache.json"
@@ -51,16 +52,27 @@ def _timed(fn):
     return time.perf_counter() - start, out
 
 
-def measure(clients: dict, pictures: list[bytes], pairs: int, rounds: int, controls: dict) -> dict:
+def measure(clients: dict, pictures: list[bytes], pairs: int, rounds: int, controls: dict,
+            servers: dict | None = None) -> dict:
     """pictures[:pairs]: first + follow-up each; pictures[pairs:pairs+rounds]: ask_many of 8 each.
-    Every step runs on each server in turn (clients: name -> Blip2Client)."""
+    Every step runs on each server in turn (clients: name -> Blip2Client). servers: name ->
+    stages.PerWorkload, whose snapshots around each first and follow-up question break it down."""
     runs = {name: {"pairs": [], "ask_many": []} for name in clients}
     for client in clients.values():
         client.ask(pictures[-1], QUESTIONS[0], **controls)  # warm-up: sessions, connections
+
+    def ask(name: str, kind: str, picture: bytes, question: str):
+        server = (servers or {}).get(name)
+        before = server.snapshot() if server else None
+        seconds, result = _timed(lambda: clients[name].ask(picture, question, **controls))
+        if server:
+            server.add(kind, before, server.snapshot())
+        return seconds, result
+
     for i in range(pairs):
-        for name, client in clients.items():
-            first_s, first = _timed(lambda: client.ask(pictures[i], QUESTIONS[0], **controls))
-            follow_s, follow = _timed(lambda: client.ask(pictures[i], QUESTIONS[1], **controls))
+        for name in clients:
+            first_s, first = ask(name, "first", pictures[i], QUESTIONS[0])
+            follow_s, follow = ask(name, "follow_up", pictures[i], QUESTIONS[1])
             runs[name]["pairs"].append({"picture": i, "first_s": first_s, "follow_up_s": follow_s,
                                         "first_tokens": first.token_ids, "follow_up_tokens": follow.token_ids})
     for r in range(rounds):
@@ -92,6 +104,47 @@ def summarize(on: dict, off: dict) -> dict:
     }
 
 
+def breakdown(stages: dict, latency_s: float) -> dict:
+    """Where one question's time went on a server (ms, means over its requests): the image stages
+    as Triton counts them, blip2's own time before its first token (engine_ttft: cache lookup or
+    stage calls, tokenizing, the engine's queue, the prefill), the decode steps, and the rest of
+    the client's latency (gRPC, Triton's scheduling, responses)."""
+    g = stages.generator_metrics
+    out = {f"{m}_ms": s.request_ms for m, s in stages.models.items() if m != "blip2"}
+    steps = (g.decode_steps or 0) / max(g.prefills or 1, 1)
+    out |= {"engine_ttft_ms": g.engine_ttft_ms, "prefill_ms": g.prefill_ms,
+            "ttft_before_prefill_ms": (g.engine_ttft_ms or 0) - (g.prefill_ms or 0),
+            "decode_steps": steps, "decode_step_ms": g.decode_step_ms,
+            "decode_ms": steps * (g.decode_step_ms or 0), "detokenize_ms": (g.detokenize_ms or 0) * (g.detokenize_per_request or 0)}
+    out["client_ms"] = latency_s * 1e3
+    out["outside_blip2_ms"] = out["client_ms"] - (g.engine_ttft_ms or 0) - out["decode_ms"] - out["detokenize_ms"]
+    return out
+
+
+def in_process_costs(picture: bytes, repo: Path, repeat: int = 200) -> dict:
+    """What a cache hit adds in `blip2` before the engine, timed in this process (ms, median):
+    hashing the image bytes for the key, and tokenizing the prompt."""
+    from blip2_triton.repository import assets_dir
+    from blip2_triton.serving.image_cache import image_key
+    from blip2_triton.serving.preprocess import encode_prompt, load_tokenizer
+    from blip2_triton.serving.service import preprocessing_settings
+
+    settings = preprocessing_settings(repo)
+    tokenizer = load_tokenizer(assets_dir(repo))
+    prompt = f"Question: {QUESTIONS[1]} Answer:".encode()
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    return {"image_bytes": len(picture), "image_key_ms": median_ms(lambda: image_key(picture, settings)),
+            "tokenize_prompt_ms": median_ms(lambda: encode_prompt(tokenizer, prompt))}
+
+
 def render(summary: dict) -> str:
     ms = lambda s: round(s * 1e3, 1)  # noqa: E731
     rows = [[name, ms(summary[key]["cache_on"]), ms(summary[key]["cache_off"]),
@@ -104,6 +157,14 @@ def render(summary: dict) -> str:
                  f"(target <= {FOLLOW_UP_TARGET})")
     lines.append(f"ask_many of 8, cache on / off: {summary['ask_many_on_over_off']:.3f} (target <= {ASK_MANY_TARGET})")
     lines.append(f"tokens identical with the cache on and off: {summary['tokens_identical_on_off']}")
+    parts = summary.get("breakdown")
+    if parts:
+        keys = sorted({k for v in parts.values() for k in v})
+        cols = list(parts)
+        lines += ["", table(["mean per question (ms)", *cols],
+                            [[k, *[round(parts[c].get(k) or 0, 1) for c in cols]] for k in keys])]
+    if summary.get("in_process"):
+        lines.append(f"in-process, per cache hit: {summary['in_process']}")
     return "\n".join(lines)
 
 
@@ -144,15 +205,22 @@ def main(argv: list[str] | None = None) -> int:
     uncached = _linked_copy(model.repository, Path(args.workdir) / model.name / "repository-no-image-cache")
     configure_image_cache(dataclasses.replace(model, repository=uncached), None)
     with contextlib.ExitStack() as stack:
-        clients = {}
+        clients, servers = {}, {}
         for name, repo in (("cache_on", model.repository), ("cache_off", uncached)):
             server = stack.enter_context(TritonServer(
                 repo, grpc_port=None, http_port=None, metrics_port=None, log_file=logs / f"image_cache_{name}.log",
                 startup_timeout=600, env={THREADS_ENV: str(args.threads)}))
             clients[name] = stack.enter_context(Blip2Client(server.grpc_url, timeout=600))
+            servers[name] = PerWorkload(server.grpc_url, server.metrics_url)
+            stack.callback(servers[name].close)
         print("measuring", file=sys.stderr)
-        runs = measure(clients, pictures, args.pairs, args.rounds, controls)
+        runs = measure(clients, pictures, args.pairs, args.rounds, controls, servers)
     summary = summarize(runs["cache_on"], runs["cache_off"])
+    med = statistics.median
+    summary["breakdown"] = {
+        f"{name} {kind}": breakdown(stages, med(p[f"{kind}_s"] for p in runs[name]["pairs"]))
+        for name, server in servers.items() for kind, stages in server.result().items()}
+    summary["in_process"] = in_process_costs(pictures[0], model.repository)
     out = {"facts": machine.facts(args.threads, Path(__file__).resolve().parents[1]), "model": model.as_dict(),
            "settings": vars(args) | {"questions": QUESTIONS}, "summary": summary, "runs": runs}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
