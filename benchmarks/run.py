@@ -519,7 +519,7 @@ def graph_costs(model, loads) -> tuple[dict[str, GraphCost], int]:
     repo = model.repository
     preprocessor = Preprocessor(repository.assets_dir(repo))
     queries = AutoConfig.from_pretrained(repository.assets_dir(repo)).num_query_tokens
-    prompts = {w.name: len(preprocessor.prompt_ids(w.prompt.encode("utf-8"))) for w in loads}
+    prompts = {w.name: len(preprocessor.prompt_ids(w.prompt)) for w in loads}
     costs = {graph: flops.graph_cost(repository.graph_path(repo, graph), {specs.BATCH: 1})
              for graph in (specs.VISION_ENCODER, specs.QFORMER)}
     for w in loads:
