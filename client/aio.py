@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -94,9 +95,12 @@ class AsyncBlip2Client(RetrievalCalls):
     """
 
     def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = api.PIPELINE,
-                 timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL):
+                 timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL,
+                 image_affinity: bool = False):
         """`url`: one server's gRPC address "host:port", or several replicas' (a list or tuple).
-        `health_interval`: seconds between readiness probes of each replica (several URLs only)."""
+        `health_interval`: seconds between readiness probes of each replica (several URLs only).
+        `image_affinity`: among replicas equally busy, send requests on one image to the same one
+        (its image cache then answers follow-up questions) instead of taking them in turn."""
         from tritonclient.grpc.aio import InferenceServerClient
 
         if timeout is not None and timeout <= 0:
@@ -105,7 +109,7 @@ class AsyncBlip2Client(RetrievalCalls):
             raise InvalidArgumentError(f"health_interval must be > 0 seconds, got {health_interval}")
         self.urls = parse_urls(url)
         self.url = self.urls[0] if len(self.urls) == 1 else ",".join(self.urls)
-        self.model, self.timeout = model, timeout
+        self.model, self.timeout, self.image_affinity = model, timeout, image_affinity
         self._replicas = Replicas(self.urls, model, lambda u: InferenceServerClient(u, channel_args=_channel_args()),
                                   health_interval)
         self._stopping: set[asyncio.Task] = set()
@@ -238,12 +242,16 @@ class AsyncBlip2Client(RetrievalCalls):
         Replicas are tried in `Replicas.order()`, each once, while they fail with UnavailableError
         before their first response; the deadline covers every attempt."""
         options = GenerationOptions.from_kwargs(controls)  # raises InvalidArgumentError early
-        inputs = build_inputs(image_bytes(image), prompt, stream, options)
+        image = image_bytes(image)
+        inputs = build_inputs(image, prompt, stream, options)
         loop = asyncio.get_running_loop()
         deadline = None if self.timeout is None else loop.time() + self.timeout
         self._replicas.watch()
         failures: list[str] = []
-        for replica in self._replicas.order():
+        affinity = None
+        if self.image_affinity and len(self._replicas) > 1:
+            affinity = hashlib.blake2b(image, digest_size=16).digest()
+        for replica in self._replicas.order(affinity):
             text: list[str] = []
             ids: list[int] = []
             responses = 0

@@ -26,12 +26,13 @@ class Blip2Client:
     """Blocking twin of AsyncBlip2Client: same methods, same arguments, same exceptions."""
 
     def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = api.PIPELINE,
-                 timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL):
+                 timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL,
+                 image_affinity: bool = False):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="blip2-client", daemon=True)
         self._thread.start()
         try:
-            self._async = self._run(_make_async(url, model, timeout, health_interval))
+            self._async = self._run(_make_async(url, model, timeout, health_interval, image_affinity))
         except BaseException:
             self._stop_loop()
             raise
@@ -172,5 +173,5 @@ async def _close_and_drain(client: AsyncBlip2Client) -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _make_async(url, model, timeout, health_interval) -> AsyncBlip2Client:
-    return AsyncBlip2Client(url, model, timeout, health_interval)
+async def _make_async(url, model, timeout, health_interval, image_affinity=False) -> AsyncBlip2Client:
+    return AsyncBlip2Client(url, model, timeout, health_interval, image_affinity)

@@ -47,6 +47,9 @@ def test_grpc_text_equals_transformers(served, prompt):
     assert result.text == expected(ckpt, seed, prompt)
     assert result.token_ids
     after = triton_statistics(server.grpc_url)
+    # the usage count is blip2's own: the same request through blip2 reads as many prompt tokens
+    with Blip2Client(server.grpc_url, timeout=60) as direct:
+        assert result.prompt_tokens == direct.generate(random_image(seed), prompt, max_new_tokens=1).prompt_tokens > 0
     # Every step ran once for it, `blip2` as the generator step.
     for model in (api.ENSEMBLE, api.PREPROCESS, specs.VISION_ENCODER, specs.QFORMER, api.PIPELINE):
         assert after[model]["inference_count"] - before[model]["inference_count"] == 1, model
