@@ -109,7 +109,6 @@ class Blip2Service:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(repository.assets_dir(repo))
-        self.tokenizer = tokenizer
         self.generator = Generator(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock)
         self.detokenizer = Detokenizer(tokenizer)
         self.image_cache = image_cache
