@@ -191,6 +191,14 @@ class BackgroundLoad:
         assert not self._thread.is_alive(), "a load client never returned"
 
 
+def wait_for_idle(server, timeout: float = 60) -> None:
+    """Until no request is decoding or waiting (received, in its stages, or being admitted)."""
+    start = time.monotonic()
+    while metric(server, "blip2_active_sequences") != 0 or metric(server, "blip2_waiting_requests") != 0:
+        assert time.monotonic() - start < timeout, "the engine never went idle"
+        time.sleep(0.005)
+
+
 # ---- transformers, the reference ------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def reference_model(ckpt: str):
@@ -263,10 +271,12 @@ def served(exported, tmp_path_factory):
     """tiny-opt on one tritonserver for the session: the client and CLI tests share it."""
     from blip2_triton.client import Blip2Client
     from blip2_triton.server import TritonServer
+    from blip2_triton.serving.step_gate import STEP_GATE_ENV
 
     ckpt, repo, _ = exported("tiny-opt")
     log = tmp_path_factory.mktemp("served") / "tritonserver.log"
-    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server, \
+    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log,
+                      env={STEP_GATE_ENV: "1"}) as server, \
             Blip2Client(server.grpc_url, timeout=60) as client:
         yield Served(ckpt, server, client)
 
@@ -274,3 +284,15 @@ def served(exported, tmp_path_factory):
 @pytest.fixture
 def client(served):
     return served.client
+
+
+@pytest.fixture
+def gate(served):
+    """The served engine's step gate (serving/step_gate.py), closed once the engine is idle (an
+    earlier test's request still on its way would take the calls this test allows): the test lets
+    each language-model call through (allow, release_until); open again afterwards."""
+    from blip2_triton.serving.step_gate import StepGateControl
+
+    wait_for_idle(served.server)
+    with StepGateControl(served.server.runtime_dir) as control:
+        yield control

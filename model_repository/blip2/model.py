@@ -21,6 +21,7 @@ class TritonPythonModel:
         self.service = Blip2Service(
             self.args.repository, stages=io.BlsStages(), stats=io.EngineMetrics(self.args.name),
             threads=self.args.ort_threads(), compute_lock=self.args.compute_lock(),
+            kv_budget=self.args.kv_budget(), max_waiting=self.args.max_queue_size(),
         )
         self.service.engine.start()
         # BLS calls block: enough workers for a full batch of requests to wait in the stages together.
@@ -30,21 +31,27 @@ class TritonPythonModel:
         received = time.perf_counter()  # time to first token counts from here
         for request in requests:
             sender = request.get_response_sender()
+            place = None
             try:
-                self.workers.submit(self._start, request, sender, io.pipeline_inputs(request), received)
+                inputs = io.pipeline_inputs(request)
+                place = self.service.engine.enter()  # refused when too many wait (max_queue_size)
+                self.workers.submit(self._start, request, sender, inputs, received, place)
             except Exception as e:
+                if place is not None:
+                    place.release()
                 sender.send(io.error_response(e), flags=io.final_flag())
         return None
 
-    def _start(self, request, sender, inputs, received):
+    def _start(self, request, sender, inputs, received, place):
         try:
             generation = self.service.prepare(
                 **inputs, emit=io.piece_sender(sender), on_error=io.error_sender(sender),
                 is_cancelled=lambda: io.is_cancelled(request),
             )
-            generation.received = received
+            generation.received, generation.place = received, place
             self.service.engine.submit(generation)
         except Exception as e:
+            place.release()
             sender.send(io.error_response(e), flags=io.final_flag())
 
     def finalize(self):

@@ -68,13 +68,15 @@ class Piece:
 
 class Blip2Service:
     def __init__(self, repo: str | Path, stages: Stages, tokenizer=None, threads: int | None = None,
-                 stats: EngineStats | None = None, compute_lock=None):
+                 stats: EngineStats | None = None, compute_lock=None, kv_budget: int | None = None,
+                 max_waiting: int | None = None):
         self.stages = stages
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(repository.assets_dir(repo))
-        self.generator = Generator(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock)
+        self.generator = Generator(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock,
+                                   kv_budget=kv_budget, max_waiting=max_waiting)
         self.detokenizer = Detokenizer(tokenizer)
 
     @property
