@@ -40,6 +40,7 @@ class Outcome:
     seconds: float
     result: str  # "ok", or "failed: <error type>: <message>"
     tokens: int = 0
+    streams: int = 0  # gRPC streams the call opened (0: it reused an idle one)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Sample:
     pss_mib: dict[str, float]
     active_sequences: float
     requests_done: int
+    streams_opened: int  # by all clients so far
+    kv_cache_mib: float = 0.0  # the engine's KV cache allocated now (it keeps its largest while busy)
 
 
 @dataclass
@@ -87,7 +90,7 @@ async def _client(index: int, url: str, settings: Settings, images: list[bytes],
             kind = rng.choices(kinds, weights)[0]
             image = rng.choice(images)
             max_new = rng.randint(2, settings.max_new_tokens)
-            begun = time.monotonic()
+            begun, streams = time.monotonic(), client.streams_opened
             result, tokens = "ok", 0
             try:
                 if kind == "good":
@@ -112,7 +115,7 @@ async def _client(index: int, url: str, settings: Settings, images: list[bytes],
             except Blip2Error as e:
                 result = f"failed: {type(e).__name__}: {' '.join(e.message.split())[:200]}"
             outcomes.append(Outcome(index, kind, round(begun - started, 3), round(time.monotonic() - begun, 4),
-                                    result, tokens))
+                                    result, tokens, client.streams_opened - streams))
 
 
 class _Sampler:
@@ -130,7 +133,9 @@ class _Sampler:
     def sample(self) -> Sample:
         mib = lambda sizes: {k: round(v / 2**20, 2) for k, v in sorted(sizes.items())}  # noqa: E731
         return Sample(round(time.monotonic() - self.started, 2), mib(self.memory.sample()), mib(self.memory.pss()),
-                      _gauge(self.server, "blip2_active_sequences"), len(self.outcomes))
+                      _gauge(self.server, "blip2_active_sequences"), len(self.outcomes),
+                      sum(o.streams for o in list(self.outcomes)),
+                      round(_gauge(self.server, "blip2_kv_cache_bytes") / 2**20, 2))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -237,8 +242,14 @@ def summarize(raw: dict) -> dict:
         series = [(s["t"], s["rss_mib"][label]) for s in samples if label in s["rss_mib"]]
         ts, ys = np.array([a for a, _ in series]), np.array([b for _, b in series])
         sel = ts >= settings["seconds"] / 2
+        slope = _slope(ts[sel], ys[sel])
         by_process[label] = {"start_mib": float(ys[0]), "end_mib": float(ys[-1]),
-                             "second_half_slope_mib_per_h": round(_slope(ts[sel], ys[sel]) * 3600, 1)}
+                             "second_half_slope_mib_per_h": round(slope * 3600, 1),
+                             "second_half_growth_mib": round(slope * float(np.ptp(ts[sel])) if sel.any() else 0.0, 2)}
+    # tritonserver 2.51 keeps a few KiB per gRPC stream ever opened (client/aio.py), so its growth
+    # is judged per stream the clients opened, which depends on the request rate, not per hour.
+    opened = np.array([s["streams_opened"] for s in samples])
+    second_half_streams = int(opened[half][-1] - opened[half][0]) if half.any() else 0
     summary = {
         "requests": len(outcomes), "by_kind": counts, "failures": len(failures), "failure_examples": failures[:10],
         "rss_start_mib": float(total[0]), "rss_after_warmup_mib": after_warmup, "rss_end_mib": float(total[-1]),
@@ -249,6 +260,7 @@ def summarize(raw: dict) -> dict:
         "pss_start_mib": float(pss[0]), "pss_end_mib": float(pss[-1]),
         "rss_by_process": by_process, "latency_windows": windows,
         "active_sequences_at_end": raw["active_sequences_at_end"],
+        "streams_opened": int(opened[-1]), "second_half_streams_opened": second_half_streams,
     }
     summary["passed"] = bool(
         not failures and summary["active_sequences_at_end"] == 0 and slope_pct_per_h < settings["max_slope"])
@@ -270,8 +282,10 @@ def report(raw: dict, summary: dict) -> str:
                        [["RSS MiB", summary["rss_start_mib"], summary["rss_after_warmup_mib"], summary["rss_end_mib"],
                          summary["rss_peak_mib"]],
                         ["PSS MiB", summary["pss_start_mib"], "", summary["pss_end_mib"], ""]]))
-    lines.append(table(["process", "RSS start MiB", "RSS end MiB", "second-half slope MiB/h"],
-                       [[k, v["start_mib"], v["end_mib"], v["second_half_slope_mib_per_h"]]
+    lines.append(f"gRPC streams opened by the clients: {summary['streams_opened']} "
+                 f"({summary['second_half_streams_opened']} in the second half).\n")
+    lines.append(table(["process", "RSS start MiB", "RSS end MiB", "second-half slope MiB/h", "second-half growth MiB"],
+                       [[k, v["start_mib"], v["end_mib"], v["second_half_slope_mib_per_h"], v["second_half_growth_mib"]]
                         for k, v in summary["rss_by_process"].items()]))
     lines.append(table(["window (s)", "good requests", "p50 ms", "p99 ms"],
                        [[f"{w['from_s']:g}-{w['to_s']:g}", w["requests"], w["p50_ms"], w["p99_ms"]]
@@ -295,6 +309,8 @@ def plot(raw: dict, summary: dict, path: Path) -> None:
     top.plot(t, [sum(s["pss_mib"].values()) for s in samples], label="PSS, all processes", linestyle="--")
     for label in samples[-1]["rss_mib"]:
         top.plot(t, [s["rss_mib"].get(label, np.nan) for s in samples], label=label, linewidth=0.8)
+    top.plot(t, [s.get("kv_cache_mib", np.nan) for s in samples], label="blip2's KV cache (allocated)",
+             linestyle=":", linewidth=1.2)
     top.set_ylabel("MiB")
     top.set_yscale("log")
     top.legend(fontsize=7, loc="center right")

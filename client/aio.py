@@ -14,9 +14,10 @@ first response is sent again to the next replica; one that fails after it (a str
 text) raises UnavailableError saying how much it had received, since that text was handed out.
 
 Streams are reused: a call that ends with its final answer leaves its gRPC stream open for the
-next call (one call at a time per stream); a call that ends otherwise (cancelled, timed out,
-an error) cancels its stream, which is how the server learns to stop (Triton 2.51 cancels only
-whole streams). tritonserver 2.51 keeps a few KiB for every stream ever opened (measured:
+next call (one call at a time per stream), and so does one the server refused (its error
+response is the request's final one); a call that ends otherwise (cancelled, timed out, the
+transport failed) cancels its stream, which is how the server learns to stop (Triton 2.51 cancels
+only whole streams). tritonserver 2.51 keeps a few KiB for every stream ever opened (measured:
 benchmarks/README.md, "Soak"), so a stream per call made its memory grow without bound.
 """
 from __future__ import annotations
@@ -110,6 +111,7 @@ class AsyncBlip2Client(RetrievalCalls):
         self._replicas = Replicas(self.urls, model, lambda u: InferenceServerClient(u, channel_args=_channel_args()),
                                   health_interval)
         self._idle: dict[str, list[_Stream]] = {}  # per replica URL
+        self.streams_opened = 0  # gRPC streams this client has opened (the soak relates server memory to it)
 
     async def close(self) -> None:
         for idle in self._idle.values():
@@ -291,6 +293,7 @@ class AsyncBlip2Client(RetrievalCalls):
             raise DeadlineExceededError(_deadline_message(self.timeout))
         idle = self._idle.setdefault(replica.url, [])
         stream, fresh = _take_stream(idle, replica.client)
+        self.streams_opened += fresh
         done = received = False
         try:
             while True:
@@ -300,7 +303,8 @@ class AsyncBlip2Client(RetrievalCalls):
                     # the stream is cancelled, which tells the server.
                     async for result, error in _with_deadline(stream, deadline, self.timeout):
                         received = True
-                        if error is not None:
+                        if error is not None:  # the request's final response: the stream stays usable
+                            done = True
                             raise self._typed(error, replica)
                         piece = _piece(result)
                         done = piece.final
@@ -315,6 +319,7 @@ class AsyncBlip2Client(RetrievalCalls):
                         raise
                     stream.cancel()
                     stream, fresh = _Stream(replica.client), True
+                    self.streams_opened += 1
         except _StreamEnded as e:
             raise self._typed(UnavailableError(e.message), replica) from None
         except Blip2Error:
@@ -322,7 +327,7 @@ class AsyncBlip2Client(RetrievalCalls):
         except Exception as e:  # transport errors (grpc.aio.AioRpcError, InferenceServerException)
             raise self._typed(e, replica) from e
         finally:  # done: the stream serves the next call; else (cancelled, closed early, failed) end it
-            if done and len(idle) < MAX_IDLE_STREAMS:
+            if done and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
                 idle.append(stream)
             else:
                 stream.cancel()

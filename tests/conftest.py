@@ -128,42 +128,6 @@ def wait_for_active(server, count: int, timeout: float = 30) -> float:
     return time.monotonic() - start
 
 
-class ComputeLockPacer:
-    """Slow the served models from outside through the repository's compute lock, which every
-    onnxruntime run of the server takes: held `hold` s, let go for 1 ms, again and again, so the
-    tiny model's 120 tokens take about a second or more instead of ~40 ms. Between `freeze()` and
-    `thaw()` the lock stays held and no decoder step runs."""
-
-    def __init__(self, server, hold: float = 0.04):
-        import threading
-
-        from blip2_triton.serving.compute_lock import ComputeLock
-
-        lock = ComputeLock.for_repository(server.model_repository, server.runtime_dir)
-        self.lock, self.hold, self.stop = lock, hold, threading.Event()
-        self.thread = threading.Thread(target=self._pace, daemon=True)
-
-    def _pace(self) -> None:
-        while not self.stop.is_set():
-            with self.lock:  # its thread lock also queues this thread behind freeze()
-                self.stop.wait(self.hold)
-            time.sleep(0.001)
-
-    def freeze(self) -> None:
-        self.lock.__enter__()
-
-    def thaw(self) -> None:
-        self.lock.__exit__(None, None, None)
-
-    def __enter__(self) -> "ComputeLockPacer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
 class BackgroundLoad:
     """`clients` asyncio clients (`_client(index)`, a subclass's) running on a thread of their own
     until the `with` block ends; leaving it fails if one has not returned within `join_timeout` s."""

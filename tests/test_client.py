@@ -153,6 +153,32 @@ def test_async_workflows_and_stream(served, client):
     assert batch == client.batch([random_image(17)], "a photo of", max_new_tokens=MAX_NEW)
 
 
+def test_answered_and_refused_calls_share_one_stream_and_a_cancelled_one_ends_it(served):
+    """tritonserver keeps memory for every gRPC stream ever opened (see client/aio.py): calls one
+    after another reuse one stream, a refusal included (its error is the request's final
+    response); only a call that ends early must end its stream, as that is how it cancels."""
+    image = random_image(18)
+
+    async def main():
+        async with AsyncBlip2Client(served.server.grpc_url, timeout=60) as c:
+            first = await c.caption(image, max_new_tokens=MAX_NEW)
+            with pytest.raises(InvalidArgumentError):
+                await c.caption(b"not an image", max_new_tokens=MAX_NEW)
+            with pytest.raises(InvalidArgumentError):
+                await c.generate(image, temperature=-1.0, do_sample=True)
+            again = await c.caption(image, max_new_tokens=MAX_NEW)
+            shared = c.streams_opened
+            async for _ in c.stream(image, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW):
+                break  # closing the stream early cancels the request, and with it the stream
+            after_cancel = await c.caption(image, max_new_tokens=MAX_NEW)
+            return first, again, shared, c.streams_opened, after_cancel
+
+    first, again, shared, opened, after_cancel = asyncio.run(main())
+    assert first == again == after_cancel
+    assert shared == 1, f"{shared} streams for four calls made one after another"
+    assert opened == 2, f"{opened} streams: the cancelled call's stream ends, and the next call opens one"
+
+
 def test_async_chat_stream_equals_chat_and_closes_early(served):
     image, question = random_image(6), "what is it?"
 
