@@ -319,9 +319,8 @@ def _check_freed(server, gate, client) -> None:
     sequence must end long before LONG tokens.
 
     The engine's step gate lets the prefill through, then holds the engine while the client
-    disconnects and for a second after, in which Triton marks the request cancelled (usually
-    within ms, sometimes a few hundred); then it lets one decode step through every 0.25 s until
-    the sequence is gone: the engine asks at its next step.
+    disconnects; held, the engine still drops the sequence once Triton marks it cancelled, so not
+    one more token is decoded.
     """
     tokens_before = metric(server, "blip2_generated_tokens_total")
     client.start()
@@ -329,11 +328,10 @@ def _check_freed(server, gate, client) -> None:
     gate.wait_blocked()
     wait_for_active(server, 1)
     client.disconnect()
-    time.sleep(1.0)
-    steps = gate.release_until(lambda: metric(server, "blip2_active_sequences") == 0, max_calls=LONG // 2)
+    wait_for_active(server, 0, timeout=120)
     gate.open()
     generated = metric(server, "blip2_generated_tokens_total") - tokens_before
-    assert 1 <= generated <= LONG // 2, f"{generated} of {LONG} tokens generated; freed after {steps} steps"
+    assert generated == 1, f"{generated} of {LONG} tokens generated"
 
 
 class _InProcessClient:

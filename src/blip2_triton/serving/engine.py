@@ -339,7 +339,7 @@ class Engine:
         """
         seq = None
         if self.gate is not None:
-            self.gate.wait(self._stop)
+            self.gate.wait(self._stop, self._drop_cancelled)
         try:
             if request.is_cancelled():
                 raise Cancelled("cancelled before start")
@@ -359,10 +359,8 @@ class Engine:
         if seq is not None and seq.finished:
             self._set_active([s for s in self._active if s is not seq])
 
-    def step(self) -> None:
-        """One batched language-model call for every active sequence's rows."""
-        if self.gate is not None:
-            self.gate.wait(self._stop)
+    def _drop_cancelled(self) -> None:
+        """End the active sequences whose clients cancelled (each asks at most every cancel_poll_s)."""
         live = []
         now = time.monotonic()
         for seq in self._active:
@@ -372,7 +370,15 @@ class Engine:
                     self._fail(seq.request, Cancelled("cancelled by the client"))
                     continue
             live.append(seq)
-        self._set_active(live)
+        if len(live) != len(self._active):
+            self._set_active(live)
+
+    def step(self) -> None:
+        """One batched language-model call for every active sequence's rows."""
+        if self.gate is not None:
+            self.gate.wait(self._stop, self._drop_cancelled)
+        self._drop_cancelled()
+        live = self._active
         if not live:
             return
         try:

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 STEP_GATE_ENV = "BLIP2_TRITON_STEP_GATE"
 POLL_S = 0.001
@@ -68,9 +69,10 @@ class StepGate:
     def _state(self, waiting: bool) -> None:
         _write(_state_path(self.path), f"{self.taken} {int(waiting)}")
 
-    def wait(self, stop: threading.Event) -> None:
+    def wait(self, stop: threading.Event, while_held: Callable[[], None] | None = None) -> None:
         """Return once the gate allows one more call (counting it), at once if it is open, or when
-        `stop` is set (the engine is stopping)."""
+        `stop` is set (the engine is stopping). `while_held` is called between polls: the engine
+        keeps dropping cancelled sequences while it is held, as it would between calls."""
         waiting = False
         while not stop.is_set():
             allowed = _read(self.path)
@@ -79,6 +81,8 @@ class StepGate:
             if not waiting:
                 waiting = True
                 self._state(waiting=True)
+            if while_held is not None:
+                while_held()
             stop.wait(POLL_S)
         self.taken += 1
         self._state(waiting=False)
