@@ -8,6 +8,7 @@ from .errors import (
     CancelledError,
     DeadlineExceededError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     ServerError,
     UnavailableError,
 )
@@ -18,6 +19,6 @@ from .sync import Blip2Client
 
 __all__ = [
     "AsyncBlip2Client", "Blip2Client", "Result", "Blip2Error", "CancelledError", "DeadlineExceededError",
-    "InvalidArgumentError", "Match", "Reason", "ReplicaStatus", "ServerError", "UnavailableError", "chat_prompt",
-    "vqa_prompt",
+    "InvalidArgumentError", "Match", "Reason", "ReplicaStatus", "ResourceExhaustedError", "ServerError",
+    "UnavailableError", "chat_prompt", "vqa_prompt",
 ]

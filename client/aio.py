@@ -14,6 +14,13 @@ fewest of this client's requests outstanding. A request that fails with Unavaila
 listening, the server went away, a model process died, the model is not loaded there) before its
 first response is sent again to the next replica; one that fails after it (a stream that produced
 text) raises UnavailableError saying how much it had received, since that text was handed out.
+
+Streams are reused: a call that ends with its final answer leaves its gRPC stream open for the
+next call (one call at a time per stream), and so does one the server refused (its error
+response is the request's final one); a call that ends otherwise (cancelled, timed out, the
+transport failed) cancels its stream, which is how the server learns to stop (Triton 2.51 cancels
+only whole streams). tritonserver 2.51 keeps a few KiB for every stream ever opened (measured:
+benchmarks/README.md, "Soak"), so a stream per call made its memory grow without bound.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ log = logging.getLogger("blip2_triton.client")
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_TIMEOUT = 120.0
 STOP_TIMEOUT = 5.0  # seconds for a stop (api.STOP) to be delivered
+MAX_IDLE_STREAMS = 16  # open streams kept for reuse; more, after a burst of concurrent calls, are closed
 # gRPC waits ever longer between attempts to reconnect to a server that went away (1 s, then 1.6x
 # each time, up to 120 s), and the clients of one process share that wait. A server restarted
 # because a model process died is back within seconds: reconnect attempts stay this close.
@@ -113,10 +121,15 @@ class AsyncBlip2Client(RetrievalCalls):
         self._replicas = Replicas(self.urls, model, lambda u: InferenceServerClient(u, channel_args=_channel_args()),
                                   health_interval)
         self._stopping: set[asyncio.Task] = set()
+        self._idle: dict[str, list[_Stream]] = {}  # per replica URL
+        self.streams_opened = 0  # gRPC streams this client has opened (the soak relates server memory to it)
 
     async def close(self) -> None:
-        if self._stopping:  # stops of calls that ended early go out before the channels close
+        if self._stopping:  # stops of calls that ended early go out before the streams close
             await asyncio.wait(self._stopping, timeout=STOP_TIMEOUT)
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().cancel()
         await self._replicas.close()
 
     def is_stopping(self, task: asyncio.Task) -> bool:
@@ -301,61 +314,84 @@ class AsyncBlip2Client(RetrievalCalls):
         raise UnavailableError(f"no replica could serve the request: {'; '.join(failures)}")
 
     async def _attempt(self, replica: Replica, inputs, deadline: float | None):
-        """The Piece of each response of one request sent to one replica."""
-        request_id = uuid.uuid4().hex
-
-        async def requests():
-            yield {"model_name": self.model, "inputs": inputs, "request_id": request_id}
-
+        """The Piece of each response of one request sent to one replica, on one of its idle
+        streams when there is one (see the module docstring)."""
+        request = {"model_name": self.model, "inputs": inputs, "request_id": uuid.uuid4().hex}
         loop = asyncio.get_running_loop()
-        remaining = None if deadline is None else deadline - loop.time()
-        if remaining is not None and remaining <= 0:
+        if deadline is not None and deadline - loop.time() <= 0:
             raise DeadlineExceededError(_deadline_message(self.timeout))
-        # The gRPC deadline tells the server too; _with_deadline makes the client's own error.
-        responses = replica.client.stream_infer(requests(), stream_timeout=remaining)
-        ended = False  # the server answered the request to its end (its last response, or an error)
+        idle = self._idle.setdefault(replica.url, [])
+        stream, fresh = _take_stream(idle, replica.client)
+        self.streams_opened += fresh
+        done = received = False
         try:
-            async for result, error in _with_deadline(responses, deadline, self.timeout):
-                if error is not None:
-                    ended = True
-                    raise self._typed(error, replica)
-                piece = _piece(result)
-                ended = piece.final
-                yield piece
-                if piece.final:
-                    return
+            while True:
+                stream.send(request)
+                try:
+                    # The deadline is the client's own (a reused stream has none): when it runs out
+                    # the stream is cancelled, which tells the server.
+                    async for result, error in _with_deadline(stream, deadline, self.timeout):
+                        received = True
+                        if error is not None:  # the request's final response: the stream stays usable
+                            done = True
+                            raise self._typed(error, replica)
+                        piece = _piece(result)
+                        done = piece.final
+                        yield piece
+                        if done:
+                            return
+                    raise _StreamEnded("the server closed the stream before the final answer")
+                except Exception as e:
+                    # A reused stream that the server dropped while idle (it restarted) fails before
+                    # any answer: send the request once more, on a new stream.
+                    if fresh or received or (isinstance(e, Blip2Error) and not isinstance(e, _StreamEnded)):
+                        raise
+                    stream.cancel()
+                    stream, fresh = _Stream(replica.client), True
+                    self.streams_opened += 1
+        except _StreamEnded as e:
+            raise self._typed(UnavailableError(e.message), replica) from None
         except Blip2Error:
             raise
         except Exception as e:  # transport errors (grpc.aio.AioRpcError, InferenceServerException)
             raise self._typed(e, replica) from e
-        finally:  # also on cancellation and when the caller stops iterating: end the gRPC call
-            responses.cancel()
-            if not ended and self.model != api.PIPELINE:
-                task = asyncio.get_running_loop().create_task(self._stop(replica, request_id))
-                self._stopping.add(task)
-                task.add_done_callback(self._stopping.discard)
+        finally:  # done: the stream serves the next call; else (cancelled, closed early, failed) end it
+            if done and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
+                idle.append(stream)
+            else:
+                stream.cancel()
+                if not done and self.model != api.PIPELINE:
+                    task = asyncio.get_running_loop().create_task(self._stop(replica, request["request_id"]))
+                    self._stopping.add(task)
+                    task.add_done_callback(self._stopping.discard)
 
     async def _stop(self, replica: Replica, request_id: str) -> None:
-        """Ask `blip2` to stop generating for `request_id` (api.STOP); a failure is only logged (the
-        call it would stop has ended for the caller already)."""
+        """Ask `blip2` to stop generating for `request_id` (api.STOP), on an idle stream of the
+        replica that ran it; a failure is only logged (the call it would stop has ended for the
+        caller already)."""
         from tritonclient.grpc import InferInput
 
         stop = InferInput(api.STOP.name, [1, 1], _TRITON[api.STOP.dtype])
         stop.set_data_from_numpy(np.asarray([[True]]))
-
-        async def requests():
-            yield {"model_name": api.PIPELINE, "inputs": [stop], "request_id": request_id}
-
-        responses = replica.client.stream_infer(requests(), stream_timeout=STOP_TIMEOUT)
+        idle = self._idle.setdefault(replica.url, [])
+        stream, fresh = _take_stream(idle, replica.client)
+        self.streams_opened += fresh
+        answered = False
         try:
-            async for _, error in responses:
-                if error is not None:
-                    log.warning("could not stop request %s: %s", request_id, error)
-                break
+            stream.send({"model_name": api.PIPELINE, "inputs": [stop], "request_id": request_id})
+            async with asyncio.timeout(STOP_TIMEOUT):
+                async for _, error in stream:
+                    answered = True  # its one (final) response, an error included: the stream stays usable
+                    if error is not None:
+                        log.warning("could not stop request %s: %s", request_id, error)
+                    break
         except Exception as e:  # noqa: BLE001  (transport errors of every kind: logged, see above)
             log.warning("could not stop request %s: %s", request_id, e)
         finally:
-            responses.cancel()
+            if answered and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
+                idle.append(stream)
+            else:
+                stream.cancel()
 
     def _typed(self, error: BaseException, replica: Replica, model: str | None = None) -> Blip2Error:
         """The typed error for what the transport or the server reported; timeouts and
@@ -364,8 +400,9 @@ class AsyncBlip2Client(RetrievalCalls):
         if isinstance(error, DeadlineExceededError):
             return DeadlineExceededError(_deadline_message(self.timeout))
         if isinstance(error, UnavailableError):
-            return UnavailableError(f"{replica.url} (model {model or self.model!r}) unavailable: {error.message}",
-                                    error.status)
+            # ResourceExhaustedError too, keeping its type
+            return type(error)(f"{replica.url} (model {model or self.model!r}) unavailable: {error.message}",
+                               error.status)
         return error
 
 
@@ -389,6 +426,48 @@ def _piece(result) -> Piece:
     text = first(api.TEXT, b"")
     return Piece(text.decode("utf-8"), ids.reshape(-1).tolist() if ids is not None else [],
                  int(first(api.PROMPT_TOKENS, 0)), bool(first(api.FINAL, False)))
+
+
+class _StreamEnded(UnavailableError):
+    """The server ended a stream without the call's final answer (it stopped or restarted)."""
+
+
+class _Stream:
+    """One gRPC bidirectional stream (ModelStreamInfer) carrying one call at a time: requests go in
+    through a queue, responses come out as (result, error) pairs."""
+
+    def __init__(self, client):
+        self._requests: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while (request := await self._requests.get()) is not None:
+                yield request
+
+        self._responses = client.stream_infer(requests())
+
+    def send(self, request: dict) -> None:
+        self._requests.put_nowait(request)
+
+    def __aiter__(self):
+        return self._responses
+
+    def is_open(self) -> bool:
+        call = getattr(self._responses, "_grpc_call", None)
+        return call is None or not call.done()
+
+    def cancel(self) -> None:
+        self._requests.put_nowait(None)
+        self._responses.cancel()
+
+
+def _take_stream(idle: list[_Stream], client) -> tuple[_Stream, bool]:
+    """An open stream from `idle` (and False), or a new one on `client` (and True)."""
+    while idle:
+        stream = idle.pop()
+        if stream.is_open():
+            return stream, False
+        stream.cancel()
+    return _Stream(client), True
 
 
 def _channel_args() -> list[tuple[str, int]]:

@@ -6,7 +6,7 @@ reason code (blip2_triton.api.Reason) is read from its message, where the server
 """
 from __future__ import annotations
 
-from blip2_triton.api import Reason, is_unavailable, parse_refusal
+from blip2_triton.api import Reason, is_resource_exhausted, is_unavailable, parse_refusal
 
 
 class Blip2Error(Exception):
@@ -57,6 +57,14 @@ class UnavailableError(Blip2Error):
         self.received_token_ids = list(received_token_ids or [])
 
 
+class ResourceExhaustedError(UnavailableError):
+    """The server is full: too many requests wait, the request's KV cache would exceed the server's
+    budget, or a stage's queue is full; the message says which. Retry later (an UnavailableError,
+    so code that retries those retries these too)."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
 class DeadlineExceededError(Blip2Error):
     """The request took longer than its timeout."""
 
@@ -82,7 +90,7 @@ _BY_STATUS: dict[str, type[Blip2Error]] = {
     "OUT_OF_RANGE": InvalidArgumentError,
     "UNAVAILABLE": UnavailableError,
     "NOT_FOUND": UnavailableError,  # Triton: no such model, or no version of it loaded
-    "RESOURCE_EXHAUSTED": UnavailableError,  # Triton: queue full; retry later
+    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
     "DEADLINE_EXCEEDED": DeadlineExceededError,
     "CANCELLED": CancelledError,
 }
@@ -120,11 +128,14 @@ def status_name(status) -> str:
 def from_status(status, message: str) -> Blip2Error:
     """One mapping from a status (may be unknown) and message to a typed exception.
 
-    A model process that died, or a model being brought back, is unavailability: the server's own
+    A full server (api.resource_exhausted_message, sent as UNAVAILABLE, or Triton's full queue) is
+    ResourceExhaustedError. A model process that died, or a model being brought back, is unavailability: the server's own
     models say so (api.unavailable_message; UNKNOWN on a stream), while Triton reports a request
     sent to the dead process as INTERNAL (UNKNOWN on a stream) in its own words (api.TRITON_UNAVAILABLE).
     """
     name = status_name(status)
+    if name in ("UNKNOWN", "INTERNAL", "UNAVAILABLE") and is_resource_exhausted(message):
+        return ResourceExhaustedError(message, None if name == "UNKNOWN" else name)
     if name in ("UNKNOWN", "INTERNAL") and is_unavailable(message):
         return UnavailableError(message, None if name == "UNKNOWN" else name)
     if name in _BY_STATUS:

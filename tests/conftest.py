@@ -128,42 +128,6 @@ def wait_for_active(server, count: int, timeout: float = 30) -> float:
     return time.monotonic() - start
 
 
-class ComputeLockPacer:
-    """Slow the served models from outside through the repository's compute lock, which every
-    onnxruntime run of the server takes: held `hold` s, let go for 1 ms, again and again, so the
-    tiny model's 120 tokens take about a second or more instead of ~40 ms. Between `freeze()` and
-    `thaw()` the lock stays held and no decoder step runs."""
-
-    def __init__(self, server, hold: float = 0.04):
-        import threading
-
-        from blip2_triton.serving.compute_lock import ComputeLock
-
-        lock = ComputeLock.for_repository(server.model_repository, server.runtime_dir)
-        self.lock, self.hold, self.stop = lock, hold, threading.Event()
-        self.thread = threading.Thread(target=self._pace, daemon=True)
-
-    def _pace(self) -> None:
-        while not self.stop.is_set():
-            with self.lock:  # its thread lock also queues this thread behind freeze()
-                self.stop.wait(self.hold)
-            time.sleep(0.001)
-
-    def freeze(self) -> None:
-        self.lock.__enter__()
-
-    def thaw(self) -> None:
-        self.lock.__exit__(None, None, None)
-
-    def __enter__(self) -> "ComputeLockPacer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
 class BackgroundLoad:
     """`clients` asyncio clients (`_client(index)`, a subclass's) running on a thread of their own
     until the `with` block ends; leaving it fails if one has not returned within `join_timeout` s."""
@@ -189,6 +153,14 @@ class BackgroundLoad:
         self._stop.set()
         self._thread.join(self.join_timeout)
         assert not self._thread.is_alive(), "a load client never returned"
+
+
+def wait_for_idle(server, timeout: float = 60) -> None:
+    """Until no request is decoding or waiting (received, in its stages, or being admitted)."""
+    start = time.monotonic()
+    while metric(server, "blip2_active_sequences") != 0 or metric(server, "blip2_waiting_requests") != 0:
+        assert time.monotonic() - start < timeout, "the engine never went idle"
+        time.sleep(0.005)
 
 
 # ---- transformers, the reference ------------------------------------------------------------------
@@ -263,10 +235,12 @@ def served(exported, tmp_path_factory):
     """tiny-opt on one tritonserver for the session: the client and CLI tests share it."""
     from blip2_triton.client import Blip2Client
     from blip2_triton.server import TritonServer
+    from blip2_triton.serving.step_gate import STEP_GATE_ENV
 
     ckpt, repo, _ = exported("tiny-opt")
     log = tmp_path_factory.mktemp("served") / "tritonserver.log"
-    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server, \
+    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log,
+                      env={STEP_GATE_ENV: "1"}) as server, \
             Blip2Client(server.grpc_url, timeout=60) as client:
         yield Served(ckpt, server, client)
 
@@ -274,3 +248,15 @@ def served(exported, tmp_path_factory):
 @pytest.fixture
 def client(served):
     return served.client
+
+
+@pytest.fixture
+def gate(served):
+    """The served engine's step gate (serving/step_gate.py), closed once the engine is idle (an
+    earlier test's request still on its way would take the calls this test allows): the test lets
+    each language-model call through (allow, release_until); open again afterwards."""
+    from blip2_triton.serving.step_gate import StepGateControl
+
+    wait_for_idle(served.server)
+    with StepGateControl(served.server.runtime_dir) as control:
+        yield control

@@ -27,7 +27,7 @@ from blip2_triton.client.aio import is_context_overflow
 from blip2_triton.server.launcher import TritonServer, free_port
 
 from . import conftest
-from .conftest import ComputeLockPacer as _Pacer, metric, random_image, wait_for_active
+from .conftest import metric, random_image, wait_for_active
 
 pytestmark = pytest.mark.server
 MAX_NEW = 8
@@ -151,6 +151,32 @@ def test_async_workflows_and_stream(served, client):
     assert ask == client.ask(random_image(17), "what is it?", max_new_tokens=MAX_NEW)
     assert chat == client.chat(random_image(17), [("what is it?", "a square")], "where?", max_new_tokens=MAX_NEW)
     assert batch == client.batch([random_image(17)], "a photo of", max_new_tokens=MAX_NEW)
+
+
+def test_answered_and_refused_calls_share_one_stream_and_a_cancelled_one_ends_it(served):
+    """tritonserver keeps memory for every gRPC stream ever opened (see client/aio.py): calls one
+    after another reuse one stream, a refusal included (its error is the request's final
+    response); only a call that ends early must end its stream, as that is how it cancels."""
+    image = random_image(18)
+
+    async def main():
+        async with AsyncBlip2Client(served.server.grpc_url, timeout=60) as c:
+            first = await c.caption(image, max_new_tokens=MAX_NEW)
+            with pytest.raises(InvalidArgumentError):
+                await c.caption(b"not an image", max_new_tokens=MAX_NEW)
+            with pytest.raises(InvalidArgumentError):
+                await c.generate(image, temperature=-1.0, do_sample=True)
+            again = await c.caption(image, max_new_tokens=MAX_NEW)
+            shared = c.streams_opened
+            async for _ in c.stream(image, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW):
+                break  # closing the stream early cancels the request, and with it the stream
+            after_cancel = await c.caption(image, max_new_tokens=MAX_NEW)
+            return first, again, shared, c.streams_opened, after_cancel
+
+    first, again, shared, opened, after_cancel = asyncio.run(main())
+    assert first == again == after_cancel
+    assert shared == 1, f"{shared} streams for four calls made one after another"
+    assert opened == 2, f"{opened} streams: the cancelled call's stream ends, and the next call opens one"
 
 
 def test_async_chat_stream_equals_chat_and_closes_early(served):
@@ -421,57 +447,57 @@ def test_unknown_model_is_unavailable(served):
             c.caption(random_image(1))
 
 
-# A call ended while decoding is frozen; the server is then given SETTLE s to mark the request
-# cancelled before decoding resumes. Triton usually does within ms, but more than a second was seen
-# on the loaded 2-core machine; the engine asks at its next step, so once marked, the sequence is
-# dropped within a step of the thaw, where running on would decode the rest of LONG.
+# A call ended while the engine waits at its step gate: held, the engine keeps dropping the active
+# sequences Triton has marked cancelled (serving/step_gate.py). A request not yet admitted is asked
+# only at its admission, so the server is given SETTLE s to mark it first: Triton usually does
+# within ms, but more than a second was seen on the loaded 2-core machine.
 SETTLE = 3.0
 
 
 def _counted(server, action) -> tuple[float, object]:
-    """(blip2_generated_tokens_total added while `action(pacer)` runs, once the server is idle again;
+    """(blip2_generated_tokens_total added while `action()` runs, once the server is idle again;
     what action returned). A dropped sequence's count is published when it is dropped."""
-    wait_for_active(server, 0)
     before = metric(server, "blip2_generated_tokens_total")
-    with _Pacer(server) as pacer:
-        returned = action(pacer)
-        wait_for_active(server, 0)
+    returned = action()
+    wait_for_active(server, 0)
     return metric(server, "blip2_generated_tokens_total") - before, returned
 
 
-def _end_mid_stream(server, pacer, end: str) -> tuple[int, int]:
-    """Stream LONG tokens, freeze decoding at the first response, count every token decoded before
-    the freeze (their responses arrive), then end the call with decoding still frozen: "cancel"
-    cancels the consuming task, "deadline" lets the client's timeout run out. -> (tokens received,
-    tokens of a next call on the same client)."""
+def _end_mid_stream(server, gate, end: str) -> tuple[int, int]:
+    """Stream LONG tokens; let the prefill and DECODED - 1 steps through the gate, so DECODED tokens
+    are decoded and received; then end the call with the engine held at the gate: "cancel" cancels
+    the consuming task, "deadline" lets the client's timeout run out. Let calls through one at a
+    time until the sequence is gone. -> (tokens received, tokens of a next call on the same client)."""
+    decoded = 5
+
     async def main():
-        async with AsyncBlip2Client(server.grpc_url, timeout=None if end == "cancel" else 4.0) as c:
-            received, frozen = 0, asyncio.Event()
+        async with AsyncBlip2Client(server.grpc_url, timeout=None if end == "cancel" else 8.0) as c:
+            received = 0
 
             async def consume():
                 nonlocal received
                 controls = dict(max_new_tokens=LONG, min_new_tokens=LONG)
                 async for piece in c.responses(random_image(3), "", stream=True, **controls):
                     received += len(piece.token_ids)
-                    if not frozen.is_set():
-                        pacer.freeze()
-                        frozen.set()
 
             task = asyncio.create_task(consume())
-            await asyncio.wait_for(frozen.wait(), 30)
-            try:
-                await asyncio.sleep(1.0)  # the responses of the tokens decoded before the freeze arrive
-                assert received < LONG and not task.done(), f"all {received} tokens decoded before the freeze"
-                if end == "cancel":
-                    task.cancel()
-                    with pytest.raises(asyncio.CancelledError):  # asyncio's own: the caller cancelled
-                        await task
-                else:
-                    with pytest.raises(DeadlineExceededError, match="4s"):
-                        await task
-                await asyncio.sleep(SETTLE)
-            finally:
-                pacer.thaw()
+            gate.allow(decoded)
+            await asyncio.to_thread(gate.wait_blocked)
+            deadline = time.monotonic() + 30
+            while received < decoded:  # the responses of the tokens decoded so far arrive
+                assert time.monotonic() < deadline, f"{received} of {decoded} decoded tokens received"
+                await asyncio.sleep(0.01)
+            assert received == decoded and not task.done()
+            if end == "cancel":
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):  # asyncio's own: the caller cancelled
+                    await task
+            else:
+                with pytest.raises(DeadlineExceededError, match="8s"):
+                    await task
+            # still held at the gate, the engine drops the sequence once Triton marks it cancelled
+            await asyncio.to_thread(wait_for_active, server, 0, 120)
+            gate.open()
             return received, await _still_serves(c)
 
     return asyncio.run(main())
@@ -485,42 +511,39 @@ async def _still_serves(c: AsyncBlip2Client) -> int:
 
 
 @pytest.mark.parametrize("end", ["cancel", "deadline"])
-def test_a_stream_ended_mid_generation_frees_its_sequence_at_once(served, client, end):
-    """A cancelled asyncio task, or a timeout, mid-stream: the server decodes at most a few more
-    tokens, where running on it would decode all LONG."""
+def test_a_stream_ended_mid_generation_frees_its_sequence_at_once(served, client, gate, end):
+    """A cancelled asyncio task, or a timeout, mid-stream, the engine held at its step gate: the
+    server drops the sequence without decoding another token, where running on it would decode
+    all LONG."""
     server = served.server
-    generated, (received, next_call) = _counted(server, lambda pacer: _end_mid_stream(server, pacer, end))
+    generated, (received, next_call) = _counted(server, lambda: _end_mid_stream(server, gate, end))
     after = generated - received - next_call
-    assert 0 <= after <= 3 < LONG - received, f"{after} tokens decoded after {received} of {LONG}"
+    assert after == 0 < LONG - received, f"{after} tokens decoded after {received} of {LONG}"
     assert client.caption(random_image(4), max_new_tokens=3).token_ids
 
 
-def test_a_cancelled_one_response_call_is_never_decoded(served, client):
-    """Cancelled while its request waits for the CPU (decoding frozen from the start): the server
-    drops it, where it would otherwise decode LONG tokens once the CPU is free."""
+def test_a_cancelled_one_response_call_is_never_decoded(served, client, gate):
+    """Cancelled while its request waits for the engine (held at the gate before its prefill):
+    the server drops it, where it would otherwise decode LONG tokens."""
     server = served.server
 
-    def cancel_while_waiting(pacer):
-        pacer.freeze()
-        try:
-            async def main():
-                async with AsyncBlip2Client(server.grpc_url, timeout=60) as c:
-                    # A picture not cached yet: the request waits in the vision encoder, before the
-                    # engine (a cached one would wait in its prefill, whose token then counts).
-                    task = asyncio.create_task(c.generate(random_image(1703), max_new_tokens=LONG,
-                                                          min_new_tokens=LONG))
-                    await asyncio.sleep(0.5)
-                    assert not task.done(), task
-                    task.cancel()
-                    with pytest.raises(asyncio.CancelledError):  # asyncio's own, not the client's CancelledError
-                        await task
-                    await asyncio.sleep(SETTLE)
-            asyncio.run(main())
-        finally:
-            pacer.thaw()
+    def cancel_while_waiting():
+        async def main():
+            async with AsyncBlip2Client(server.grpc_url, timeout=60) as c:
+                task = asyncio.create_task(c.generate(random_image(3), max_new_tokens=LONG, min_new_tokens=LONG))
+                taken = await asyncio.to_thread(gate.wait_blocked)  # the request reached the engine
+                assert not task.done(), task
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):  # asyncio's own, not the client's CancelledError
+                    await task
+                await asyncio.sleep(SETTLE)
+                gate.allow(1)  # its admission, which finds it cancelled
+                await asyncio.to_thread(gate.wait_blocked, taken + 1, False)
+        asyncio.run(main())
 
     generated, _ = _counted(server, cancel_while_waiting)
     assert generated == 0
+    gate.open()
     assert client.caption(random_image(4), max_new_tokens=3).token_ids
 
 

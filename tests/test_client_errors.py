@@ -17,6 +17,7 @@ from blip2_triton.client import (
     DeadlineExceededError,
     InvalidArgumentError,
     Reason,
+    ResourceExhaustedError,
     Result,
     ServerError,
     UnavailableError,
@@ -35,7 +36,7 @@ def _grpc_codes():
 EXPECTED_BY_STATUS = {
     "OK": ServerError, "CANCELLED": CancelledError, "UNKNOWN": ServerError, "INVALID_ARGUMENT": InvalidArgumentError,
     "DEADLINE_EXCEEDED": DeadlineExceededError, "NOT_FOUND": UnavailableError, "ALREADY_EXISTS": ServerError,
-    "PERMISSION_DENIED": ServerError, "RESOURCE_EXHAUSTED": UnavailableError, "FAILED_PRECONDITION": ServerError,
+    "PERMISSION_DENIED": ServerError, "RESOURCE_EXHAUSTED": ResourceExhaustedError, "FAILED_PRECONDITION": ServerError,
     "ABORTED": ServerError, "OUT_OF_RANGE": InvalidArgumentError, "UNIMPLEMENTED": ServerError,
     "INTERNAL": ServerError, "UNAVAILABLE": UnavailableError, "DATA_LOSS": ServerError,
     "UNAUTHENTICATED": ServerError,
@@ -66,6 +67,9 @@ def test_from_status_maps_each_grpc_status(name):
     ("unexpected shape for input 'max_new_tokens' for model 'blip2'", InvalidArgumentError),
     ("[request id: <id_unknown>] input 'image' batch size does not match other inputs for 'blip2'", InvalidArgumentError),
     ("something else went wrong", ServerError),
+    ("resource exhausted: 64 requests are waiting already (this server's max_queue_size); retry later",
+     ResourceExhaustedError),
+    ("resource exhausted: model 'qformer': Exceeds maximum queue size", ResourceExhaustedError),
 ])
 def test_stream_messages_without_a_status_are_typed_by_their_phrase(message, expected):
     for status in (None, "StatusCode.UNKNOWN"):
@@ -143,3 +147,12 @@ def test_chat_drops_turns_by_the_reason_code_not_the_wording():
     assert prompts == [chat_prompt(history, "and now?")]
 
 
+
+
+def test_a_full_server_is_resource_exhausted_whatever_the_status_it_came_with():
+    """The Python backend sends "resource exhausted" as UNAVAILABLE; Triton's full stage queue as
+    UNAVAILABLE too. Both are ResourceExhaustedError, which is an UnavailableError (retry later)."""
+    for status in ("UNAVAILABLE", "INTERNAL", None):
+        for message in ("resource exhausted: the KV cache is full", "Exceeds maximum queue size"):
+            error = from_status(status, message)
+            assert type(error) is ResourceExhaustedError and isinstance(error, UnavailableError)

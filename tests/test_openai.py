@@ -16,7 +16,7 @@ from blip2_triton.frontend import chat
 from blip2_triton.frontend.app import create_app
 from blip2_triton.server.launcher import free_port
 
-from .conftest import ComputeLockPacer, metric, random_image, wait_for_active
+from .conftest import metric, random_image, wait_for_active
 
 
 def _data_url(image: bytes) -> str:
@@ -170,50 +170,44 @@ def test_unknown_model_is_404(front_door):
 
 
 LONG = 100  # tokens; tiny-opt's random weights do not stop early on the image below
-SETTLE = 3.0  # seconds Triton is given to mark a request cancelled (more than a second seen on a busy machine)
 
 
 @pytest.mark.server
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "one-shot"])
-def test_a_client_that_disconnects_frees_its_sequence(front_door, served, stream):
-    """Decoding slowed (streamed) or stopped (one-shot) through the compute lock: the HTTP client
-    goes away after the first chunk, or while it waits for the answer; the request is dropped
-    before LONG tokens are generated."""
+def test_a_client_that_disconnects_frees_its_sequence(front_door, served, gate, stream):
+    """The engine's step gate lets the prefill through and then holds decoding: the HTTP client
+    goes away after the first chunk (streamed) or while it waits for the answer (one-shot); the
+    sequence is dropped with no token more."""
     import http.client
     import json
 
     _, base = front_door
     server = served.server
     image = random_image(3)
-    assert len(served.client.generate(image, max_new_tokens=LONG).token_ids) == LONG
     body = {"model": "blip2", "messages": [_user(image)], "max_tokens": LONG, "stream": stream}
-    wait_for_active(server, 0)
     before = metric(server, "blip2_generated_tokens_total")
     host, port = base.split("//")[1].split("/")[0].split(":")
-    with ComputeLockPacer(server, hold=0.1) as pacer:
-        connection = http.client.HTTPConnection(host, int(port), timeout=60 if stream else 2.0)
-        try:
-            connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-            if stream:
-                response = connection.getresponse()
-                assert response.status == 200
-                assert response.readline().startswith(b"data: ")  # the first event: the request is decoding
-                response.close()  # the socket stays open while the response holds it
-            else:  # decoding frozen: the answer cannot come; the client gives up after 2 s
-                pacer.freeze()
-                try:
-                    with pytest.raises(TimeoutError):
-                        connection.getresponse()
-                    connection.close()
-                    time.sleep(SETTLE)  # for Triton to mark the request cancelled before decoding resumes
-                finally:
-                    pacer.thaw()
-        finally:
-            connection.close()
-        wait_for_active(server, 0, timeout=60)
-    # Full speed again: a sequence the disconnect did not reach would now run to LONG tokens.
-    time.sleep(2)
-    wait_for_active(server, 0, timeout=60)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60 if stream else 2.0)
+    try:
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        gate.allow(1)  # the prefill: the sequence is active with its first token
+        gate.wait_blocked()
+        wait_for_active(server, 1)
+        if stream:
+            response = connection.getresponse()
+            assert response.status == 200
+            assert response.readline().startswith(b"data: ")  # the first event
+            response.close()  # the socket stays open while the response holds it
+        else:  # decoding held: the answer cannot come; the client gives up after 2 s
+            with pytest.raises(TimeoutError):
+                connection.getresponse()
+    finally:
+        connection.close()
+    # Still held at the gate, the engine drops the sequence once the front door has cancelled
+    # its call and Triton has marked it: not one more token.
+    wait_for_active(server, 0, timeout=120)
+    gate.open()
     generated = metric(server, "blip2_generated_tokens_total") - before
-    assert generated < LONG, generated
-    assert served.client.caption(image, max_new_tokens=3).token_ids  # served on as before
+    assert generated == 1, f"{generated} of {LONG} tokens generated"
+    # the same request runs to LONG tokens when nobody goes away
+    assert len(served.client.generate(image, max_new_tokens=LONG).token_ids) == LONG

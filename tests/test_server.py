@@ -6,7 +6,6 @@ import base64
 import concurrent.futures as cf
 import io
 import json
-import os
 import time
 import urllib.request
 
@@ -15,6 +14,7 @@ import pytest
 
 from blip2_triton.client import Blip2Client, InvalidArgumentError
 from blip2_triton.server.launcher import TritonServer
+from blip2_triton.serving.step_gate import STEP_GATE_ENV
 
 from .conftest import Served, metric, random_image, reference, wait_for_active
 
@@ -27,7 +27,8 @@ SERVED_PRESETS = ["tiny-opt", "tiny-opt-postln"]
 def served(request, exported, tmp_path_factory):
     ckpt, repo, _ = exported(request.param)
     log = tmp_path_factory.mktemp("logs") / f"{request.param}.log"
-    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log) as server:
+    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None, log_file=log,
+                      env={STEP_GATE_ENV: "1"}) as server:  # the `gate` fixture holds its engine
         with Blip2Client(server.grpc_url, timeout=60) as client:
             yield Served(ckpt, server, client)
 
@@ -306,84 +307,6 @@ def test_concurrent_requests_are_batched_by_the_stateless_models(served):
     assert vision <= 3, f"vision_encoder: {vision} executions for {n} requests queued together"
 
 
-PACER = """
-import os, signal, sys, threading, time
-
-pid, run, pause = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
-try:  # wake on time: a late wake-up lets the model run on (here 35 ms were 80 tokens)
-    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-except (PermissionError, AttributeError):
-    pass
-frozen, stop, state = threading.Event(), threading.Event(), threading.Lock()
-
-def commands():
-    for line in sys.stdin:
-        with state:
-            if line.strip() == "freeze":
-                frozen.set()
-                os.kill(pid, signal.SIGSTOP)
-                print("frozen", flush=True)
-            else:
-                frozen.clear()
-    stop.set()
-
-threading.Thread(target=commands, daemon=True).start()
-print("pacing", flush=True)
-try:
-    while not stop.is_set():
-        with state:
-            os.kill(pid, signal.SIGSTOP)
-        stop.wait(pause)
-        with state:
-            if frozen.is_set():
-                continue
-            os.kill(pid, signal.SIGCONT)
-        time.sleep(run)
-finally:
-    os.kill(pid, signal.SIGCONT)
-"""
-
-
-class _Pacer:
-    """Slows the `blip2` model's process from outside: a separate process stops it (SIGSTOP) for
-    `pause` s and lets it run for `run` s, again and again, so the tiny model's 0.35 ms decode
-    steps come a few per cycle instead of 100 in ~40 ms; Triton itself runs on. `freeze()` stops
-    it at once until `thaw()`: no step runs, while Triton can still mark a request cancelled.
-    """
-
-    def __init__(self, server, run: float = 0.001, pause: float = 0.05):
-        from blip2_triton import api
-        from blip2_triton.server import model_stub_pids
-
-        self.pid = model_stub_pids(server.pgid)[api.PIPELINE]
-        self.args = [str(self.pid), str(run), str(pause)]
-
-    def __enter__(self) -> "_Pacer":
-        import subprocess
-        import sys
-
-        self.proc = subprocess.Popen([sys.executable, "-c", PACER, *self.args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline() == "pacing\n"
-        return self
-
-    def freeze(self) -> None:
-        self.proc.stdin.write("freeze\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline() == "frozen\n"
-
-    def thaw(self) -> None:
-        self.proc.stdin.write("thaw\n")
-        self.proc.stdin.flush()
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        self.proc.stdin.close()
-        self.proc.wait(10)
-        os.kill(self.pid, signal.SIGCONT)  # whatever became of the pacer, the model runs on
-
-
 LONG = 110  # new tokens a cancelled request asks for (the tiny models hold 128 positions)
 
 
@@ -391,27 +314,24 @@ def _long_stream_inputs() -> dict[str, tuple[str, np.ndarray]]:
     return _inputs(random_image(3), stream=True, max_new_tokens=LONG, min_new_tokens=LONG)
 
 
-def _check_freed(server, client) -> None:
+def _check_freed(server, gate, client) -> None:
     """`client` starts a streamed LONG-token generation and disconnects while it runs; the
     sequence must end long before LONG tokens.
 
-    The model's process is paced from the start (so the sequence is still early on when it is
-    seen active), then frozen while the client disconnects and for a second after, in which
-    Triton marks the request cancelled (usually within ms, sometimes a few hundred); running
-    again, the engine asks at its next step. Measured on tiny-opt with two busy loops on the 2
-    cores: 1-2 tokens in all (16 runs), where the paced model took 10 s for LONG tokens.
+    The engine's step gate lets the prefill through, then holds the engine while the client
+    disconnects; held, the engine still drops the sequence once Triton marks it cancelled, so not
+    one more token is decoded.
     """
     tokens_before = metric(server, "blip2_generated_tokens_total")
-    with _Pacer(server) as pacer:
-        client.start()
-        wait_for_active(server, 1)
-        pacer.freeze()
-        client.disconnect()
-        time.sleep(1.0)
-        pacer.thaw()
-        released = wait_for_active(server, 0)
+    client.start()
+    gate.allow(1)  # the prefill: the sequence is active with its first token
+    gate.wait_blocked()
+    wait_for_active(server, 1)
+    client.disconnect()
+    wait_for_active(server, 0, timeout=120)
+    gate.open()
     generated = metric(server, "blip2_generated_tokens_total") - tokens_before
-    assert 1 <= generated <= LONG // 2, f"{generated} of {LONG} tokens generated; freed {released:.2f} s after thawing"
+    assert generated == 1, f"{generated} of {LONG} tokens generated"
 
 
 class _InProcessClient:
@@ -432,9 +352,9 @@ class _InProcessClient:
         self.client.close()
 
 
-def test_cancelled_stream_frees_its_slot(served):
+def test_cancelled_stream_frees_its_slot(served, gate):
     _, server, client = served
-    _check_freed(server, _InProcessClient(server))
+    _check_freed(server, gate, _InProcessClient(server))
     assert client.caption(random_image(4), max_new_tokens=3).token_ids
 
 
@@ -477,11 +397,11 @@ class _DyingClient:
         assert self.proc.returncode == -signal.SIGKILL, err
 
 
-def test_a_client_killed_mid_stream_frees_its_slot(served):
+def test_a_client_killed_mid_stream_frees_its_slot(served, gate):
     _, server, client = served
     dying = _DyingClient(server)
     try:
-        _check_freed(server, dying)
+        _check_freed(server, gate, dying)
     finally:
         if dying.proc.poll() is None:
             dying.proc.kill()

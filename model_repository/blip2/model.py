@@ -23,6 +23,7 @@ class TritonPythonModel:
         self.service = Blip2Service(
             self.args.repository, stages=io.BlsStages(), stats=io.EngineMetrics(self.args.name),
             threads=self.args.ort_threads(), compute_lock=self.args.compute_lock(),
+            kv_budget=self.args.kv_budget(), max_waiting=self.args.max_queue_size(),
             image_cache=self.args.image_cache(),
         )
         self.service.engine.start()
@@ -33,26 +34,31 @@ class TritonPythonModel:
         received = time.perf_counter()  # time to first token counts from here
         for request in requests:
             sender = request.get_response_sender()
+            place = None
             try:
                 inputs = io.pipeline_inputs(request)
                 if "stop" in inputs:  # api.STOP: end the generation of the request with this id
                     self.service.stops.add(inputs["stop"])
                     io.piece_sender(sender)(Piece("", [], final=True))
                     continue
-                self.workers.submit(self._start, request, sender, inputs, received)
+                place = self.service.engine.enter()  # refused when too many wait (max_queue_size)
+                self.workers.submit(self._start, request, sender, inputs, received, place)
             except Exception as e:
+                if place is not None:
+                    place.release()
                 sender.send(io.error_response(e), flags=io.final_flag())
         return None
 
-    def _start(self, request, sender, inputs, received):
+    def _start(self, request, sender, inputs, received, place):
         try:
             generation = self.service.prepare(
                 **inputs, emit=io.piece_sender(sender), on_error=io.error_sender(sender),
                 is_cancelled=lambda: io.is_cancelled(request), request_id=io.request_id(request),
             )
-            generation.received = received
+            generation.received, generation.place = received, place
             self.service.engine.submit(generation)
         except Exception as e:
+            place.release()
             sender.send(io.error_response(e), flags=io.final_flag())
 
     def finalize(self):

@@ -148,5 +148,24 @@ def is_unavailable(message: str) -> bool:
     return message.startswith(UNAVAILABLE_PREFIX) or TRITON_UNAVAILABLE.search(message) is not None
 
 
+# ---- overload (RESOURCE_EXHAUSTED) -------------------------------------------------------------
+# The server is full: too many requests wait, a request's KV cache exceeds the server's budget, or a
+# stage's queue is full (Triton: "Exceeds maximum queue size"). Triton's Python backend has no
+# RESOURCE_EXHAUSTED code and streamed errors carry only a message, so the kind travels in the
+# message's first words: "resource exhausted: 64 requests are waiting already (max_queue_size); retry later".
+RESOURCE_EXHAUSTED_PREFIX = "resource exhausted: "
+TRITON_RESOURCE_EXHAUSTED = re.compile(r"Exceeds maximum queue size")
+
+
+def resource_exhausted_message(text: str) -> str:
+    """The message of a RESOURCE_EXHAUSTED refusal, as the server sends it."""
+    return RESOURCE_EXHAUSTED_PREFIX + text
+
+
+def is_resource_exhausted(message: str) -> bool:
+    """Does this error message say that the server was full (in our words, or in Triton's)?"""
+    return message.startswith(RESOURCE_EXHAUSTED_PREFIX) or TRITON_RESOURCE_EXHAUSTED.search(message) is not None
+
+
 # ---- between stages --------------------------------------------------------------------------
 PROMPT_IDS = ModelTensor("prompt_ids", "int64", (-1,))  # BOS + prompt tokens, no image placeholders

@@ -86,6 +86,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _soak(args) -> int:
+    from blip2_triton.benchmarks.soak import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.export.exporter import DTYPES
     from blip2_triton.sizing import add_arguments as add_sizing_arguments
@@ -152,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency, throughput and memory benchmarks, side by side with transformers")
     add_bench_arguments(p)
     p.set_defaults(func=_bench)
+
+    from blip2_triton.benchmarks.soak import add_arguments as add_soak_arguments
+
+    p = sub.add_parser("soak", help="many clients mixing good, bad, beam and cancelled requests for a long time; "
+                                    "server memory over time")
+    add_soak_arguments(p)
+    p.set_defaults(func=_soak)
     return parser
 
 

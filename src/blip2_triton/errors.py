@@ -31,5 +31,11 @@ class Unavailable(Exception):
     back): UNAVAILABLE. Not the request's fault; the same request succeeds once the model is back."""
 
 
+class ResourceExhausted(Exception):
+    """The server is full: the request would exceed a bound (waiting requests, the KV cache's byte
+    budget, a stage's queue): RESOURCE_EXHAUSTED. Sent again later, when load is lower, it is served;
+    the message says which bound."""
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint's language model has no registered family (yet)."""

@@ -74,6 +74,7 @@ class ModelConfig:
     platform: str | None = None
     dynamic_batching: bool = False
     max_queue_delay_us: int = 0
+    max_queue_size: int = 0  # requests the dynamic batcher's queue holds; 0: no bound (Triton's default)
     decoupled: bool = False
     instance_count: int = 1
     instance_kind: str = "KIND_CPU"
@@ -130,7 +131,7 @@ def _check(cfg: ModelConfig) -> None:
             raise ConfigError(f"{label}: missing {f.name}")
     if not isinstance(cfg.name, str) or not cfg.name:
         raise ConfigError(f"{label}: missing name")
-    for key in ("max_batch_size", "max_queue_delay_us", "instance_count"):
+    for key in ("max_batch_size", "max_queue_delay_us", "max_queue_size", "instance_count"):
         value = getattr(cfg, key)
         if not _is_int(value) or value < (1 if key == "instance_count" else 0):
             raise ConfigError(f"{label}: {key} must be an int >= {1 if key == 'instance_count' else 0}, got {value!r}")
@@ -180,8 +181,11 @@ def render(cfg: ModelConfig) -> str:
     parts.append("output [\n" + ",\n".join(_tensor(t, "  ") for t in cfg.outputs) + "\n]")
     if cfg.decoupled:
         parts.append("model_transaction_policy { decoupled: true }")
+    if cfg.max_queue_size and not cfg.dynamic_batching:
+        raise ConfigError(f"model config {cfg.name!r}: max_queue_size needs dynamic_batching")
     if cfg.dynamic_batching:
-        parts.append(f"dynamic_batching {{ max_queue_delay_microseconds: {cfg.max_queue_delay_us} }}")
+        policy = (f" default_queue_policy {{ max_queue_size: {cfg.max_queue_size} }}" if cfg.max_queue_size else "")
+        parts.append(f"dynamic_batching {{ max_queue_delay_microseconds: {cfg.max_queue_delay_us}{policy} }}")
     if cfg.instance_kind not in ("KIND_CPU", "KIND_GPU"):
         raise ConfigError(f"model config {cfg.name!r}: instance_kind must be KIND_CPU or KIND_GPU, got {cfg.instance_kind!r}")
     if not isinstance(cfg.gpus, tuple) or not all(_is_int(g) and g >= 0 for g in cfg.gpus) \

@@ -59,6 +59,17 @@ CALL = "call"
 # holds at most IMAGE_CACHE_BYTES bytes of embeddings, least recently used out first.
 IMAGE_CACHE = "image_cache"
 IMAGE_CACHE_BYTES = "image_cache_bytes"
+# `blip2` parameters bounding its memory (serving/engine.py): the bytes the KV cache of the active
+# sequences may reach ("auto": a share of the machine's memory; or a size such as "512MiB"), and
+# how many requests may wait for room (more are refused with RESOURCE_EXHAUSTED).
+KV_CACHE_BUDGET = "kv_cache_budget"
+MAX_QUEUE_SIZE = "max_queue_size"
+DEFAULT_KV_CACHE_BUDGET = "auto"
+DEFAULT_MAX_QUEUE_SIZE = 64
+# Triton's own queue of each dynamically batched model: `blip2` has at most MAX_BATCH_SIZE calls in
+# flight to each stage, so this is room for other callers too before Triton refuses ("Exceeds
+# maximum queue size").
+STAGE_MAX_QUEUE_SIZE = 4 * MAX_BATCH_SIZE
 
 
 def graph_location(graph: str) -> tuple[str, str]:
@@ -132,6 +143,8 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
             **sizing.parameters(api.PIPELINE),
             IMAGE_CACHE: "false" if image_cache_bytes is None else "true",
             IMAGE_CACHE_BYTES: str(image_cache_bytes or DEFAULT_IMAGE_CACHE_BYTES),
+            KV_CACHE_BUDGET: DEFAULT_KV_CACHE_BUDGET,
+            MAX_QUEUE_SIZE: str(DEFAULT_MAX_QUEUE_SIZE),
         },
         **_sized(sizing, api.PIPELINE, batching=False),
     )
@@ -145,7 +158,8 @@ def _sized(sizing: Sizing, name: str, batching: bool = True) -> dict:
     placed = dict(instance_count=m.instances, instance_kind=sizing.kind, gpus=sizing.gpus)
     if not batching:
         return placed
-    return dict(placed, max_batch_size=m.max_batch_size, dynamic_batching=True, max_queue_delay_us=m.max_queue_delay_us)
+    return dict(placed, max_batch_size=m.max_batch_size, dynamic_batching=True, max_queue_delay_us=m.max_queue_delay_us,
+                max_queue_size=STAGE_MAX_QUEUE_SIZE)
 
 
 def _relative(path: Path) -> str:
@@ -160,7 +174,8 @@ def _stateless(spec: specs.GraphSpec, stateless_backend: str, sizing: Sizing | N
         inputs=tuple(ModelTensor.from_spec(t) for t in spec.inputs),
         outputs=tuple(ModelTensor.from_spec(t) for t in spec.outputs),
         **(_sized(sizing, spec.name) if sizing else dict(max_batch_size=MAX_BATCH_SIZE, dynamic_batching=True,
-                                                          max_queue_delay_us=QUEUE_DELAY_US)),
+                                                          max_queue_delay_us=QUEUE_DELAY_US,
+                                                          max_queue_size=STAGE_MAX_QUEUE_SIZE)),
     )
     if stateless_backend == "onnxruntime":
         return ModelConfig(**common, backend=None, platform="onnxruntime_onnx")
@@ -177,7 +192,7 @@ def _retrieval_configs(graphs: dict[str, specs.GraphSpec], stateless_backend: st
     preprocess = ModelConfig(
         name=api.RETRIEVAL_PREPROCESS, max_batch_size=MAX_BATCH_SIZE, inputs=(api.IMAGE, api.PROMPT),
         outputs=(pixel_values, api.PROMPT_IDS), dynamic_batching=True, max_queue_delay_us=QUEUE_DELAY_US,
-        parameters=checkpoint,
+        max_queue_size=STAGE_MAX_QUEUE_SIZE, parameters=checkpoint,
     )
     image_out = ModelTensor.from_spec(graphs[specs.IMAGE_FEATURES].output(specs.IMAGE_EMBEDS_PROJ))
     text_out = ModelTensor.from_spec(graphs[specs.TEXT_FEATURES].output(specs.TEXT_EMBEDS_PROJ))
@@ -190,7 +205,8 @@ def _retrieval_configs(graphs: dict[str, specs.GraphSpec], stateless_backend: st
         # Each request runs its stages as BLS calls from its own thread, so the requests of one
         # execute() meet in the stages' dynamic batchers.
         ModelConfig(name=name, max_batch_size=MAX_BATCH_SIZE, inputs=inputs, outputs=outputs, dynamic_batching=True,
-                    max_queue_delay_us=QUEUE_DELAY_US, parameters={**checkpoint, CALL: name})
+                    max_queue_delay_us=QUEUE_DELAY_US, max_queue_size=STAGE_MAX_QUEUE_SIZE,
+                    parameters={**checkpoint, CALL: name})
         for name, (inputs, outputs) in calls.items()
     ]
     return [preprocess, *(_stateless(graphs[name], stateless_backend) for name in RETRIEVAL_GRAPHS), *public]

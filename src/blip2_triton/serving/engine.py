@@ -8,11 +8,19 @@ at most one step, not a whole generation. The KV cache never leaves this process
 All sequences share one cache, packed from slot 0 in admission order; the language model writes
 each step's keys and values into it in place. Rows of different lengths share a call: the model
 gets each row's own length, so every sequence sees exactly the computation it would see alone.
+
+Bounded memory: with a `kv_budget` (bytes), a request is admitted only if the cache can then hold
+every admitted sequence at the most rows and positions it may reach (its beams, its prompt plus
+max_new_tokens), and the cache's growth stops there (its ceiling). Requests beyond that wait, in
+admission order; with `max_waiting`, `enter()` refuses a request once that many wait already
+(errors.ResourceExhausted), so waiting requests cannot pile up either.
 """
 from __future__ import annotations
 
+import collections
 import logging
-import queue
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +29,8 @@ from typing import Callable
 import numpy as np
 
 from .language_model import LanguageModel
-from blip2_triton.errors import Cancelled
+from .step_gate import StepGate
+from blip2_triton.errors import Cancelled, ResourceExhausted
 from blip2_triton.generation import Search
 
 log = logging.getLogger("blip2_triton.engine")
@@ -40,6 +49,26 @@ class Request:
     # time.perf_counter() when the request reached the server: time to first token counts from here.
     # The `blip2` model sets it to when execute() received the request, before the image stages.
     received: float = field(default_factory=time.perf_counter)
+    # The most rows (beams) and cache positions (LanguageModel.cache_extent) it can reach: what the
+    # engine's budget reserves for it. The defaults reserve nothing (an engine without a budget).
+    rows: int = 1
+    extent: tuple[int, ...] = ()
+    place: "Place | None" = None  # its place in the waiting line (Engine.enter), freed when admitted
+
+
+class Place:
+    """A request's place among the engine's waiting requests, from before its stages run until the
+    engine has admitted it (or it failed); `release()` may be called any number of times."""
+
+    def __init__(self, engine: "Engine"):
+        self._engine, self._held = engine, True
+
+    def release(self) -> None:
+        with self._engine._waiting_changed:
+            if self._held:
+                self._held = False
+                self._engine._places -= 1
+                self._engine.stats.on_waiting(self._engine._places)
 
 
 @dataclass
@@ -53,6 +82,37 @@ class _Sequence:
     next_cancel_check: float = 0.0  # time.monotonic() from which to ask is_cancelled() again
     steps: int = 0
     finished: bool = False
+
+
+# Without a configured budget, the KV cache of the active sequences may take this share of the
+# machine's memory (or of the cgroup's limit, when lower): the rest is for the weights, the other
+# models' processes and the system. One base-opt request at its context limit takes a few MiB.
+DEFAULT_KV_BUDGET_SHARE = 0.25
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB)?\s*$")
+_UNITS = {None: 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: physical memory, or the cgroup's limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def kv_budget(value: str) -> int:
+    """A kv_cache_budget setting -> bytes: "auto" (DEFAULT_KV_BUDGET_SHARE of machine_memory()) or
+    a size such as "1048576", "512KiB", "64MiB", "2GiB"; ValueError otherwise."""
+    if value.strip() == "auto":
+        return int(machine_memory() * DEFAULT_KV_BUDGET_SHARE)
+    match = _SIZE.match(value)
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"kv_cache_budget must be \"auto\" or a positive size such as \"512MiB\", got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 # Stages the engine (and the model around it) times: the prefill call, each batched decode-step
@@ -82,6 +142,12 @@ class EngineStats:
     def on_active(self, sequences: int) -> None:
         self.active = sequences
 
+    def on_waiting(self, requests: int) -> None:
+        """Requests holding a place in the waiting line (Engine.enter) now."""
+
+    def on_cache(self, reserved_bytes: int, allocated_bytes: int) -> None:
+        """The KV cache the admitted sequences may reach at most, and what its buffers take now."""
+
     def on_stage(self, stage: str, seconds: float) -> None:
         """One timed run of a TIMED_STAGES stage (the Triton model exports them as metrics)."""
 
@@ -98,13 +164,18 @@ class Engine:
     """
 
     def __init__(self, language_model: LanguageModel, max_rows: int = 64, stats: EngineStats | None = None,
-                 cancel_poll_s: float = 0.01):
+                 cancel_poll_s: float = 0.01, gate: StepGate | None = None, kv_budget: int | None = None,
+                 max_waiting: int | None = None):
         self.language_model = language_model
+        self.kv_budget, self.max_waiting = kv_budget, max_waiting
+        self.gate = gate  # a test hook: every language-model call waits for it (serving/step_gate.py)
         self.max_rows = max_rows
         self.stats = stats or EngineStats()
         self.cancel_poll_s = cancel_poll_s
         self.cache = language_model.new_cache()
-        self._queue: queue.Queue[Request] = queue.Queue()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._waiting_changed = threading.Condition()
+        self._places = 0  # requests between enter() and their admission
         self._active: list[_Sequence] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -124,18 +195,49 @@ class Engine:
             self._fail(seq.request, Cancelled("server shutting down"))
         self._set_active([])
         while True:
-            try:
-                self._fail(self._queue.get_nowait(), Cancelled("server shutting down"))
-            except queue.Empty:
-                break
+            with self._waiting_changed:
+                if not self._waiting:
+                    break
+                request = self._waiting.popleft()
+            self._take(request)
+            self._fail(request, Cancelled("server shutting down"))
 
     @property
     def sequences(self) -> int:
         """Sequences being decoded now (what the active-sequences metric reports)."""
         return len(self._active)
 
+    def enter(self) -> Place:
+        """A place in the waiting line for a request about to be prepared; ResourceExhausted when
+        `max_waiting` requests wait already. Give it to the Request (`place`), or release it."""
+        with self._waiting_changed:
+            if self.max_waiting is not None and self._places >= self.max_waiting:
+                raise ResourceExhausted(f"{self._places} requests are waiting already (this server's "
+                                        f"max_queue_size); retry later")
+            self._places += 1
+            self.stats.on_waiting(self._places)
+        return Place(self)
+
+    def check_fits(self, rows: int, extent: tuple[int, ...]) -> None:
+        """ResourceExhausted if a request of `rows` rows and `extent` could not fit the KV cache
+        budget even alone."""
+        if self.kv_budget is not None and extent:
+            need = self.language_model.cache_bytes(rows, extent)
+            if need > self.kv_budget:
+                raise ResourceExhausted(
+                    f"this request's KV cache ({rows} rows of up to {extent[0]} positions) needs "
+                    f"{need / 2**20:.1f} MiB, more than this server's kv_cache_budget of "
+                    f"{self.kv_budget / 2**20:.1f} MiB; ask for fewer beams or max_new_tokens")
+
     def submit(self, request: Request) -> None:
-        self._queue.put(request)
+        with self._waiting_changed:
+            self._waiting.append(request)
+            self._waiting_changed.notify()
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted (they wait for room in the cache)."""
+        return len(self._waiting)
 
     def generate(self, request: Request) -> list[int]:
         """Run one request to completion on the calling thread (tests, benchmarks, no server)."""
@@ -177,19 +279,54 @@ class Engine:
         self._active = sequences
         if not sequences:
             self.cache.release()
+        elif self.kv_budget is not None:
+            self.cache.ceiling = self._ceiling(sequences)
         if changed:
             self.stats.on_active(len(sequences))
+            self.stats.on_cache(self._reserved(sequences), self.cache.nbytes)
+
+    @staticmethod
+    def _worst(requests: list[Request]) -> tuple[int, tuple[int, ...]]:
+        """(rows, extent) of a cache that holds every one of these requests at its most."""
+        rows = sum(r.rows for r in requests)
+        extents = [r.extent for r in requests if r.extent]
+        return rows, tuple(max(parts) for parts in zip(*extents)) if extents else ()
+
+    def _reserved(self, sequences: list[_Sequence]) -> int:
+        rows, extent = self._worst([s.request for s in sequences])
+        return self.language_model.cache_bytes(rows, extent) if extent else 0
+
+    def _ceiling(self, sequences: list[_Sequence]) -> tuple[int, int] | None:
+        rows, extent = self._worst([s.request for s in sequences])
+        return (rows, extent[0]) if extent else None
+
+    def _fits(self, request: Request) -> bool:
+        """Would the cache, with this request admitted, stay within the rows and the byte budget?"""
+        rows = sum(s.rows for s in self._active)
+        if self._active and rows + request.rows > self.max_rows:
+            return False
+        if self.kv_budget is None or not request.extent or not self._active:
+            return True  # alone it fits: Generator.validate checked it against the budget
+        worst_rows, extent = self._worst([s.request for s in self._active] + [request])
+        return self.language_model.cache_bytes(worst_rows, extent) <= self.kv_budget
+
+    def _take(self, request: Request) -> None:
+        if request.place is not None:
+            request.place.release()
 
     def _admit_waiting(self, block: bool) -> None:
-        rows = sum(s.rows for s in self._active)
-        while rows < self.max_rows:
-            try:
-                request = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
-            except queue.Empty:
-                return
+        """Admit waiting requests, oldest first, while they fit (the rows and the KV cache budget);
+        the first that does not fit waits, and the ones behind it wait too."""
+        while True:
+            with self._waiting_changed:
+                if not self._waiting and block:
+                    self._waiting_changed.wait(0.05)
+                if not self._waiting or not self._fits(self._waiting[0]):
+                    return
+                request = self._waiting.popleft()
             block = False
             self.admit(request)
-            rows = sum(s.rows for s in self._active)
+            self._take(request)  # only now: a request being admitted still counts as waiting
 
     def admit(self, request: Request) -> None:
         """Prefill one request and take its first token.
@@ -201,6 +338,8 @@ class Engine:
         in hand must see its sequence in the active count (it is reported synchronously).
         """
         seq = None
+        if self.gate is not None:
+            self.gate.wait(self._stop, self._drop_cancelled)
         try:
             if request.is_cancelled():
                 raise Cancelled("cancelled before start")
@@ -220,8 +359,8 @@ class Engine:
         if seq is not None and seq.finished:
             self._set_active([s for s in self._active if s is not seq])
 
-    def step(self) -> None:
-        """One batched language-model call for every active sequence's rows."""
+    def _drop_cancelled(self) -> None:
+        """End the active sequences whose clients cancelled (each asks at most every cancel_poll_s)."""
         live = []
         now = time.monotonic()
         for seq in self._active:
@@ -231,7 +370,15 @@ class Engine:
                     self._fail(seq.request, Cancelled("cancelled by the client"))
                     continue
             live.append(seq)
-        self._set_active(live)
+        if len(live) != len(self._active):
+            self._set_active(live)
+
+    def step(self) -> None:
+        """One batched language-model call for every active sequence's rows."""
+        if self.gate is not None:
+            self.gate.wait(self._stop, self._drop_cancelled)
+        self._drop_cancelled()
+        live = self._active
         if not live:
             return
         try:
@@ -290,6 +437,7 @@ class Engine:
                 seq.emitted = len(tokens)
 
     def _fail(self, request: Request, error: BaseException) -> None:
+        self._take(request)
         self.stats.flush()
         try:
             request.on_error(error)

@@ -17,6 +17,7 @@ from blip2_triton.api import CONTROL_NAMES, Reason
 
 from .engine import EngineStats, Engine, Request
 from .language_model import LanguageModel, load_language_model
+from .step_gate import StepGate
 
 
 # Each beam is a row of every decoder call and a copy of the KV cache: a server-side bound keeps one
@@ -25,7 +26,8 @@ MAX_BEAMS = 16
 
 class Generator:
     def __init__(self, repo: str | Path, tokenizer, threads: int | None = None, max_rows: int = 64,
-                 stats: EngineStats | None = None, compute_lock=None):
+                 stats: EngineStats | None = None, compute_lock=None, kv_budget: int | None = None,
+                 max_waiting: int | None = None):
         from transformers import AutoConfig, GenerationConfig
 
         assets = repository.assets_dir(repo)
@@ -33,7 +35,8 @@ class Generator:
         self.generation_config = GenerationConfig.from_pretrained(assets)
         self.language_model: LanguageModel = load_language_model(
             repo, self.config, self.generation_config, tokenizer, threads=threads, compute_lock=compute_lock)
-        self.engine = Engine(self.language_model, max_rows=max_rows, stats=stats)
+        self.engine = Engine(self.language_model, max_rows=max_rows, stats=stats, gate=StepGate.from_environment(),
+                             kv_budget=kv_budget, max_waiting=max_waiting)
         self.num_query_tokens = self.config.num_query_tokens
 
     def params(self, controls: dict[str, Any], prompt_length: int) -> "generation.GenerationParams":
@@ -64,6 +67,7 @@ class Generator:
             raise InvalidInput(f"num_beams must be <= {MAX_BEAMS} on this server, got {params.num_beams}",
                                Reason.CONTROL)
         self.language_model.check_context(prompt_ids, params.max_new_tokens)  # the one context check
+        self.engine.check_fits(params.num_beams, self.language_model.cache_extent(prompt_ids, params.max_new_tokens))
         return params
 
     def request(
@@ -100,4 +104,5 @@ class Generator:
             # Beam search cannot stream (the best beam is known only at the end): one response.
             query_embeds=query_embeds, prompt_ids=prompt_ids, search=search, stream=stream and not params.is_beam_search,
             on_tokens=on_tokens, on_error=on_error, is_cancelled=is_cancelled,
+            rows=params.num_beams, extent=self.language_model.cache_extent(prompt_ids, params.max_new_tokens),
         )

@@ -5,8 +5,10 @@ consecutive slots (one per row: beams are rows) and its positions 0..length-1 in
 keeps its sequences packed from slot 0, so one decoder call covers the prefix [0:rows) of every
 buffer: a contiguous view, bound to the graph's past input and present output alike.
 
-Memory: slots x the longest sequence's length (rounded up to a power of two), where separate
-caches held the sum of the lengths; the engine releases it all whenever it goes idle.
+Memory: slots x the longest sequence's length (grown by doubling), where separate caches held the
+sum of the lengths; the engine releases it all whenever it goes idle. The engine may set a
+`ceiling` (slots, positions) that growth never passes: what its admitted sequences can reach at
+most, which its byte budget bounds (serving/engine.py).
 """
 from __future__ import annotations
 
@@ -18,7 +20,17 @@ class KVCache:
         self.tensors = 2 * layers
         self.heads, self.head_dim, self.dtype = heads, head_dim, np.dtype(dtype)
         self.initial_capacity = capacity
+        self.ceiling: tuple[int, int] | None = None  # (slots, positions) growth stops at
         self.buffers = self._allocate(slots, capacity)
+
+    @property
+    def position_bytes(self) -> int:
+        """Bytes one row's one cached position takes, over every layer's keys and values."""
+        return self.tensors * self.heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
 
     @property
     def slots(self) -> int:
@@ -38,9 +50,13 @@ class KVCache:
         `exact_capacity` grows positions to just `capacity` (for buffers written once per request)."""
         if slots <= self.slots and capacity <= self.capacity:
             return
-        if not exact_capacity:
-            capacity = max(capacity, self.capacity * (2 if capacity > self.capacity else 1))
-        grown = self._allocate(max(slots, self.slots * (2 if slots > self.slots else 1)), max(capacity, self.capacity))
+        # Doubling, but never past the ceiling, and never below what is asked or already held.
+        top_slots, top_capacity = self.ceiling or (2 * self.slots, 2 * self.capacity)
+        if not exact_capacity and capacity > self.capacity:
+            capacity = max(capacity, min(2 * self.capacity, top_capacity))
+        if slots > self.slots:
+            slots = max(slots, min(2 * self.slots, top_slots))
+        grown = self._allocate(max(slots, self.slots), max(capacity, self.capacity))
         for old, new in zip(self.buffers, grown):
             new[: old.shape[0], :, : old.shape[2]] = old
         self.buffers = grown
@@ -63,6 +79,7 @@ class KVCache:
     def release(self) -> None:
         """Drop the memory of an idle engine (a long or wide burst must not pin it forever)."""
         self.buffers = self._allocate(1, self.initial_capacity)
+        self.ceiling = None
 
 
 class EncoderDecoderCache:
@@ -84,6 +101,20 @@ class EncoderDecoderCache:
     @property
     def capacity(self) -> int:
         return self.decoder.capacity
+
+    @property
+    def ceiling(self) -> tuple[int, int] | None:
+        return self.decoder.ceiling
+
+    @ceiling.setter
+    def ceiling(self, value: tuple[int, int] | None) -> None:
+        """Bounds the decoder's slots and positions; the encoder part follows its slots and is
+        sized exactly to the longest encoding."""
+        self.decoder.ceiling = value
+
+    @property
+    def nbytes(self) -> int:
+        return self.decoder.nbytes + self.encoded.nbytes
 
     def reserve(self, slots: int, capacity: int) -> None:
         self.decoder.reserve(slots, capacity)

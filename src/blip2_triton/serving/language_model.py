@@ -20,6 +20,8 @@ class Cache(Protocol):
     from slot 0). `length` is the positions a row has cached; the engine tracks it."""
 
     slots: int
+    ceiling: tuple[int, int] | None  # (slots, decoder positions) that growth never passes; None: no bound
+    nbytes: int  # bytes its buffers take now
 
     def reserve(self, slots: int, capacity: int) -> None: ...  # room for `slots` rows of `capacity` positions
 
@@ -42,6 +44,9 @@ class LanguageModel(Protocol):
     which repetition penalty and n-gram blocking see, and `max_length` counts.
     check_context: InvalidInput (reason CONTEXT_EXCEEDED) when the prompt, or the prompt plus
     max_new_tokens, cannot fit.
+    cache_extent: the most positions a row of this request can hold in each part of the cache,
+    decoder positions first (OPT: (positions,); T5: (decoder positions, encoder positions)).
+    cache_bytes: bytes of a cache holding `rows` rows of `extent` (the engine's budget counts these).
     """
 
     embed_dim: int  # width of the query embeddings prefill takes
@@ -53,6 +58,10 @@ class LanguageModel(Protocol):
     def step(self, tokens: np.ndarray, lengths: np.ndarray, cache: Cache) -> np.ndarray: ...
 
     def history(self, prompt_ids: np.ndarray) -> np.ndarray: ...
+
+    def cache_extent(self, prompt_ids: np.ndarray, max_new_tokens: int) -> tuple[int, ...]: ...
+
+    def cache_bytes(self, rows: int, extent: tuple[int, ...]) -> int: ...
 
     def check_context(self, prompt_ids: np.ndarray, max_new_tokens: int) -> None: ...
 

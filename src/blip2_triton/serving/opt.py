@@ -22,6 +22,7 @@ class OPTLanguageModel:
         self.num_query_tokens = config.num_query_tokens
         self.image_token_id = config.image_token_index
         self.max_positions = config.text_config.max_position_embeddings
+        self._position_bytes = self.new_cache(1, 1).position_bytes
 
     def new_cache(self, slots: int = 1, capacity: int = 64) -> KVCache:
         return self.decoder.new_cache(slots, capacity)
@@ -39,6 +40,12 @@ class OPTLanguageModel:
         feeds = {specs.INPUT_IDS: tokens[:, None], specs.PREFIX_EMBEDS: np.zeros((rows, 0, self.embed_dim)),
                  specs.ATTENTION_MASK: self_attention_mask(lengths + 1)}
         return self.decoder(feeds, cache.rows(0, rows))
+
+    def cache_extent(self, prompt_ids, max_new_tokens: int) -> tuple[int, ...]:
+        return (self.num_query_tokens + len(prompt_ids) + max_new_tokens,)
+
+    def cache_bytes(self, rows: int, extent: tuple[int, ...]) -> int:
+        return rows * extent[0] * self._position_bytes
 
     def history(self, prompt_ids) -> np.ndarray:
         # generate() sees the image placeholders and the prompt as its input_ids.

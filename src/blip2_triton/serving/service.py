@@ -103,13 +103,15 @@ class Stops:
 
 class Blip2Service:
     def __init__(self, repo: str | Path, stages: Stages, tokenizer=None, threads: int | None = None,
-                 stats: EngineStats | None = None, compute_lock=None, image_cache: ImageCache | None = None):
+                 stats: EngineStats | None = None, compute_lock=None, kv_budget: int | None = None,
+                 max_waiting: int | None = None, image_cache: ImageCache | None = None):
         self.stages = stages
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(repository.assets_dir(repo))
-        self.generator = Generator(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock)
+        self.generator = Generator(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock,
+                                   kv_budget=kv_budget, max_waiting=max_waiting)
         self.detokenizer = Detokenizer(tokenizer)
         self.image_cache = image_cache
         self.stops = Stops()

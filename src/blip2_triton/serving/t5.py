@@ -28,11 +28,14 @@ class T5LanguageModel:
                                     compute_lock=compute_lock)
         text = config.text_config
         self.embed_dim = text.d_model
+        self.num_query_tokens = config.num_query_tokens
         self.layers, self.heads, self.head_dim = text.num_decoder_layers, text.num_heads, specs.lm_head_dim(config)
         start = getattr(generation_config, "decoder_start_token_id", None)
         self.start_token = text.decoder_start_token_id if start is None else start
         # T5 has no position table; the tokenizer's limit (512 for Flan-T5) bounds prompts and answers.
         self.max_tokens = int(tokenizer.model_max_length)
+        cache = self.new_cache(1, 1)
+        self._position_bytes = (cache.decoder.position_bytes, cache.encoded.position_bytes)
         self._encoded_names = [n for i in range(self.layers) for n in (specs.encoder_key(i), specs.encoder_value(i))]
 
     def new_cache(self, slots: int = 1, capacity: int = 64) -> EncoderDecoderCache:
@@ -55,6 +58,13 @@ class T5LanguageModel:
         feeds = {specs.INPUT_IDS: tokens[:, None], specs.ATTENTION_MASK: self_attention_mask(lengths + 1),
                  specs.ENCODER_ATTENTION_MASK: encoder_mask}
         return self.decoder(feeds, cache.rows(start, start + rows), dict(zip(self._encoded_names, encoded)))
+
+    def cache_extent(self, prompt_ids, max_new_tokens: int) -> tuple[int, ...]:
+        # (decoder positions: the start token and the new tokens; encoder positions: queries + prompt)
+        return (1 + max_new_tokens, self.num_query_tokens + len(prompt_ids))
+
+    def cache_bytes(self, rows: int, extent: tuple[int, ...]) -> int:
+        return rows * (extent[0] * self._position_bytes[0] + extent[1] * self._position_bytes[1])
 
     def history(self, prompt_ids) -> np.ndarray:
         # An encoder-decoder generate() starts its input_ids at the decoder start token; the prompt

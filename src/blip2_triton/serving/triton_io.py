@@ -17,12 +17,13 @@ import numpy as np
 
 from blip2_triton import api
 from blip2_triton import specs
-from blip2_triton.errors import Cancelled, InvalidInput, Unavailable
-from blip2_triton.repository import IMAGE_CACHE, IMAGE_CACHE_BYTES
+from blip2_triton.errors import Cancelled, InvalidInput, ResourceExhausted, Unavailable
+from blip2_triton.repository import (DEFAULT_KV_CACHE_BUDGET, DEFAULT_MAX_QUEUE_SIZE, IMAGE_CACHE, IMAGE_CACHE_BYTES,
+                                     KV_CACHE_BUDGET, MAX_QUEUE_SIZE)
 from blip2_triton.sizing import EXCLUSIVE_COMPUTE, ORT_PROVIDERS, ORT_THREADS
 
 from .compute_lock import ComputeLock
-from .engine import TIMED_STAGES, EngineStats
+from .engine import TIMED_STAGES, EngineStats, kv_budget
 from .image_cache import ImageCache, ImageCacheStats
 
 log = logging.getLogger("blip2_triton.serving")
@@ -90,6 +91,20 @@ class ModelArgs:
         """onnxruntime execution providers config.pbtxt asks for (sizing.ORT_PROVIDERS), or None (CPU)."""
         value = self.parameter(ORT_PROVIDERS, "").strip()
         return [p.strip() for p in value.split(",") if p.strip()] or None
+
+    def kv_budget(self) -> int:
+        """The KV cache budget in bytes (parameter kv_cache_budget; absent: sized from the machine)."""
+        try:
+            return kv_budget(self.parameter(KV_CACHE_BUDGET, DEFAULT_KV_CACHE_BUDGET))
+        except ValueError as e:
+            raise ValueError(f"model {self.name!r}: {e}") from None
+
+    def max_queue_size(self) -> int:
+        """Requests that may wait for the engine (parameter max_queue_size)."""
+        value = self.parameter(MAX_QUEUE_SIZE, str(DEFAULT_MAX_QUEUE_SIZE))
+        if not value.strip().isdigit():
+            raise ValueError(f"model {self.name!r}: parameter {MAX_QUEUE_SIZE!r} must be a count >= 0, got {value!r}")
+        return int(value)
 
     def output_dtype(self, name: str) -> np.dtype:
         """An output's numpy dtype, read back from the config rather than repeated in code."""
@@ -171,7 +186,9 @@ def response(outputs: dict[str, np.ndarray], has_batch_dim: bool = False):
 
 def error_response(error: BaseException):
     """INVALID_ARGUMENT for the client's mistakes, CANCELLED for cancellation, UNAVAILABLE when a
-    stage's model is down (its process died, or it is being brought back), INTERNAL otherwise.
+    stage's model is down (its process died, or it is being brought back), "resource exhausted"
+    when the server is full (sent as UNAVAILABLE: the Python backend has no RESOURCE_EXHAUSTED; its
+    message says it), INTERNAL otherwise.
 
     The message starts with the status in words too: gRPC stream responses carry only a message,
     so that prefix is how a streaming client tells the kinds apart. A refusal's message carries
@@ -183,6 +200,8 @@ def error_response(error: BaseException):
         code, message = p.TritonError.INVALID_ARG, api.refusal_message(error.reason, str(error))
     elif isinstance(error, Cancelled):
         code, message = p.TritonError.CANCELLED, f"cancelled: {error}"
+    elif isinstance(error, ResourceExhausted):
+        code, message = p.TritonError.UNAVAILABLE, api.resource_exhausted_message(str(error))
     elif isinstance(error, Unavailable):
         log.warning("unavailable: %s", error)  # a fault outside this code: no traceback
         code, message = p.TritonError.UNAVAILABLE, api.unavailable_message(str(error))
@@ -270,6 +289,8 @@ def _call(model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict
             raise InvalidInput(refusal.text, refusal.reason)
         if code == p.TritonError.INVALID_ARG:  # Triton's own input checks
             raise InvalidInput(message, api.Reason.INPUT)
+        if api.is_resource_exhausted(message):  # the stage's queue is full
+            raise ResourceExhausted(f"model {model!r}: {message}")
         if code in (p.TritonError.UNAVAILABLE, p.TritonError.NOT_FOUND) or api.is_unavailable(message):
             raise Unavailable(f"model {model!r}: {message}")
         raise RuntimeError(f"model {model!r}: {message}")
@@ -337,6 +358,11 @@ class EngineMetrics(EngineStats):
         self._ttft_sum = counter("blip2_time_to_first_token_seconds_sum", "Sum of times to first token", labels)
         self._ttft_count = counter("blip2_time_to_first_token_seconds_count", "Sequences timed to first token", labels)
         self._active = gauge("blip2_active_sequences", "Sequences being generated", labels)
+        self._reserved = gauge("blip2_kv_cache_reserved_bytes",
+                               "KV cache bytes the active sequences may reach at most (what the budget bounds)", labels)
+        self._cache_bytes = gauge("blip2_kv_cache_bytes", "KV cache bytes allocated now", labels)
+        self._waiting = gauge("blip2_waiting_requests",
+                              "Requests received and not yet decoding (bounded by max_queue_size)", labels)
         self._stages = {
             stage: (counter(f"blip2_{stage}_seconds_sum", f"Seconds spent in {stage}", labels),
                     counter(f"blip2_{stage}_seconds_count", f"Timed runs of {stage}", labels))
@@ -369,6 +395,13 @@ class EngineMetrics(EngineStats):
     def on_active(self, sequences: int) -> None:
         super().on_active(sequences)
         self._active.set(sequences)  # synchronous: done before the engine sends a token
+
+    def on_waiting(self, requests: int) -> None:
+        self._waiting.set(requests)
+
+    def on_cache(self, reserved_bytes: int, allocated_bytes: int) -> None:
+        self._reserved.set(reserved_bytes)
+        self._cache_bytes.set(allocated_bytes)
 
     def on_stage(self, stage: str, seconds: float) -> None:
         total, count = self._stages[stage]
