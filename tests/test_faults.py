@@ -37,6 +37,9 @@ from .conftest import BackgroundLoad, metric, random_image, wait_for_active
     ("INTERNAL", "Stub process 'blip2_0_0' is not healthy."),  # the same, unary
     (None, "Failed to obtain the health mutex."),  # it died holding that lock
     ("UNAVAILABLE", "Stream removed (Socket closed)"),  # the server restarting under a stream
+    # a request that reaches a tritonserver being stopped (the supervisor restarting it)
+    (None, "[request id: 559c0b25] Server is stopping, scheduler for model has stopped accepting new inference "
+           "requests"),
     # what a server before this change sent for a dead stage
     (None, "internal error: RuntimeError: model 'qformer': Stub process 'qformer_0_0' is not healthy."),
 ])

@@ -130,12 +130,14 @@ UNAVAILABLE_PREFIX = "unavailable: "
 # Triton's own words (not ours) for a model that cannot serve now: its process died ("Stub process
 # 'blip2_0_0' is not healthy.", or "Failed to obtain the health mutex." when it died holding that
 # lock, from the Python backend), or it is unloaded or loading again ("Model 'qformer' is not
-# ready.", "Request for unknown model: 'blip2' has no available versions"). A stage's failure
+# ready.", "Request for unknown model: 'blip2' has no available versions"), or the whole server is
+# being stopped (the supervisor restarting it: "Server is stopping, ..."). A stage's failure
 # reaches the served code in these words, mostly as INTERNAL, and a request to the `blip2` model
 # itself reaches the client in them.
 TRITON_UNAVAILABLE = re.compile(
     r"Stub process '[^']*' is not healthy|Failed to obtain the health mutex|Model '[^']*' is not ready"
-    r"|unknown model: '[^']*' has no available versions")
+    r"|unknown model: '[^']*' has no available versions"
+    r"|Server is stopping, scheduler for model has stopped accepting new inference requests")
 
 
 def unavailable_message(text: str) -> str:
