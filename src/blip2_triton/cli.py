@@ -81,6 +81,12 @@ def _soak(args) -> int:
     return run_from_args(args)
 
 
+def _bench_retrieval(args) -> int:
+    from blip2_triton.benchmarks.retrieval import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.export.exporter import DTYPES
     from blip2_triton.sizing import add_arguments as add_sizing_arguments
@@ -150,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "server memory over time")
     add_soak_arguments(p)
     p.set_defaults(func=_soak)
+
+    from blip2_triton.benchmarks.retrieval import add_arguments as add_retrieval_bench_arguments
+
+    p = sub.add_parser("bench-retrieval", help="embed_image, ITM, index and search benchmarks, side by side with transformers")
+    add_retrieval_bench_arguments(p)
+    p.set_defaults(func=_bench_retrieval)
     return parser
 
 
