@@ -3,12 +3,12 @@ scenes with BLIP-2's stage-1 losses (image-text contrastive and image-text match
 evaluation (text -> image recall@1, ITM accuracy on one-attribute mismatches).
 
 Its vision tower, learned queries and Q-Former start from the bundled captioning model
-(`blip2-tiny-scenes`), which already reads shapes, colors and order; the Q-Former's text half
-(embeddings, text feed-forwards) starts from the query half's weights, as BLIP-2 starts both from
-BERT; projections and the ITM head start fresh.
+(`blip2-tiny-scenes`), which already reads shapes, colors and order; the image encoder stays
+frozen, as in BLIP-2's stage 1. The Q-Former's text feed-forwards start as its query half's (BLIP-2
+starts both from BERT); the text embeddings, projections and the ITM head start fresh.
 
-    python -m blip2_triton.toy.retrieval train --output src/blip2_triton/assets/blip2-tiny-scenes-itm
-    python -m blip2_triton.toy.retrieval evaluate --model src/blip2_triton/assets/blip2-tiny-scenes-itm
+    python -m blip2_triton.toy.retrieval train --threads 1          # writes the asset (model card: its README)
+    python -m blip2_triton.toy.retrieval evaluate --served          # the issue's yardstick, through tritonserver
 """
 from __future__ import annotations
 
@@ -76,13 +76,17 @@ def _caption_in_order(objects: list[SceneObject]) -> str:
 
 # ---- the model --------------------------------------------------------------------------------------
 def build_from_captioner(cfg: RetrievalTrainConfig):
-    """A Blip2ForImageTextRetrieval (and its processor) whose image stages come from the captioner."""
+    """A Blip2ForImageTextRetrieval (and its processor) whose image stages come from the captioner
+    (or, when `init_from` is a retrieval checkpoint, that checkpoint as it is)."""
     import torch
     from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
     from .presets import build_processor
     from .tokenizer import build_bert_tokenizer
 
+    if "Blip2ForImageTextRetrieval" in json.loads((Path(cfg.init_from) / "config.json").read_text())["architectures"]:
+        # a retrieval checkpoint already: continue its training (another run's schedule)
+        return Blip2ForImageTextRetrieval.from_pretrained(cfg.init_from), AutoProcessor.from_pretrained(cfg.init_from)
     source = Blip2ForConditionalGeneration.from_pretrained(cfg.init_from)
     image_processor = AutoProcessor.from_pretrained(cfg.init_from).image_processor
     processor = build_processor(build_bert_tokenizer(), image_processor.size["height"], None)
@@ -345,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         model.save_pretrained(out)
         processor.save_pretrained(out)
         command = "python -m blip2_triton.toy.retrieval " + " ".join(sys.argv[1:] if argv is None else argv)
-        (out / "training_log.json").write_text(json.dumps({"config": asdict(cfg), "command": command,
-                                                           "seconds": seconds, "losses": losses}) + "\n")
-        plot_losses(losses, out / "loss_curve.png")
+        runs = _earlier_runs(Path(cfg.init_from)) + [
+            {"config": asdict(cfg), "command": command, "seconds": seconds, "losses": losses}]
+        (out / "training_log.json").write_text(json.dumps({"runs": runs}) + "\n")
+        plot_losses(runs, out / "loss_curve.png")
         print(f"trained {cfg.steps} steps in {seconds:.0f} s; wrote {out}")
         return 0
     if args.served:
@@ -379,14 +384,25 @@ def evaluate_served(model_dir: Path, n: int = 500) -> RetrievalReport:
                 return evaluate(ServedCalls(client), n=n)
 
 
-def plot_losses(losses: list[dict], path: Path, window: int = 50) -> None:
-    """ITC and ITM loss per step and their running means."""
+def _earlier_runs(init_from: Path) -> list[dict]:
+    """The training runs a continued run builds on (those of a retrieval checkpoint it starts from)."""
+    log = init_from / "training_log.json"
+    return json.loads(log.read_text())["runs"] if log.is_file() else []
+
+
+def plot_losses(runs: list[dict], path: Path, window: int = 50) -> None:
+    """ITC and ITM loss per step and their running means, over the runs one after the other."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    losses = [x for run in runs for x in run["losses"]]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    start = 0
+    for run in runs[:-1]:
+        start += len(run["losses"])
+        ax.axvline(start, color="gray", linestyle="--", linewidth=0.8)
     for key, color in (("itc", "tab:blue"), ("itm", "tab:orange")):
         v = [x[key] for x in losses]
         mean = [sum(v[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(v))]
@@ -401,6 +417,7 @@ def plot_losses(losses: list[dict], path: Path, window: int = 50) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
 
 if __name__ == "__main__":
     sys.exit(main())
