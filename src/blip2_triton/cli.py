@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
-    p = sub.add_parser("demo", help="export the embedded OPT and Flan-T5 models, serve each with tritonserver, ask, stop")
+    p = sub.add_parser("demo", help="export the embedded OPT and Flan-T5 models (then the retrieval one), serve each with tritonserver, ask, stop")
     p.add_argument("--workdir", default="artifacts/demo", help="where the exported repositories go")
     p.add_argument("--model", help="one checkpoint to use instead of the embedded ones")
     p.set_defaults(func=_demo)
