@@ -19,6 +19,7 @@ import numpy as np
 
 from blip2_triton import repository, specs
 
+from .checkpoint_files import Tokenizer
 from .detokenize import Detokenizer
 from .engine import EngineStats, Request
 from .generator import Generator
@@ -72,9 +73,7 @@ class Blip2Service:
                  max_waiting: int | None = None):
         self.stages = stages
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(repository.assets_dir(repo))
+            tokenizer = Tokenizer(repository.assets_dir(repo))
         self.generator = Generator(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock,
                                    kv_budget=kv_budget, max_waiting=max_waiting)
         self.detokenizer = Detokenizer(tokenizer)
