@@ -134,7 +134,10 @@ def prepare_model(spec: str, workdir: Path, rebuild: bool = False, seed: int = 0
             log.info("exporting %s -> %s (int8)", checkpoint, repo_int8)
             export_checkpoint(checkpoint, repo_int8, quantize="int8", progress=False)
         stamp.write_text(json.dumps(key))
-    report = json.loads((repository.assets_dir(repo) / "export_report.json").read_text())
+    assets = repository.assets_dir(repo)
+    if not assets.is_dir():  # a retrieval checkpoint's export keeps its assets beside `match`
+        assets = repository.retrieval_assets_dir(repo)
+    report = json.loads((assets / "export_report.json").read_text())
     return PreparedModel(name, checkpoint, repo, source, report.get("seconds"), report.get("max_abs_diff", {}),
                          repo_int8 if int8 else None)
 

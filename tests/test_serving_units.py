@@ -223,6 +223,55 @@ def test_preprocess_does_not_import_torch(exported, tmp_path):
     assert out.strip() == "[]"
 
 
+def test_generation_does_not_import_torch(exported, tmp_path):
+    """The `blip2` model's process (tokenizer, configs, decoder, engine) runs without transformers,
+    and so without torch: LocalPipeline runs that same service with in-process stages."""
+    import subprocess
+    import sys
+
+    _, repo, _ = exported("tiny-opt")
+    image = tmp_path / "image.png"
+    image.write_bytes(random_image(1))
+    code = ("import sys; from blip2_triton.serving.pipeline import LocalPipeline; "
+            f"p = LocalPipeline({str(repo)!r}); assert p(open({str(image)!r}, 'rb').read(), 'a photo of', "
+            "max_new_tokens=3).token_ids; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("preset", ["tiny-opt", "tiny-t5", "embedded"])
+def test_checkpoint_files_read_as_transformers_reads_them(preset, exported):
+    """The server's torch-free readers give transformers' config values, resolved generation
+    parameters, tokenization, decoding (special tokens skipped or not) and length limit."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from blip2_triton.generation.params import GenerationParams
+    from blip2_triton.serving.checkpoint_files import Tokenizer, load_config, load_generation_config
+    from blip2_triton.toy.embedded import TRAINED_MODEL
+
+    ckpt = str(TRAINED_MODEL) if preset == "embedded" else str(exported(preset)[0])
+    ours, ref = load_config(ckpt), AutoConfig.from_pretrained(ckpt)
+    for name in ("num_query_tokens", "image_token_index"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    for name in ("model_type", "num_decoder_layers", "num_heads", "d_model", "decoder_start_token_id",
+                 "max_position_embeddings"):
+        assert getattr(ours.text_config, name, None) == getattr(ref.text_config, name, None), name
+    assert specs.lm_head_dim(ours) == specs.lm_head_dim(ref)
+    for controls in ({}, {"max_new_tokens": 5}, {"num_beams": 3}, {"do_sample": True, "temperature": 0.7, "top_k": 4}):
+        assert (GenerationParams.from_generation_config(load_generation_config(ckpt), prompt_length=40, **controls)
+                == GenerationParams.from_generation_config(GenerationConfig.from_pretrained(ckpt), prompt_length=40,
+                                                           **controls)), controls
+    ours, ref = Tokenizer(ckpt), AutoTokenizer.from_pretrained(ckpt)
+    assert ours.model_max_length == ref.model_max_length
+    for prompt in PROMPTS:
+        assert ours(prompt, add_special_tokens=False) == {"input_ids": ref(prompt, add_special_tokens=False)["input_ids"]}
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = rng.integers(0, len(ref), rng.integers(1, 12)).tolist()
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), (ids, skip)
+
+
 def test_preprocess_batch_isolates_bad_items(preprocessor):
     results = preprocessor.batch([(random_image(1), b""), (b"junk", b""), (random_image(2), "é".encode())])
     assert isinstance(results[1], InvalidInput) and "image" in str(results[1])

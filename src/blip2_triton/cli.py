@@ -92,6 +92,12 @@ def _soak(args) -> int:
     return run_from_args(args)
 
 
+def _bench_retrieval(args) -> int:
+    from blip2_triton.benchmarks.retrieval import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.export.exporter import DTYPES
     from blip2_triton.sizing import add_arguments as add_sizing_arguments
@@ -132,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
-    p = sub.add_parser("demo", help="export the embedded OPT and Flan-T5 models, serve each with tritonserver, ask, stop")
+    p = sub.add_parser("demo", help="export the embedded OPT and Flan-T5 models (then the retrieval one), serve each with tritonserver, ask, stop")
     p.add_argument("--workdir", default="artifacts/demo", help="where the exported repositories go")
     p.add_argument("--model", help="one checkpoint to use instead of the embedded ones")
     p.set_defaults(func=_demo)
@@ -165,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "server memory over time")
     add_soak_arguments(p)
     p.set_defaults(func=_soak)
+
+    from blip2_triton.benchmarks.retrieval import add_arguments as add_retrieval_bench_arguments
+
+    p = sub.add_parser("bench-retrieval", help="embed_image, ITM, index and search benchmarks, side by side with transformers")
+    add_retrieval_bench_arguments(p)
+    p.set_defaults(func=_bench_retrieval)
     return parser
 
 

@@ -24,6 +24,7 @@ from blip2_triton import repository, specs
 from blip2_triton.api import Reason
 from blip2_triton.errors import InvalidInput
 
+from .checkpoint_files import Tokenizer
 from .detokenize import Detokenizer
 from .engine import EngineStats, Request
 from .generator import Generator
@@ -107,9 +108,7 @@ class Blip2Service:
                  max_waiting: int | None = None, image_cache: ImageCache | None = None):
         self.stages = stages
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(repository.assets_dir(repo))
+            tokenizer = Tokenizer(repository.assets_dir(repo))
         self.generator = Generator(repo, tokenizer, threads=threads, stats=stats, compute_lock=compute_lock,
                                    kv_budget=kv_budget, max_waiting=max_waiting)
         self.detokenizer = Detokenizer(tokenizer)
