@@ -257,10 +257,14 @@ def test_ctrl_c_mid_generation_exits_at_once_and_frees_the_sequence(served, gate
     before = metric(server, "blip2_generated_tokens_total")
     argv = [command, "caption", images[0][0], *url, "--max-new-tokens", str(LONG), "--min-new-tokens", str(LONG)]
     # SIGINT as a terminal leaves it: a test run started in the background (`cmd &` in a script)
-    # inherits it ignored, and Python then never raises KeyboardInterrupt.
-    proc = subprocess.Popen(argv + (["--stream"] if stream else []), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # inherits it ignored, and Python then never raises KeyboardInterrupt. A handled signal is
+    # reset to its default at exec (preexec_fn would run Python in a forked threaded process).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(argv + (["--stream"] if stream else []), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         gate.allow(3)  # the prefill and two steps
         gate.wait_blocked()
