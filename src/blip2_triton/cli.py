@@ -59,7 +59,15 @@ def _configure(args) -> int:
 def _make_tiny(args) -> int:
     from blip2_triton.toy.presets import build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(args.output, args.preset, seed=args.seed)
+    if args.weights_dtype != "float32":
+        from blip2_triton.toy.presets import SHARDED_PRESETS
+        from blip2_triton.toy.sharded import build_sharded_checkpoint
+
+        if args.preset not in SHARDED_PRESETS:
+            raise SystemExit(f"error: --weights-dtype is for the shard-by-shard presets {SHARDED_PRESETS}")
+        path = build_sharded_checkpoint(args.output, args.preset, seed=args.seed, dtype=args.weights_dtype)
+    else:
+        path = build_tiny_checkpoint(args.output, args.preset, seed=args.seed)
     print(f"wrote tiny checkpoint {args.preset!r} to {path}")
     return 0
 
@@ -136,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(ALL_PRESETS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="stored weights of a shard-by-shard preset (opt-2.7b-size); bfloat16 halves the disk")
     p.set_defaults(func=_make_tiny)
 
     p = sub.add_parser("demo", help="export the embedded OPT and Flan-T5 models (then the retrieval one), serve each with tritonserver, ask, stop")

@@ -68,6 +68,8 @@ class TinyPreset:
     qformer_max_positions: int = 512
     cross_attention_frequency: int = 2
     image_token: bool = True
+    # The vision MLP's width. None: 4 x vision_hidden (ViT-g/14's is 6144 for 1408).
+    vision_mlp: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -134,7 +136,19 @@ BENCH_PRESETS: dict[str, TinyPreset] = {
         qformer_hidden=768, qformer_layers=12, qformer_heads=12, num_query_tokens=32, init_std=0.02,
         image_text_hidden_size=256, qformer_max_positions=64, image_token=False,
     ),
+    # Salesforce/blip2-opt-2.7b's architecture with random weights (3.8B parameters, 15.5 GB at
+    # fp32): ViT-g/14 (1408 wide, 39 layers, 16 heads, MLP 6144) at 224 px, the 12-layer Q-Former
+    # with 32 queries cross-attending every 2nd layer, OPT-2.7b (2560 wide, 32 layers, 32 heads,
+    # FFN 10240, 50272-row vocabulary). Too big to build in RAM: `toy.sharded` writes it.
+    "opt-2.7b-size": TinyPreset(
+        image_size=224, patch_size=14, vision_hidden=1408, vision_layers=39, vision_heads=16, vision_mlp=6144,
+        qformer_hidden=768, qformer_layers=12, qformer_heads=12, num_query_tokens=32,
+        text_hidden=2560, text_layers=32, text_heads=32, ffn_dim=10240, max_position_embeddings=2048,
+        init_std=0.02, vocab_size=50272,
+    ),
 }
+# Presets built shard by shard (toy.sharded), never whole in memory.
+SHARDED_PRESETS = ("opt-2.7b-size",)
 # Blip2ForImageTextRetrieval presets (ITC + ITM): the retrieval parity tests run every entry.
 RETRIEVAL_PRESETS: dict[str, TinyPreset] = {
     # The processor adds no image tokens (config.image_token_index None); a Q-Former layer
@@ -209,7 +223,7 @@ def blip2_config(preset: TinyPreset, vocab_size: int, image_token_index: int | N
         image_size=p.image_size,
         patch_size=p.patch_size,
         hidden_size=p.vision_hidden,
-        intermediate_size=4 * p.vision_hidden,
+        intermediate_size=p.vision_mlp or 4 * p.vision_hidden,
         num_hidden_layers=p.vision_layers,
         num_attention_heads=p.vision_heads,
         initializer_range=p.init_std,  # transformers' default here is 1e-10: images would not matter
@@ -248,12 +262,17 @@ def build_processor(tokenizer, image_size: int, num_query_tokens: int | None):
 
 
 def build_tiny_checkpoint(output: str | Path, preset: str = DEFAULT_PRESET, seed: int = 0) -> Path:
-    """Write a random-weight tiny BLIP-2 checkpoint with its processor to `output`."""
+    """Write a random-weight tiny BLIP-2 checkpoint with its processor to `output` (the presets of
+    SHARDED_PRESETS shard by shard: toy.sharded.build_sharded_checkpoint)."""
     import torch
     from transformers import Blip2ForConditionalGeneration, GenerationConfig
 
     if preset not in ALL_PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; choose from {sorted(ALL_PRESETS)}")
+    if preset in SHARDED_PRESETS:
+        from .sharded import build_sharded_checkpoint
+
+        return build_sharded_checkpoint(output, preset, seed=seed)
     p = ALL_PRESETS[preset]
     if p.task == "retrieval":
         return _build_retrieval_checkpoint(Path(output), p, seed)
@@ -280,12 +299,18 @@ def build_tiny_checkpoint(output: str | Path, preset: str = DEFAULT_PRESET, seed
             lm.decoder.final_layer_norm.weight.fill_(T5_LOGIT_STD / (p.initializer_factor * root))
         generation = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, max_new_tokens=20)
     else:
-        generation = GenerationConfig(bos_token_id=2, eos_token_id=2, pad_token_id=1, max_new_tokens=20)
+        generation = opt_generation_config()
     model.generation_config = generation
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     processor.save_pretrained(output)
     return output
+
+
+def opt_generation_config():
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=2, eos_token_id=2, pad_token_id=1, max_new_tokens=20)
 
 
 def _build_retrieval_checkpoint(output: Path, p: TinyPreset, seed: int) -> Path:
