@@ -26,6 +26,7 @@ from .onnx_io import consolidate_external_data, export_module, graph_bytes
 from .quantize import QUANTIZATIONS, graph_quantization, quantize_graph
 from .repository_writer import remove_stale_models, write_repository
 from .shapes import fold_reshape_shapes
+from .streaming import quantize_streaming, stream_weights
 from .validate import OutputCheck, ValidationError, compare, reference_cases, summarize
 
 log = logging.getLogger("blip2_triton.export")
@@ -63,6 +64,7 @@ def export_checkpoint(
     sizing=None,
     stateless_backend: str = "python",
     image_cache_bytes: int | None = repository.DEFAULT_IMAGE_CACHE_BYTES,
+    low_memory: bool = False,
 ) -> ExportReport:
     """Export all graphs of `model` (hub id or directory) into the Triton repository `output`.
 
@@ -75,7 +77,10 @@ def export_checkpoint(
     progress: one line per step on stderr (loading; per graph: trace + export, weights, shape
     folding, PyTorch reference outputs; then per graph: validation in onnxruntime).
     sizing: instances, threads, batching and devices per model (blip2_triton.sizing.Sizing; default:
-    one instance of each model on the CPU). stateless_backend: "onnxruntime" has Triton's own
+    one instance of each model on the CPU). low_memory: one submodule in memory at a time
+    (export/bounded.py, export/streaming.py; BLIP-2 OPT, fp32, a local checkpoint): each graph is
+    loaded, traced with its weights streamed to disk, checked in PyTorch, released, then validated
+    and quantized, before the next is loaded. stateless_backend: "onnxruntime" has Triton's own
     onnxruntime backend run the vision encoder and Q-Former (NVIDIA's containers only).
     """
     if dtype not in DTYPES:
@@ -89,14 +94,25 @@ def export_checkpoint(
     report = ExportReport(model=str(model), dtype=dtype if quantize is None else f"{dtype}+{quantize}",
                           validated=validate)
 
-    say(f"loading {model} ({dtype})")
-    blip2, processor = load_checkpoint(model, float_dtype)
-    check_image_size(processor, blip2.config)
-    config, generation_config = blip2.config, getattr(blip2, "generation_config", None)  # None: retrieval
-    graphs = family_graphs(blip2, float_dtype)
-    names = [g.spec.name for g in graphs]
+    say(f"loading {model} ({dtype}{', one submodule at a time' if low_memory else ''})")
+    if low_memory:
+        from transformers import AutoProcessor
+
+        from .bounded import SubmoduleLoader
+
+        loader = SubmoduleLoader(model, float_dtype)
+        processor = AutoProcessor.from_pretrained(model)
+        config, generation_config = loader.config, loader.generation_config
+        check_image_size(processor, config)
+        names = loader.graph_names()
+    else:
+        blip2, processor = load_checkpoint(model, float_dtype)
+        check_image_size(processor, blip2.config)
+        config, generation_config = blip2.config, getattr(blip2, "generation_config", None)  # None: retrieval
+        graphs = family_graphs(blip2, float_dtype)
+        names = [g.spec.name for g in graphs]
     say(f"loaded in {time.perf_counter() - steps.start:.1f} s, peak RSS {peak_rss_mib():.0f} MiB; "
-        f"{len(graphs)} graphs: {', '.join(names)}")
+        f"{len(names)} graphs: {', '.join(names)}")
 
     def step(n: int):
         return lambda what: say(f"[{n}/{len(names)}] {names[n - 1]}: {what}")
@@ -105,16 +121,27 @@ def export_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would become the repository's mode
     try:
-        # Phase 1, with the PyTorch model: trace every graph, and run its validation cases in PyTorch.
-        staged = [_write_graph(graph, staging, report, validate, quantize, step(n)) for n, graph in enumerate(graphs, 1)]
-        # Phase 2, without it: dropping the model's weights before onnxruntime loads a graph keeps the
-        # peak at the model plus one graph being written, or one graph in onnxruntime, not both.
-        del blip2, graphs
-        gc.collect()
-        say(f"PyTorch model released: RSS {_rss_mib():.0f} MiB")
         checks: list[OutputCheck] = []
-        for n, item in enumerate(staged, 1):
-            checks += _validate_graph(*item, staging, report, providers, quantize, step(n))
+        if low_memory:
+            # Graph by graph: its submodule loaded, traced and run in PyTorch, released; then the
+            # graph alone in onnxruntime and quantized, one tensor at a time.
+            for n, name in enumerate(names, 1):
+                with loader.graph(name) as graph:
+                    item = _write_graph(graph, staging, report, validate, quantize, step(n), stream=True)
+                    del graph
+                gc.collect()
+                step(n)(f"submodule released: RSS {_rss_mib():.0f} MiB")
+                checks += _validate_graph(*item, staging, report, providers, quantize, step(n), stream=True)
+        else:
+            # Phase 1, with the PyTorch model: trace every graph, and run its validation cases in PyTorch.
+            staged = [_write_graph(graph, staging, report, validate, quantize, step(n)) for n, graph in enumerate(graphs, 1)]
+            # Phase 2, without it: dropping the model's weights before onnxruntime loads a graph keeps the
+            # peak at the model plus one graph being written, or one graph in onnxruntime, not both.
+            del blip2, graphs
+            gc.collect()
+            say(f"PyTorch model released: RSS {_rss_mib():.0f} MiB")
+            for n, item in enumerate(staged, 1):
+                checks += _validate_graph(*item, staging, report, providers, quantize, step(n))
         shutil.rmtree(staging / FULL_PRECISION, ignore_errors=True)  # emptied graph by graph; not shipped
         report.checks = [asdict(c) | {"ok": c.ok} for c in checks]
         report.max_abs_diff = summarize(checks)
@@ -139,16 +166,22 @@ def export_checkpoint(
     return report
 
 
-def _write_graph(graph, staging: Path, report: ExportReport, validate: bool, quantize, say):
+def _write_graph(graph, staging: Path, report: ExportReport, validate: bool, quantize, say, stream: bool = False):
     """Trace one graph into `staging`, write its weights, fold its shapes, and compute its PyTorch
-    reference outputs; -> (spec, ONNX path, reference cases) for `_validate_graph`."""
+    reference outputs; -> (spec, ONNX path, reference cases) for `_validate_graph`.
+    stream: the weights written tensor by tensor from the module (export/streaming.py)."""
     t0 = time.perf_counter()
     final = repository.graph_path(staging, graph.spec.name)
     path = final if quantize is None else staging / FULL_PRECISION / graph.spec.name / final.name
-    say("trace + export")
-    export_module(graph.module, graph.spec, graph.sample(graph.trace_axes), path, graph.custom_opsets)
-    say("write weights" + (" (one external-data file)" if _has_external_files(path) else ""))
-    consolidate_external_data(path)
+    say("trace + export" + (" (no weights)" if stream else ""))
+    export_module(graph.module, graph.spec, graph.sample(graph.trace_axes), path, graph.custom_opsets,
+                  with_weights=not stream)
+    if stream:
+        say("write weights, tensor by tensor, into one external-data file")
+        stream_weights(path, graph.module)
+    else:
+        say("write weights" + (" (one external-data file)" if _has_external_files(path) else ""))
+        consolidate_external_data(path)
     say("fold reshape shapes")
     fold_reshape_shapes(path)  # before validation: the gate checks the graph as it ships
     cases = []
@@ -162,18 +195,20 @@ def _write_graph(graph, staging: Path, report: ExportReport, validate: bool, qua
 
 
 def _validate_graph(spec, path: Path, cases, staging: Path, report: ExportReport, providers, quantize,
-                    say) -> list[OutputCheck]:
-    """Run the reference cases in onnxruntime (then quantize, and check the quantized graph too)."""
+                    say, stream: bool = False) -> list[OutputCheck]:
+    """Run the reference cases in onnxruntime (then quantize, and check the quantized graph too).
+    stream: quantize tensor by tensor, and run the full-precision graph without prepacked weight
+    copies (the same products; onnxruntime would otherwise hold the weights twice while loading)."""
     t0 = time.perf_counter()
     checks = []
     if cases:
         say(f"validate in onnxruntime against PyTorch ({len(cases)} cases)")
-        checks += compare(spec, cases, path, providers)
+        checks += compare(spec, cases, path, providers, prepacking=not stream)
     final = repository.graph_path(staging, spec.name)
     if quantize is not None:
         kind = graph_quantization(spec.name, quantize)
-        say(f"quantize ({kind})")
-        quantize_graph(path, final, kind)
+        say(f"quantize ({kind}{', tensor by tensor' if stream else ''})")
+        (quantize_streaming if stream else quantize_graph)(path, final, kind)
         shutil.rmtree(path.parent)
         if cases:
             say(f"validate {kind} in onnxruntime against PyTorch ({len(cases)} cases)")

@@ -15,12 +15,15 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 
 def export_module(module: torch.nn.Module, spec: GraphSpec, sample: dict[str, torch.Tensor], path: Path,
-                  custom_opsets: dict[str, int] | None = None) -> Path:
+                  custom_opsets: dict[str, int] | None = None, with_weights: bool = True) -> Path:
     """Trace `module` on `sample` (keyed by the spec's input names) and write `path` per `spec`.
 
     The TorchScript exporter is used: it takes the spec's dynamic axes as they are declared and
     traces transformers' modules without a rewrite. For graphs over 2 GiB it writes one file per
     tensor next to `path`; `consolidate_external_data` folds those into `<path>.data`.
+    with_weights=False: the weights become graph inputs named after the module's tensors, and
+    nothing is constant-folded (folding `W.T` would copy every linear weight); the caller writes
+    them (streaming.stream_weights).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     args = tuple(sample[name] for name in spec.input_names)
@@ -38,7 +41,8 @@ def export_module(module: torch.nn.Module, spec: GraphSpec, sample: dict[str, to
             dynamic_axes=spec.dynamic_axes,
             opset_version=OPSET,
             custom_opsets=custom_opsets or {},
-            do_constant_folding=True,
+            do_constant_folding=with_weights,
+            export_params=with_weights,
             dynamo=False,
         )
     return path

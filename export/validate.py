@@ -94,13 +94,13 @@ def reference_cases(export: GraphExport) -> list[Case]:
 
 
 def compare(spec: specs.GraphSpec, cases: list[Case], onnx_path: Path, providers: list[str] | None = None,
-            precision: str | None = None) -> list[OutputCheck]:
+            precision: str | None = None, prepacking: bool = True) -> list[OutputCheck]:
     """Run every case through onnxruntime and compare output by output with PyTorch's.
 
     precision: the tolerance row to use; by default the graph's float dtype ("int8" for a
     quantized graph, whose checks are named `<graph>[int8]`).
     """
-    sess = make_session(onnx_path, providers=providers)
+    sess = make_session(onnx_path, providers=providers, prepacking=prepacking)
     atol, rtol = TOLERANCES[precision or _float_dtype(spec)]
     checks = []
     for case in cases:

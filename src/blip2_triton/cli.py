@@ -27,7 +27,7 @@ def _export(args) -> int:
             args.model, args.output, dtype=args.dtype, validate=not args.no_validate,
             providers=args.providers.split(",") if args.providers else None, quantize=args.quantize,
             image_cache_bytes=None if args.no_image_cache else args.image_cache_mib * 2**20,
-            sizing=sizing, stateless_backend=args.stateless_backend,
+            sizing=sizing, stateless_backend=args.stateless_backend, low_memory=args.low_memory,
         )
     except ValidationError as e:
         print(f"error: {e.summary}", file=sys.stderr)  # every failing case: the kept report
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp16 is meant for GPU deployments")
     p.add_argument("--quantize", choices=QUANTIZATIONS, help="int8 weights for the MatMuls; int4 (MatMulNBits) for the decoder's, int8 elsewhere (validated after fp32)")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-PyTorch gate")
+    p.add_argument("--low-memory", action="store_true",
+                   help="one submodule in memory at a time, weights written and quantized tensor by tensor "
+                        "(BLIP-2 OPT, fp32, a local checkpoint; for models near the machine's RAM, e.g. blip2-opt-2.7b)")
     p.add_argument("--providers", help="onnxruntime providers for validation, comma-separated")
     p.add_argument("--stateless-backend", choices=("python", "onnxruntime"), default="python",
                    help="who runs the vision encoder and Q-Former: onnxruntime in the Python backend (everywhere), "

@@ -53,9 +53,10 @@ def release_free_heap() -> None:
 
 
 def make_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
-                 spinning: bool = True):
+                 spinning: bool = True, prepacking: bool = True):
     """An onnxruntime session; `threads` None takes THREADS_ENV's count, else onnxruntime's default;
-    `spinning=False` for graphs run once per request.
+    `spinning=False` for graphs run once per request. `prepacking=False`: no prepacked weight
+    copies (a graph loaded once for a check, whose weights would otherwise be held twice at load).
 
     onnxruntime's intra-op threads spin for a while after each run, waiting for more work. That
     pays off for the decoder, whose steps follow each other, but the vision encoder's and the
@@ -69,6 +70,8 @@ def make_session(path: str | Path, threads: int | None = None, providers: list[s
     options = ort.SessionOptions()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
