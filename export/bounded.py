@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from blip2_triton import specs
+from blip2_triton.serving.onnx_graph import release_free_heap
 
 # What each graph computes, as attributes of Blip2ForConditionalGeneration.
 SUBMODULES = {
@@ -29,10 +30,9 @@ class SubmoduleLoader:
 
     def __init__(self, model: str | Path, float_dtype: str = "float32"):
         import torch
-        from transformers import Blip2Config, GenerationConfig
+        from transformers import Blip2Config, Blip2ForConditionalGeneration, GenerationConfig
 
         from blip2_triton.families import family_of, is_retrieval
-        from blip2_triton.toy.sharded import meta_model
 
         if float_dtype != "float32":
             raise ValueError("--low-memory export is fp32 (with or without --quantize)")
@@ -45,7 +45,8 @@ class SubmoduleLoader:
         if is_retrieval(self.config) or family_of(self.config).name != "opt":
             raise ValueError("--low-memory export covers BLIP-2 OPT generation checkpoints")
         self.generation_config = GenerationConfig.from_pretrained(self.path)
-        self.shell = meta_model(self.config)
+        with torch.device("meta"):  # no storage: each graph's submodules are loaded into it in turn
+            self.shell = Blip2ForConditionalGeneration(self.config)
         self.loaded: set[str] = set()
 
     def graph_names(self) -> list[str]:
@@ -86,6 +87,9 @@ class SubmoduleLoader:
             finally:
                 hf_logging.set_verbosity(verbosity)
             setattr(self.shell, part, module.eval())
+            # Widening bf16 shards to fp32 frees a buffer per tensor; glibc keeps such pages
+            # unless asked, and they would sit beside the next, larger submodule.
+            release_free_heap()
         elif part == "query_tokens":
             self.shell.query_tokens = torch.nn.Parameter(self._tensor("query_tokens"), requires_grad=False)
         elif part == "language_projection":
@@ -101,6 +105,8 @@ class SubmoduleLoader:
         value = getattr(self.shell, part)
         meta = value.to("meta")
         setattr(self.shell, part, torch.nn.Parameter(meta, requires_grad=False) if isinstance(value, torch.nn.Parameter) else meta)
+        del value
+        release_free_heap()
         self.loaded.discard(part)
 
     def _tensor(self, name: str):

@@ -57,15 +57,14 @@ def _configure(args) -> int:
 
 
 def _make_tiny(args) -> int:
-    from blip2_triton.toy.presets import build_tiny_checkpoint
+    from blip2_triton.toy.presets import SHARDED_PRESETS, build_tiny_checkpoint
 
-    if args.weights_dtype != "float32":
-        from blip2_triton.toy.presets import SHARDED_PRESETS
+    if args.preset in SHARDED_PRESETS:
         from blip2_triton.toy.sharded import build_sharded_checkpoint
 
-        if args.preset not in SHARDED_PRESETS:
-            raise SystemExit(f"error: --weights-dtype is for the shard-by-shard presets {SHARDED_PRESETS}")
         path = build_sharded_checkpoint(args.output, args.preset, seed=args.seed, dtype=args.weights_dtype)
+    elif args.weights_dtype != "float32":
+        raise SystemExit(f"error: --weights-dtype is for the shard-by-shard presets {SHARDED_PRESETS}")
     else:
         path = build_tiny_checkpoint(args.output, args.preset, seed=args.seed)
     print(f"wrote tiny checkpoint {args.preset!r} to {path}")

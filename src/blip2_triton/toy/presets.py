@@ -263,16 +263,14 @@ def build_processor(tokenizer, image_size: int, num_query_tokens: int | None):
 
 def build_tiny_checkpoint(output: str | Path, preset: str = DEFAULT_PRESET, seed: int = 0) -> Path:
     """Write a random-weight tiny BLIP-2 checkpoint with its processor to `output` (the presets of
-    SHARDED_PRESETS shard by shard: toy.sharded.build_sharded_checkpoint)."""
+    SHARDED_PRESETS are built by toy.sharded.build_sharded_checkpoint instead)."""
     import torch
     from transformers import Blip2ForConditionalGeneration, GenerationConfig
 
     if preset not in ALL_PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; choose from {sorted(ALL_PRESETS)}")
     if preset in SHARDED_PRESETS:
-        from .sharded import build_sharded_checkpoint
-
-        return build_sharded_checkpoint(output, preset, seed=seed)
+        raise ValueError(f"{preset!r} is built shard by shard: toy.sharded.build_sharded_checkpoint")
     p = ALL_PRESETS[preset]
     if p.task == "retrieval":
         return _build_retrieval_checkpoint(Path(output), p, seed)
