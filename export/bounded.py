@@ -79,13 +79,22 @@ class SubmoduleLoader:
                  "language_model": (OPTForCausalLM, self.config.text_config)}
         if part in kinds:
             cls, config = kinds[part]
+            stored = self._stored_dtype(part)
+            # A checkpoint stored narrower than the export (bf16 shards, fp32 graphs): transformers
+            # widens every tensor while it keeps all shards memory-mapped, so the narrow bytes it
+            # read stay resident beside the wide model until it returns (1.5x the submodule).
+            # Loaded as stored, the tensors are the mapped file itself; widened one at a time
+            # below, each one's mapped pages are dropped as soon as it is copied.
+            narrow = stored.itemsize < self.dtype.itemsize
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # every other submodule's tensors are "unexpected" here
             try:
-                module = cls.from_pretrained(self.path, config=config, dtype=self.dtype, attn_implementation="eager",
-                                             key_mapping={rf"^{part}\.": ""})
+                module = cls.from_pretrained(self.path, config=config, dtype=stored if narrow else self.dtype,
+                                             attn_implementation="eager", key_mapping={rf"^{part}\.": ""})
             finally:
                 hf_logging.set_verbosity(verbosity)
+            if narrow:
+                _widen(module, self.dtype)
             setattr(self.shell, part, module.eval())
             # Widening bf16 shards to fp32 frees a buffer per tensor; glibc keeps such pages
             # unless asked, and they would sit beside the next, larger submodule.
@@ -109,6 +118,19 @@ class SubmoduleLoader:
         release_free_heap()
         self.loaded.discard(part)
 
+    def _stored_dtype(self, part: str):
+        """The dtype `part`'s tensors are stored in (its first tensor's, from the shard header)."""
+        import torch
+        from safetensors import safe_open
+
+        index = self.path / "model.safetensors.index.json"
+        weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+        shard = weight_map[next(k for k in weight_map if k.startswith(part + "."))] if weight_map else "model.safetensors"
+        with safe_open(str(self.path / shard), "pt") as f:
+            name = next(k for k in f.keys() if k.startswith(part + "."))
+            stored = f.get_slice(name).get_dtype()
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, self.dtype)
+
     def _tensor(self, name: str):
         from safetensors import safe_open
 
@@ -116,3 +138,39 @@ class SubmoduleLoader:
         shard = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
         with safe_open(str(self.path / shard), "pt") as f:
             return f.get_tensor(name).to(self.dtype)
+
+
+def _widen(module, dtype) -> None:
+    """Every floating tensor of `module` to `dtype`, one at a time, dropping each narrow tensor's
+    resident pages once copied (tied tensors stay tied)."""
+    import torch
+
+    done: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if id(param) not in done:
+                if not param.is_floating_point() or param.dtype == dtype:
+                    done[id(param)] = param
+                else:
+                    wide = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
+                    _drop_pages(param)
+                    done[id(param)] = wide
+            setattr(sub, name, done[id(param)])
+        for name, buffer in list(sub.named_buffers(recurse=False)):
+            if buffer.is_floating_point() and buffer.dtype != dtype:
+                sub._buffers[name] = buffer.to(dtype)
+
+
+def _drop_pages(tensor) -> None:
+    """madvise(MADV_DONTNEED) the whole pages of a tensor no one will read again: for a tensor that
+    is a memory-mapped file (how from_pretrained loads tensors kept in their stored dtype) this gives
+    its resident pages back now rather than when the whole shard is unmapped."""
+    import ctypes
+    import mmap
+
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED

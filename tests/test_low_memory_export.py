@@ -85,3 +85,25 @@ def test_low_memory_refuses_what_it_cannot_do(tiny_checkpoints, tmp_path):
         export_checkpoint(tiny_checkpoints("tiny-t5"), tmp_path / "t5", low_memory=True, progress=False)
     with pytest.raises(ValueError, match="fp32"):
         export_checkpoint(tiny_checkpoints("tiny-opt"), tmp_path / "fp16", dtype="fp16", low_memory=True, progress=False)
+
+
+def test_low_memory_export_of_bfloat16_shards(tmp_path):
+    """A checkpoint stored in bf16 (as the opt-2.7b-size run keeps it): each submodule is loaded as
+    stored and widened to fp32 tensor by tensor; the graphs pass the gate against transformers'
+    own fp32 load of the same checkpoint, and the tied LM head stays tied."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip2_triton.toy.sharded import build_sharded_checkpoint
+
+    checkpoint = build_sharded_checkpoint(tmp_path / "bf16", "tiny-opt", dtype="bfloat16", shard_bytes=40_000,
+                                          progress=False)
+    loader = bounded.SubmoduleLoader(checkpoint)
+    reference = Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    with loader.graph("llm_decoder"):
+        lm = loader.shell.language_model
+        assert all(p.dtype == torch.float32 for p in lm.parameters())
+        assert lm.lm_head.weight is lm.get_input_embeddings().weight
+        for (name, p), q in zip(lm.state_dict().items(), reference.language_model.state_dict().values()):
+            assert torch.equal(p, q), name
+    report = export_checkpoint(checkpoint, tmp_path / "repo", low_memory=True, progress=False)
+    assert max(report.max_abs_diff.values()) < 1e-4
