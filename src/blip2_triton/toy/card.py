@@ -112,6 +112,11 @@ def finetune_text(cfg: TrainConfig, seconds: float, machine: dict) -> str:
     """The model-card bullet of a run that continued from a checkpoint (`--init-from`)."""
     shared = ", each image encoded once per step" if cfg.shared_images else ""
     aux = "" if cfg.aux_weight == 0 else f" + auxiliary loss (weight {cfg.aux_weight:g}, fresh heads)"
+    if cfg.aux_weight > 0 and cfg.order_aux:
+        aux += (" (the order loss: a linear head on the T5 encoder's output at each object a position question names"
+                " classifies the object's rank left to right)")
+    if cfg.qa_weights:
+        shared += "; questions drawn by kind weight " + ", ".join(f"{k} x{w:g}" for k, w in cfg.qa_weights.items())
     return f"""- stage 3, continued from those weights: {cfg.steps} steps of the LM loss{aux}, batch {cfg.batch_size}
   ({int(round(cfg.caption_fraction * 100))}% captions, the rest VQA{shared}), fresh AdamW state, a new lr cycle:
   peak {cfg.lr} after {cfg.warmup_steps} warm-up steps, cosine decay to {cfg.min_lr_ratio:g}x; seed {cfg.seed},

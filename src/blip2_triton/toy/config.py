@@ -78,6 +78,9 @@ class TrainConfig:
     slot_aux: bool = True
     shape_count_aux: bool = True
     slot_per_query: bool = False
+    # T5 only: the order loss (`losses.order_loss`), each object a position question names -> its
+    # rank left to right, read from the encoder's output at its shape word (weight: aux_weight).
+    order_aux: bool = False
     # initializer_range of the vision tower (the rest keeps the preset's init_std).
     vision_init_std: float = 0.1
     preset: TinyPreset = SCENES_PRESET
@@ -91,3 +94,6 @@ class TrainConfig:
     # the T5 sibling starts from the OPT model's, as BLIP-2's OPT and Flan-T5 models share their
     # first stage.
     image_stages_from: str | None = None
+    # Question kind -> sampling weight of that kind among each scene's questions (1 for a kind
+    # not named); None: uniform. The Flan-T5 sibling's position stage draws position questions more often.
+    qa_weights: dict[str, float] | None = None

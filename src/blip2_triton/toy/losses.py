@@ -9,11 +9,16 @@ from .presets import TinyPreset
 from .scenes import MAX_OBJECTS, OBJECT_COLORS, SHAPES
 
 
-def aux_heads(preset: TinyPreset, slot: bool, shape_count: bool, slot_per_query: bool = False):
+def aux_heads(preset: TinyPreset, slot: bool, shape_count: bool, slot_per_query: bool = False,
+              order: bool = False):
     """The training-only auxiliary heads (a ModuleDict; None when every one is off)."""
     import torch
 
     heads = {}
+    if order:
+        if preset.family != "t5":
+            raise ValueError("the order loss reads the T5 encoder's outputs: it needs family t5")
+        heads["order"] = torch.nn.Linear(preset.text_hidden, MAX_OBJECTS)
     if slot and slot_per_query:
         heads["slot_query"] = torch.nn.Linear(preset.qformer_hidden, len(SHAPES) + 1 + len(OBJECT_COLORS) + 1)
     elif slot:
@@ -67,6 +72,17 @@ def slot_loss(head, query_output, slots, per_query: bool = False):
             + F.cross_entropy(logits[..., n_shape:].reshape(-1, n_color), slots[..., 1].reshape(-1))) / 2
 
 
+def order_loss(head, encoder_states, order):
+    """Cross-entropy of each object a position question names being k-th from the left, read by a
+    linear `head` from the T5 encoder's output at the object's shape word; order [N, 3] holds
+    (example, token position, rank). T5 has no absolute positions and its attention values carry
+    none, so the rank the question needs must travel as content from the query embeddings to the
+    question's words: this loss asks the encoder for that directly."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(head(encoder_states[order[:, 0], order[:, 1]]), order[:, 2])
+
+
 def losses_for(model, batch, heads=None):
     """(LM loss, auxiliary loss) for a batch; each image row is encoded once.
 
@@ -89,7 +105,7 @@ def losses_for(model, batch, heads=None):
                                    per_query=True))
         if "shape_count" in heads:
             parts.append(shape_count_loss(heads["shape_count"], features.last_hidden_state, batch["slots"]))
-        aux = sum(parts)
+        aux = sum(parts) if parts else None
     if "input_ids" not in batch:  # an image-only batch (`SceneDataset.image_batch`)
         return None, aux
     image_features = features.pooler_output
@@ -103,6 +119,9 @@ def losses_for(model, batch, heads=None):
     if not model.config.use_decoder_only_language_model:
         # T5 makes its decoder's inputs from the labels and returns their loss, as in the model's forward.
         lm = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], labels=labels)
+        if heads is not None and "order" in heads and len(batch["order"]):
+            order = order_loss(heads["order"], lm.encoder_last_hidden_state, batch["order"])
+            aux = order if aux is None else aux + order
         return lm.loss, aux
     logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"]).logits
     lm = model.loss_function(logits=logits[:, -labels.size(1):, :], labels=labels,

@@ -24,7 +24,7 @@ from .losses import aux_heads, losses_for
 from .embedded import TRAINED_MODELS
 from .model import SCENES_PRESETS, build_model_and_processor, copy_image_stages, count_parameters
 from .presets import TinyPreset
-from .scenes import HELDOUT_SEED, TRAIN_SEED, generate_scenes
+from .scenes import HELDOUT_SEED, QA_KINDS, TRAIN_SEED, generate_scenes
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -71,8 +71,8 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
                                encoder_decoder=cfg.preset.family == "t5")
     # Drawn after the model's weights, so the model's initialisation does not depend on it.
     aux_head = aux_heads(cfg.preset, cfg.aux_weight > 0 and cfg.slot_aux, cfg.aux_weight > 0 and cfg.shape_count_aux,
-                         cfg.slot_per_query)
-    if cfg.stage1_steps and aux_head is None:
+                         cfg.slot_per_query, cfg.aux_weight > 0 and cfg.order_aux)
+    if cfg.stage1_steps and (aux_head is None or set(aux_head) == {"order"}):
         raise ValueError("stage1_steps > 0 trains the auxiliary heads alone: it needs aux_weight > 0 and a head")
     model.train()
     named = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
@@ -94,7 +94,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
             total = aux
         else:
             batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator, cfg.shared_images,
-                                  cfg.prefix_fraction)
+                                  cfg.prefix_fraction, cfg.qa_weights)
             loss, aux = losses_for(model, batch, aux_head)
             total = loss if aux is None else loss + cfg.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slot-aux", action=argparse.BooleanOptionalAction, default=d.slot_aux)
     p.add_argument("--slot-per-query", action=argparse.BooleanOptionalAction, default=d.slot_per_query)
     p.add_argument("--shape-count-aux", action=argparse.BooleanOptionalAction, default=d.shape_count_aux)
+    p.add_argument("--order-aux", action=argparse.BooleanOptionalAction, default=d.order_aux,
+                   help="T5: auxiliary loss on each object a position question names: its rank left to right")
     p.add_argument("--vision-init-std", type=float, default=d.vision_init_std)
     p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="auxiliary slot loss weight; 0: LM loss only")
     p.add_argument("--patch-size", type=int, default=d.preset.patch_size)
@@ -151,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint this script wrote (its architecture; fresh optimizer and lr cycle)")
     p.add_argument("--prefix-fraction", type=float, default=d.prefix_fraction,
                    help="T5: fraction of captions split into an encoder prefix and a decoder suffix (prefix LM)")
+    p.add_argument("--qa-weight", action="append", default=[], metavar="KIND=W",
+                   help="draw questions of this kind W times as often as the others (repeatable; needs --shared-images)")
     p.add_argument("--image-stages-from", default=None, metavar="DIR",
                    help="start the vision tower, Q-Former and queries from this checkpoint's (same image-stage sizes)")
     p.add_argument("--no-progress", action="store_true")
@@ -185,6 +189,22 @@ def config_from_log(log: dict) -> TrainConfig:
     return TrainConfig(**{**log["config"], "preset": TinyPreset(**log["config"]["preset"])})
 
 
+def parse_qa_weights(items: list[str]) -> dict[str, float] | None:
+    """`["position=4"]` -> {"position": 4.0}; None for no items."""
+    weights = {}
+    for item in items:
+        kind, sep, value = item.partition("=")
+        if not sep or kind not in QA_KINDS:
+            raise SystemExit(f"--qa-weight {item!r}: give KIND=W with KIND one of {', '.join(QA_KINDS)}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise SystemExit(f"--qa-weight {item!r}: W must be a number") from None
+        if weights[kind] <= 0:
+            raise SystemExit(f"--qa-weight {item!r}: W must be positive")
+    return weights or None
+
+
 def config_from_args(args) -> TrainConfig:
     preset = dataclasses.replace(
         SCENES_PRESETS[args.family], patch_size=args.patch_size, vision_hidden=args.vision_hidden,
@@ -197,13 +217,16 @@ def config_from_args(args) -> TrainConfig:
         qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
         aux_weight=args.aux_weight, vision_init_std=args.vision_init_std, slot_aux=args.slot_aux,
         shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps, slot_per_query=args.slot_per_query,
+        order_aux=args.order_aux,
         init_from=args.init_from, image_stages_from=args.image_stages_from, preset=preset,
-        prefix_fraction=args.prefix_fraction,
+        prefix_fraction=args.prefix_fraction, qa_weights=parse_qa_weights(args.qa_weight),
     )
     if not 0.0 <= cfg.caption_fraction <= 1.0:
         raise SystemExit("--caption-fraction must be between 0 and 1")
     if cfg.prefix_fraction and preset.family != "t5":
         raise SystemExit("--prefix-fraction is for encoder-decoder LMs (--family t5)")
+    if cfg.qa_weights and not cfg.shared_images:
+        raise SystemExit("--qa-weight draws each scene's question by weight: it needs --shared-images")
     if cfg.init_from and cfg.image_stages_from:
         raise SystemExit("--init-from continues a whole checkpoint; --image-stages-from starts a fresh one: give one")
     return cfg
