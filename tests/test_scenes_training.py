@@ -166,10 +166,47 @@ def test_shared_image_batch_loss_equals_the_model_forward(family):
     image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert (index[:6] == torch.arange(6)).all() and (index[6:] == torch.arange(6)).all()
     assert dataset.captions[0][1][0] == image_token
-    full = {k: v for k, v in batch.items() if k not in ("image_index", "slots")} | {"pixel_values": batch["pixel_values"][index]}
+    full = {k: v for k, v in batch.items() if k not in ("image_index", "slots", "order")} | {"pixel_values": batch["pixel_values"][index]}
     model.eval()
     with torch.no_grad():
         assert lm_loss(model, batch).item() == pytest.approx(model(**full).loss.item(), rel=1e-5)
+
+
+def test_order_targets_name_each_objects_shape_word_and_rank():
+    """The order loss's targets: for a position question, each named object's shape word and its
+    rank left to right; no targets for the other kinds."""
+    preset, _, processor = micro("t5")
+    tok = processor.tokenizer
+    dataset = SceneDataset(24, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+    scenes = generate_scenes(24, 0)
+    qas = [(scene, qa) for scene in scenes for qa in scene.qa]
+    assert any(qa.kind == "position" for _, qa in qas)
+    for (scene, qa), (_, ids, _), order in zip(qas, dataset.vqa, dataset.vqa_order):
+        if qa.kind != "position":
+            assert order == []
+            continue
+        words = [tok.decode(ids[: pos + 1]).split()[-2:] for pos, _ in order]
+        named = [" ".join(w) for w in words]
+        ranks = {o.name: k for k, o in enumerate(scene.objects)}
+        assert sorted(named) == sorted(re.findall(r"the (\w+ \w+)", qa.question))
+        assert [ranks[n] for n in named] == [rank for _, rank in order]
+    batch = dataset.batch(12, 0.5, torch.Generator().manual_seed(0), shared_images=True)
+    for row, pos, rank in batch["order"].tolist():
+        assert row >= 6 and batch["input_ids"][row, pos].item() in {tok(s).input_ids[0] for s in SHAPES}
+
+
+def test_qa_weights_draw_the_weighted_kind_more_often():
+    preset, _, processor = micro("t5")
+    dataset = SceneDataset(64, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+
+    def position_share(weights):
+        g = torch.Generator().manual_seed(0)
+        rows = [dataset.batch(32, 0.5, g, shared_images=True, qa_weights=weights)["order"] for _ in range(20)]
+        return sum(len(set(r[:, 0].tolist())) for r in rows) / (20 * 16)
+
+    assert position_share({"position": 8.0}) > position_share(None) + 0.2
+    with pytest.raises(ValueError, match="shared_images"):
+        dataset.batch(8, 0.5, torch.Generator(), qa_weights={"position": 2.0})
 
 
 def test_slot_targets_list_objects_left_to_right():
@@ -206,6 +243,21 @@ def test_training_loop_reduces_loss(family):
     torch.use_deterministic_algorithms(False)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
+
+def test_order_loss_trains_with_the_lm_loss_and_stays_out_of_the_checkpoint():
+    preset, _, processor = micro("t5")
+    cfg = TrainConfig(steps=3, stage1_steps=0, batch_size=8, warmup_steps=1, train_scenes=16, preset=preset, threads=1,
+                      aux_weight=1.0, slot_aux=False, shape_count_aux=False, order_aux=True,
+                      qa_weights={"position": 4.0})
+    model, _ = build_model_and_processor(preset, seed=0)
+    keys = set(model.state_dict())
+    dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+    _, _, losses, aux_losses, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+    torch.use_deterministic_algorithms(False)
+    assert len(losses) == 3 and 1 <= len(aux_losses) <= 3 and all(0 < a < 5 for a in aux_losses)
+    assert set(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="family t5"):
+        train(dataclasses.replace(cfg, preset=MICRO["opt"]), progress=False)
 
 
 def test_a_continued_run_records_both_stages(tmp_path):
