@@ -166,7 +166,7 @@ def test_shared_image_batch_loss_equals_the_model_forward(family):
     image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert (index[:6] == torch.arange(6)).all() and (index[6:] == torch.arange(6)).all()
     assert dataset.captions[0][1][0] == image_token
-    full = {k: v for k, v in batch.items() if k not in ("image_index", "slots", "order")} | {"pixel_values": batch["pixel_values"][index]}
+    full = {k: v for k, v in batch.items() if k not in ("image_index", "slots", "order", "answer")} | {"pixel_values": batch["pixel_values"][index]}
     model.eval()
     with torch.no_grad():
         assert lm_loss(model, batch).item() == pytest.approx(model(**full).loss.item(), rel=1e-5)
@@ -193,6 +193,27 @@ def test_order_targets_name_each_objects_shape_word_and_rank():
     batch = dataset.batch(12, 0.5, torch.Generator().manual_seed(0), shared_images=True)
     for row, pos, rank in batch["order"].tolist():
         assert row >= 6 and batch["input_ids"][row, pos].item() in {tok(s).input_ids[0] for s in SHAPES}
+
+
+def test_answer_targets_are_the_position_answers_at_the_prompts_last_token():
+    """The answer loss's targets: every position question of a batch, and only those, with its
+    answer; the token it is read at (the last attended one) is the prompt's </s>."""
+    preset, _, processor = micro("t5")
+    tok = processor.tokenizer
+    dataset = SceneDataset(24, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = dataset.batch(16, 0.5, g, shared_images=True, qa_weights={"position": 4.0})
+        rows = {row: answer for row, answer in batch["answer"].tolist()}
+        assert rows
+        for row in range(8, 16):
+            prompt = tok.decode(batch["input_ids"][row], skip_special_tokens=True)
+            target = tok.decode(batch["labels"][row][batch["labels"][row] >= 0], skip_special_tokens=True)
+            assert ("left or right of" in prompt) == (row in rows)
+            if row in rows:
+                assert target == ("left", "right")[rows[row]]
+        last = batch["attention_mask"].sum(1) - 1
+        assert (batch["input_ids"][torch.arange(16), last] == tok.eos_token_id).all()
 
 
 def test_qa_weights_draw_the_weighted_kind_more_often():
@@ -244,10 +265,10 @@ def test_training_loop_reduces_loss(family):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
-def test_order_loss_trains_with_the_lm_loss_and_stays_out_of_the_checkpoint():
+def test_order_and_answer_losses_train_with_the_lm_loss_and_stay_out_of_the_checkpoint():
     preset, _, processor = micro("t5")
     cfg = TrainConfig(steps=3, stage1_steps=0, batch_size=8, warmup_steps=1, train_scenes=16, preset=preset, threads=1,
-                      aux_weight=1.0, slot_aux=False, shape_count_aux=False, order_aux=True,
+                      aux_weight=1.0, slot_aux=False, shape_count_aux=False, order_aux=True, answer_aux=True,
                       qa_weights={"position": 4.0})
     model, _ = build_model_and_processor(preset, seed=0)
     keys = set(model.state_dict())

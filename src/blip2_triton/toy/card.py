@@ -115,6 +115,11 @@ def finetune_text(cfg: TrainConfig, seconds: float, machine: dict) -> str:
     if cfg.aux_weight > 0 and cfg.order_aux:
         aux += (" (the order loss: a linear head on the T5 encoder's output at each object a position question names"
                 " classifies the object's rank left to right)")
+    if cfg.aux_weight > 0 and cfg.answer_aux:
+        aux += (" (the answer loss: a linear head on the T5 encoder's output at a position question's last"
+                " prompt token classifies its answer)")
+    if cfg.position_lm_weight != 1.0:
+        aux += f", the position questions' LM loss weighted {cfg.position_lm_weight:g}x"
     if cfg.qa_weights:
         shared += "; questions drawn by kind weight " + ", ".join(f"{k} x{w:g}" for k, w in cfg.qa_weights.items())
     return f"""- stage 3, continued from those weights: {cfg.steps} steps of the LM loss{aux}, batch {cfg.batch_size}

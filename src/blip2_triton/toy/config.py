@@ -81,6 +81,11 @@ class TrainConfig:
     # T5 only: the order loss (`losses.order_loss`), each object a position question names -> its
     # rank left to right, read from the encoder's output at its shape word (weight: aux_weight).
     order_aux: bool = False
+    # T5 only: the answer loss (`losses.answer_loss`), a position question's answer read from the
+    # encoder's output at the prompt's last token (weight: aux_weight).
+    answer_aux: bool = False
+    # T5 only: the LM loss of position questions' tokens counts this many times (`losses.losses_for`).
+    position_lm_weight: float = 1.0
     # initializer_range of the vision tower (the rest keeps the preset's init_std).
     vision_init_std: float = 0.1
     preset: TinyPreset = SCENES_PRESET

@@ -103,6 +103,10 @@ class SceneDataset:
         self.vqa_order = [order_targets(tokenizer, ids, s.objects) if qa.kind == "position" else []
                           for s, (_, ids, _), qa in zip((s for s in scenes for _ in s.qa), self.vqa,
                                                         (qa for s in scenes for qa in s.qa))]
+        # Targets of the answer loss (`losses.answer_loss`), per VQA example: 0 left / 1 right for a
+        # position question, -1 for other kinds.
+        self.vqa_answer = [("left", "right").index(qa.answer) if qa.kind == "position" else -1
+                           for s in scenes for qa in s.qa]
         # Encoder-decoder only: each caption also split into an encoder prefix and a decoder suffix
         # (`prefix_split`), BLIP-2's prefix language modelling for Flan-T5. Decoder-only LMs
         # continue a prompted caption by their very loss.
@@ -154,7 +158,8 @@ class SceneDataset:
               prefix_fraction: float = 0.0, qa_weights: dict[str, float] | None = None):
         """A random batch: `pixel_values`, right-padded `input_ids`, `attention_mask`, `labels`,
         `slots` [rows of pixel_values, MAX_OBJECTS, 2], the auxiliary loss's targets (`slot_loss`),
-        and `order` [N, 3]: (example, token position, rank) targets of `order_loss`.
+        `order` [N, 3]: (example, token position, rank) targets of `order_loss`, and `answer` [N, 2]:
+        (example, 0 left / 1 right) targets of `answer_loss`.
 
         `prefix_fraction` of the captions (on average) are their prefix-LM examples (encoder-decoder only).
 
@@ -206,9 +211,11 @@ class SceneDataset:
             labels[row, : len(lab)] = torch.tensor(lab)
             attention_mask[row, : len(ids)] = 1
         order = [(n_cap + j, pos, rank) for j, k in enumerate(vqa) for pos, rank in self.vqa_order[k]]
+        answer = [(n_cap + j, self.vqa_answer[k]) for j, k in enumerate(vqa) if self.vqa_answer[k] >= 0]
         out = {
             "pixel_values": self.pixel_values(scene_index),
             "order": torch.tensor(order, dtype=torch.long).view(-1, 3),
+            "answer": torch.tensor(answer, dtype=torch.long).view(-1, 2),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,

@@ -10,15 +10,17 @@ from .scenes import MAX_OBJECTS, OBJECT_COLORS, SHAPES
 
 
 def aux_heads(preset: TinyPreset, slot: bool, shape_count: bool, slot_per_query: bool = False,
-              order: bool = False):
+              order: bool = False, answer: bool = False):
     """The training-only auxiliary heads (a ModuleDict; None when every one is off)."""
     import torch
 
     heads = {}
+    if (order or answer) and preset.family != "t5":
+        raise ValueError("the order and answer losses read the T5 encoder's outputs: they need family t5")
     if order:
-        if preset.family != "t5":
-            raise ValueError("the order loss reads the T5 encoder's outputs: it needs family t5")
         heads["order"] = torch.nn.Linear(preset.text_hidden, MAX_OBJECTS)
+    if answer:
+        heads["answer"] = torch.nn.Linear(preset.text_hidden, 2)
     if slot and slot_per_query:
         heads["slot_query"] = torch.nn.Linear(preset.qformer_hidden, len(SHAPES) + 1 + len(OBJECT_COLORS) + 1)
     elif slot:
@@ -83,11 +85,27 @@ def order_loss(head, encoder_states, order):
     return F.cross_entropy(head(encoder_states[order[:, 0], order[:, 1]]), order[:, 2])
 
 
-def losses_for(model, batch, heads=None):
+def answer_loss(head, encoder_states, attention_mask, answer):
+    """Cross-entropy of a position question's answer (0 left, 1 right), read by a linear `head` from
+    the T5 encoder's output at the prompt's last token (its </s>); answer [N, 2] holds (example,
+    answer). The decoder's first step has only its start token, the same for every question, so
+    its cross-attention can pick encoder tokens by content alone: the answer must be computed in
+    the encoder and sit at a token every prompt has, which this loss asks for directly."""
+    import torch.nn.functional as F
+
+    last = attention_mask.sum(1) - 1
+    rows = answer[:, 0]
+    return F.cross_entropy(head(encoder_states[rows, last[rows]]), answer[:, 1])
+
+
+def losses_for(model, batch, heads=None, position_lm_weight: float = 1.0):
     """(LM loss, auxiliary loss) for a batch; each image row is encoded once.
 
     The LM loss is None for an image-only batch (`SceneDataset.image_batch`); the auxiliary loss
     (the sum of the `heads`' losses, see `aux_heads`) is None without heads.
+
+    T5: `position_lm_weight` scales the LM loss of the position questions' tokens (the batch's
+    `answer` rows); the loss stays the sum over target tokens divided by their count.
 
     The LM loss is BLIP-2's (OPT or T5), `model(**batch).loss` when every example has its own image row: the
     query outputs of every row of `pixel_values` (`Blip2ForConditionalGeneration.
@@ -119,10 +137,23 @@ def losses_for(model, batch, heads=None):
     if not model.config.use_decoder_only_language_model:
         # T5 makes its decoder's inputs from the labels and returns their loss, as in the model's forward.
         lm = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], labels=labels)
+        loss = lm.loss
+        if position_lm_weight != 1.0 and len(batch["answer"]):
+            import torch
+            import torch.nn.functional as F
+
+            tokens = F.cross_entropy(lm.logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            weight = torch.ones(labels.size(0), dtype=tokens.dtype)
+            weight[batch["answer"][:, 0]] = position_lm_weight
+            loss = (tokens * weight[:, None]).sum() / (labels != -100).sum()
         if heads is not None and "order" in heads and len(batch["order"]):
             order = order_loss(heads["order"], lm.encoder_last_hidden_state, batch["order"])
             aux = order if aux is None else aux + order
-        return lm.loss, aux
+        if heads is not None and "answer" in heads and len(batch["answer"]):
+            answer = answer_loss(heads["answer"], lm.encoder_last_hidden_state, batch["attention_mask"],
+                                 batch["answer"])
+            aux = answer if aux is None else aux + answer
+        return loss, aux
     logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"]).logits
     lm = model.loss_function(logits=logits[:, -labels.size(1):, :], labels=labels,
                              vocab_size=model.config.text_config.vocab_size)

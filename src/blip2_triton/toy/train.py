@@ -53,10 +53,12 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, dataset=None):
+def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, dataset=None, on_step=None):
     """Run the training loop; returns (model, processor, LM losses, auxiliary losses, seconds).
 
     The loss lists have one value per step; the auxiliary one is empty when `cfg.aux_weight` is 0.
+    `on_step(step, model, losses, aux_losses)`, when given, runs after each step (for example a quick evaluation; it
+    must leave the model's weights, mode and the random streams as it found them).
     """
     import torch
     from tqdm.auto import tqdm
@@ -71,8 +73,9 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
                                encoder_decoder=cfg.preset.family == "t5")
     # Drawn after the model's weights, so the model's initialisation does not depend on it.
     aux_head = aux_heads(cfg.preset, cfg.aux_weight > 0 and cfg.slot_aux, cfg.aux_weight > 0 and cfg.shape_count_aux,
-                         cfg.slot_per_query, cfg.aux_weight > 0 and cfg.order_aux)
-    if cfg.stage1_steps and (aux_head is None or set(aux_head) == {"order"}):
+                         cfg.slot_per_query, cfg.aux_weight > 0 and cfg.order_aux,
+                         cfg.aux_weight > 0 and cfg.answer_aux)
+    if cfg.stage1_steps and (aux_head is None or set(aux_head) <= {"order", "answer"}):
         raise ValueError("stage1_steps > 0 trains the auxiliary heads alone: it needs aux_weight > 0 and a head")
     model.train()
     named = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
@@ -95,7 +98,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
         else:
             batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator, cfg.shared_images,
                                   cfg.prefix_fraction, cfg.qa_weights)
-            loss, aux = losses_for(model, batch, aux_head)
+            loss, aux = losses_for(model, batch, aux_head, cfg.position_lm_weight)
             total = loss if aux is None else loss + cfg.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -106,6 +109,8 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
             losses.append(loss.item())
         if aux is not None:
             aux_losses.append(aux.item())
+        if on_step is not None:
+            on_step(step, model, losses, aux_losses)
         if step % 10 == 0:
             shown = {"loss": f"{sum(losses[-50:]) / len(losses[-50:]):.4f}"} if losses else {}
             if aux_losses:
@@ -141,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape-count-aux", action=argparse.BooleanOptionalAction, default=d.shape_count_aux)
     p.add_argument("--order-aux", action=argparse.BooleanOptionalAction, default=d.order_aux,
                    help="T5: auxiliary loss on each object a position question names: its rank left to right")
+    p.add_argument("--answer-aux", action=argparse.BooleanOptionalAction, default=d.answer_aux,
+                   help="T5: auxiliary loss on a position question's answer, read at the prompt's last encoder token")
+    p.add_argument("--position-lm-weight", type=float, default=d.position_lm_weight,
+                   help="T5: weight of the LM loss of position questions' tokens")
     p.add_argument("--vision-init-std", type=float, default=d.vision_init_std)
     p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="auxiliary slot loss weight; 0: LM loss only")
     p.add_argument("--patch-size", type=int, default=d.preset.patch_size)
@@ -217,7 +226,7 @@ def config_from_args(args) -> TrainConfig:
         qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
         aux_weight=args.aux_weight, vision_init_std=args.vision_init_std, slot_aux=args.slot_aux,
         shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps, slot_per_query=args.slot_per_query,
-        order_aux=args.order_aux,
+        order_aux=args.order_aux, answer_aux=args.answer_aux, position_lm_weight=args.position_lm_weight,
         init_from=args.init_from, image_stages_from=args.image_stages_from, preset=preset,
         prefix_fraction=args.prefix_fraction, qa_weights=parse_qa_weights(args.qa_weight),
     )
@@ -225,6 +234,8 @@ def config_from_args(args) -> TrainConfig:
         raise SystemExit("--caption-fraction must be between 0 and 1")
     if cfg.prefix_fraction and preset.family != "t5":
         raise SystemExit("--prefix-fraction is for encoder-decoder LMs (--family t5)")
+    if cfg.position_lm_weight != 1.0 and preset.family != "t5":
+        raise SystemExit("--position-lm-weight is for encoder-decoder LMs (--family t5)")
     if cfg.qa_weights and not cfg.shared_images:
         raise SystemExit("--qa-weight draws each scene's question by weight: it needs --shared-images")
     if cfg.init_from and cfg.image_stages_from:
@@ -232,8 +243,10 @@ def config_from_args(args) -> TrainConfig:
     return cfg
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """CLI entry point: train, save the checkpoint, loss curve, log and model card, evaluate."""
+def train_main(argv: list[str] | None = None, on_step=None) -> int:
+    """CLI entry point: train, save the checkpoint, loss curve, log and model card, evaluate.
+
+    `on_step`: passed to `train` (a probe script's progress check; the CLI has none)."""
     from .evaluation import GenerateAnswerer, evaluate
 
     args = build_parser().parse_args(argv)
@@ -246,7 +259,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if cfg.init_from:
         model, processor, previous = load_for_finetuning(cfg)
     model, processor, losses, aux_losses, seconds = train(cfg, progress=not args.no_progress, model=model,
-                                                          processor=processor)
+                                                          processor=processor, on_step=on_step)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     processor.save_pretrained(output)
