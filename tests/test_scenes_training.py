@@ -458,3 +458,18 @@ def test_precision_section_is_replaced_not_appended(tmp_path):
     assert card.count(SECTION) == 1 and "old numbers" not in card
     assert "## Accuracy\n\ntable" in card and "## Later\n\nkept" in card
     assert "| VQA color | 50.0% | 50.0% |" in card
+
+
+def test_cli_flags_of_the_t5_position_options():
+    """--text-layers sets the language model's depth (T5: its encoder's) and nothing else;
+    --position-lm-weight is T5-only."""
+    from blip2_triton.toy.model import SCENES_PRESETS
+    from blip2_triton.toy.train import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--family", "t5", "--text-layers", "4", "--answer-aux",
+                                                      "--position-lm-weight", "3"]))
+    assert cfg.preset == dataclasses.replace(SCENES_PRESETS["t5"], text_layers=4)
+    assert cfg.answer_aux and cfg.position_lm_weight == 3.0
+    assert config_from_args(build_parser().parse_args(["--family", "t5"])).preset == SCENES_PRESETS["t5"]
+    with pytest.raises(SystemExit, match="position-lm-weight"):
+        config_from_args(build_parser().parse_args(["--position-lm-weight", "2"]))

@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=d.preset.patch_size)
     p.add_argument("--vision-hidden", type=int, default=d.preset.vision_hidden)
     p.add_argument("--vision-layers", type=int, default=d.preset.vision_layers)
+    p.add_argument("--text-layers", type=int, default=None,
+                   help="language-model layers (T5: encoder layers; default: the family's preset)")
     p.add_argument("--num-query-tokens", type=int, default=d.preset.num_query_tokens)
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
     p.add_argument("--eval-scenes", type=int, default=d.eval_scenes, help="held-out scenes to evaluate; 0 skips")
@@ -218,6 +220,7 @@ def config_from_args(args) -> TrainConfig:
     preset = dataclasses.replace(
         SCENES_PRESETS[args.family], patch_size=args.patch_size, vision_hidden=args.vision_hidden,
         vision_layers=args.vision_layers, num_query_tokens=args.num_query_tokens,
+        text_layers=args.text_layers or SCENES_PRESETS[args.family].text_layers,
     )
     cfg = TrainConfig(
         output=args.output or str(TRAINED_MODELS[args.family]), steps=args.steps, batch_size=args.batch_size,
