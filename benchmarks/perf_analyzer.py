@@ -1,7 +1,7 @@
 """Cross-check with perf_analyzer, Triton's own load generator (run through perf_analyzer.sh).
 
-perf_analyzer drives the `blip2` model over gRPC with --streaming (it is a decoupled model,
-which Triton serves only on the streaming RPC). For decoupled models it measures
+perf_analyzer drives the `blip2` model (or `blip2_ensemble`, whose generator step is `blip2`) over
+gRPC with --streaming (a decoupled model, which Triton serves only on the streaming RPC). For decoupled models it measures
 latency to the FIRST response; the requests here do not ask to stream, so their first response is
 their only one and the latency is the whole request's.
 """
@@ -43,21 +43,22 @@ def input_data(image: bytes, workload: Workload) -> dict:
 
 
 def run(grpc_url: str, image: bytes, workload: Workload, workdir: Path, concurrency_range: str = "1:8:7",
-        requests_per_window: int = 8, timeout: float = 1200) -> dict:
-    """Run perf_analyzer against a live server; returns its CSV rows and output, or what failed."""
+        requests_per_window: int = 8, timeout: float = 1200, model: str = api.PIPELINE) -> dict:
+    """Run perf_analyzer against `model` on a live server; returns its CSV rows and output, or what
+    failed. Its input, CSV and full output are left in `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "perf_analyzer_input.json"
     data.write_text(json.dumps(input_data(image, workload)))
     report = workdir / "perf_analyzer.csv"
     report.unlink(missing_ok=True)
     args = [
-        "-m", api.PIPELINE, "-u", grpc_url, "-i", "grpc", "--streaming", "--input-data", str(data),
+        "-m", model, "-u", grpc_url, "-i", "grpc", "--streaming", "--input-data", str(data),
         "--concurrency-range", concurrency_range, "--measurement-mode", "count_windows",
         # A shared, noisy machine: accept any 3 windows (a cross-check, not the measurement).
         "--measurement-request-count", str(requests_per_window), "--max-trials", "5",
         "--stability-percentage", "200", "-f", str(report),
     ]
-    out: dict = {"workload": workload.name, "command": ["benchmarks/perf_analyzer.sh", *args]}
+    out: dict = {"model": model, "workload": workload.name, "command": ["benchmarks/perf_analyzer.sh", *args]}
     if not SCRIPT.exists():
         return out | {"ok": False, "error": f"{SCRIPT} not found (perf_analyzer runs from a source checkout)"}
     start = time.perf_counter()

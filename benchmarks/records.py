@@ -814,6 +814,7 @@ class PerfAnalyzer(Record):
     """The perf_analyzer cross-check (or why it did not run)."""
 
     skipped: str | None = optional()  # why it was not run
+    model: str | None = optional()  # the Triton model it drove (blip2 or blip2_ensemble)
     workload: str | None = optional()  # the workload it sent
     command: list[str] | None = optional()  # its command line
     seconds: float | None = optional()  # its run time

@@ -154,7 +154,10 @@ class _Systems:
         from . import end_to_end
         from .worker import Worker
 
+        from .workloads import configure_image_cache
+
         model, threads, logs = self.model, self.settings.threads, self.logs
+        configure_image_cache(model, None)
         with self.stack as stack:
             # Workers load while tritonserver starts.
             self.workers = {"in_process": Worker("local", model.repository, threads, logs / "in_process.log")}

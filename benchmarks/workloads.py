@@ -134,6 +134,22 @@ def prepare_model(spec: str, workdir: Path, rebuild: bool = False, seed: int = 0
             log.info("exporting %s -> %s (int8)", checkpoint, repo_int8)
             export_checkpoint(checkpoint, repo_int8, quantize="int8", progress=False)
         stamp.write_text(json.dumps(key))
-    report = json.loads((repository.assets_dir(repo) / "export_report.json").read_text())
+    assets = repository.assets_dir(repo)
+    if not assets.is_dir():  # a retrieval checkpoint's export keeps its assets beside `match`
+        assets = repository.retrieval_assets_dir(repo)
+    report = json.loads((assets / "export_report.json").read_text())
     return PreparedModel(name, checkpoint, repo, source, report.get("seconds"), report.get("max_abs_diff", {}),
                          repo_int8 if int8 else None)
+
+
+def configure_image_cache(model: PreparedModel, image_cache_bytes: int | None) -> None:
+    """Rewrite the served configs of `model`'s repository with this image-cache setting (None: off).
+
+    The latency and throughput rows measure requests that run every stage, as clients with a new
+    image each see them; they send a few pictures again and again, which the cache would answer.
+    """
+    from transformers import AutoConfig
+
+    from blip2_triton.export.repository_writer import write_repository
+
+    write_repository(model.repository, AutoConfig.from_pretrained(model.checkpoint), image_cache_bytes=image_cache_bytes)

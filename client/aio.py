@@ -5,7 +5,9 @@ serves decoupled models only through the streaming RPC. A non-streaming call rec
 exactly one response.
 
 Timeouts bound a whole call (DeadlineExceededError), retries included. Cancelling the task
-awaiting a call, or closing a `stream()` iterator, cancels its gRPC call.
+awaiting a call, or closing a `stream()` iterator, cancels its gRPC call. A call to another model than `blip2` (the
+ensemble) that ends early also asks `blip2` on the same replica to stop its generation
+(api.STOP): Triton 2.51 does not pass a cancellation on to an ensemble step that has started.
 
 Several URLs make a client of replicas (replicas.py): each request goes to the ready one with the
 fewest of this client's requests outstanding. A request that fails with UnavailableError (nothing
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -39,8 +43,11 @@ from .prompts import chat_prompt, vqa_prompt
 from .replicas import DEFAULT_HEALTH_INTERVAL, Replica, Replicas, ReplicaStatus, parse_urls
 from .retrieval import RetrievalCalls
 
+log = logging.getLogger("blip2_triton.client")
+
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_TIMEOUT = 120.0
+STOP_TIMEOUT = 5.0  # seconds for a stop (api.STOP) to be delivered
 MAX_IDLE_STREAMS = 16  # open streams kept for reuse; more, after a burst of concurrent calls, are closed
 # gRPC waits ever longer between attempts to reconnect to a server that went away (1 s, then 1.6x
 # each time, up to 120 s), and the clients of one process share that wait. A server restarted
@@ -96,9 +103,12 @@ class AsyncBlip2Client(RetrievalCalls):
     """
 
     def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = api.PIPELINE,
-                 timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL):
+                 timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL,
+                 image_affinity: bool = False):
         """`url`: one server's gRPC address "host:port", or several replicas' (a list or tuple).
-        `health_interval`: seconds between readiness probes of each replica (several URLs only)."""
+        `health_interval`: seconds between readiness probes of each replica (several URLs only).
+        `image_affinity`: among replicas equally busy, send requests on one image to the same one
+        (its image cache then answers follow-up questions) instead of taking them in turn."""
         from tritonclient.grpc.aio import InferenceServerClient
 
         if timeout is not None and timeout <= 0:
@@ -107,17 +117,24 @@ class AsyncBlip2Client(RetrievalCalls):
             raise InvalidArgumentError(f"health_interval must be > 0 seconds, got {health_interval}")
         self.urls = parse_urls(url)
         self.url = self.urls[0] if len(self.urls) == 1 else ",".join(self.urls)
-        self.model, self.timeout = model, timeout
+        self.model, self.timeout, self.image_affinity = model, timeout, image_affinity
         self._replicas = Replicas(self.urls, model, lambda u: InferenceServerClient(u, channel_args=_channel_args()),
                                   health_interval)
+        self._stopping: set[asyncio.Task] = set()
         self._idle: dict[str, list[_Stream]] = {}  # per replica URL
         self.streams_opened = 0  # gRPC streams this client has opened (the soak relates server memory to it)
 
     async def close(self) -> None:
+        if self._stopping:  # stops of calls that ended early go out before the streams close
+            await asyncio.wait(self._stopping, timeout=STOP_TIMEOUT)
         for idle in self._idle.values():
             while idle:
                 idle.pop().cancel()
         await self._replicas.close()
+
+    def is_stopping(self, task: asyncio.Task) -> bool:
+        """Is `task` a stop that close() waits for (the blocking client's shutdown leaves it be)?"""
+        return task in self._stopping
 
     async def __aenter__(self) -> "AsyncBlip2Client":
         return self
@@ -142,6 +159,14 @@ class AsyncBlip2Client(RetrievalCalls):
     async def ask(self, image: ImageLike, question: str, **controls) -> Result:
         """Visual question answering with BLIP-2's "Question: ... Answer:" format."""
         return await self.generate(image, vqa_prompt(question), **controls)
+
+    async def ask_many(self, image: ImageLike, questions: Sequence[str], **controls) -> list[Result]:
+        """Several questions about one image, sent concurrently; results in question order.
+
+        The image goes with every request; a server with its image cache on runs the image stages
+        once for all of them. If one request fails, the others are cancelled and its error is raised.
+        """
+        return await self.batch([image_bytes(image)], [vqa_prompt(q) for q in questions], **controls)
 
     async def chat(self, image: ImageLike, history: Sequence[tuple[str, str]], question: str, **controls) -> Result:
         """Answer `question` with the earlier (question, answer) turns as context.
@@ -230,12 +255,16 @@ class AsyncBlip2Client(RetrievalCalls):
         Replicas are tried in `Replicas.order()`, each once, while they fail with UnavailableError
         before their first response; the deadline covers every attempt."""
         options = GenerationOptions.from_kwargs(controls)  # raises InvalidArgumentError early
-        inputs = build_inputs(image_bytes(image), prompt, stream, options)
+        image = image_bytes(image)
+        inputs = build_inputs(image, prompt, stream, options)
         loop = asyncio.get_running_loop()
         deadline = None if self.timeout is None else loop.time() + self.timeout
         self._replicas.watch()
         failures: list[str] = []
-        for replica in self._replicas.order():
+        affinity = None
+        if self.image_affinity and len(self._replicas) > 1:
+            affinity = hashlib.blake2b(image, digest_size=16).digest()
+        for replica in self._replicas.order(affinity):
             text: list[str] = []
             ids: list[int] = []
             responses = 0
@@ -328,6 +357,38 @@ class AsyncBlip2Client(RetrievalCalls):
             raise self._typed(e, replica) from e
         finally:  # done: the stream serves the next call; else (cancelled, closed early, failed) end it
             if done and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
+                idle.append(stream)
+            else:
+                stream.cancel()
+                if not done and self.model != api.PIPELINE:
+                    task = asyncio.get_running_loop().create_task(self._stop(replica, request["request_id"]))
+                    self._stopping.add(task)
+                    task.add_done_callback(self._stopping.discard)
+
+    async def _stop(self, replica: Replica, request_id: str) -> None:
+        """Ask `blip2` to stop generating for `request_id` (api.STOP), on an idle stream of the
+        replica that ran it; a failure is only logged (the call it would stop has ended for the
+        caller already)."""
+        from tritonclient.grpc import InferInput
+
+        stop = InferInput(api.STOP.name, [1, 1], _TRITON[api.STOP.dtype])
+        stop.set_data_from_numpy(np.asarray([[True]]))
+        idle = self._idle.setdefault(replica.url, [])
+        stream, fresh = _take_stream(idle, replica.client)
+        self.streams_opened += fresh
+        answered = False
+        try:
+            stream.send({"model_name": api.PIPELINE, "inputs": [stop], "request_id": request_id})
+            async with asyncio.timeout(STOP_TIMEOUT):
+                async for _, error in stream:
+                    answered = True  # its one (final) response, an error included: the stream stays usable
+                    if error is not None:
+                        log.warning("could not stop request %s: %s", request_id, error)
+                    break
+        except Exception as e:  # noqa: BLE001  (transport errors of every kind: logged, see above)
+            log.warning("could not stop request %s: %s", request_id, e)
+        finally:
+            if answered and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
                 idle.append(stream)
             else:
                 stream.cancel()

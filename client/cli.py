@@ -40,9 +40,10 @@ def register(subparsers) -> None:
     _add_common(p)
     p.set_defaults(func=_caption)
 
-    p = subparsers.add_parser("ask", help="ask a question about an image (VQA)")
+    p = subparsers.add_parser("ask", help="ask questions about an image (VQA)")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("questions", nargs="+", metavar="QUESTION",
+                   help="one or more questions, sent concurrently (the server's image cache runs the image stages once)")
     _add_common(p)
     p.set_defaults(func=_ask)
 
@@ -175,10 +176,15 @@ def _caption(args) -> int:
 
 def _ask(args) -> int:
     def run(client: Blip2Client, out: TextIO) -> None:
+        controls = _controls(args)
+        several = len(args.questions) > 1
         if args.stream:
-            _print_stream(client.stream(args.image, vqa_prompt(args.question), **_controls(args)), out)
-        else:
-            _print_result(args, args.image, client.ask(args.image, args.question, **_controls(args)), out)
+            for question in args.questions:
+                _print_stream(client.stream(args.image, vqa_prompt(question), **controls), out,
+                              label=question if several else None)
+            return
+        for question, result in zip(args.questions, client.ask_many(args.image, args.questions, **controls)):
+            _print_result(args, args.image, result, out, label=question if several else None)
 
     return _with_client(args, run)
 

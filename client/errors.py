@@ -109,6 +109,9 @@ _BY_PHRASE: tuple[tuple[str, type[Blip2Error]], ...] = (
     ("unexpected datatype", InvalidArgumentError),
     ("unexpected shape", InvalidArgumentError),
     ("unexpected inference input", InvalidArgumentError),
+    # Triton's words for a request with no inputs at all (blip2's are all optional: image + prompt,
+    # the ensemble's query_embeds + prompt_ids, or a stop)
+    ("request has 0 inputs", InvalidArgumentError),
     ("expected", InvalidArgumentError),
     ("expects", InvalidArgumentError),
     ("is not valid", InvalidArgumentError),

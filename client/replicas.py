@@ -8,12 +8,18 @@ equivalents of `/v2/health/ready` and `/v2/models/<model>/ready`), which is how 
 came back gets its share of the load again. Replicas not known to be down are tried first, then
 the others (their readiness may be stale), each at most once per request.
 
+With an affinity key (the client's `image_affinity`: a hash of the request's image), ties are
+broken by rendezvous hashing of the key and each URL instead of in turn: every client sends
+requests on one image to the same replica while it is no busier than the others, so that
+replica's image cache answers the follow-up questions.
+
 The client decides what may be retried (aio.py): this module only keeps the books.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -82,13 +88,18 @@ class Replicas:
     def __len__(self) -> int:
         return len(self.replicas)
 
-    def order(self) -> list[Replica]:
-        """Replicas not known to be down, fewest outstanding first (ties in turn, so that a client
-        with one request at a time spreads its requests evenly), then those known to be down."""
+    def order(self, affinity: bytes | None = None) -> list[Replica]:
+        """Replicas not known to be down, fewest outstanding first, then those known to be down.
+        Ties: in turn, so that a client with one request at a time spreads its requests evenly; or,
+        given an `affinity` key, the replica the key hashes highest with (the same in every client)."""
         n = len(self.replicas)
         turn, self._turn = self._turn, self._turn + 1
-        rank = {id(r): i for i, r in enumerate(self.replicas)}
-        return sorted(self.replicas, key=lambda r: (r.ready is False, r.outstanding, (rank[id(r)] - turn) % n))
+        if affinity is not None:
+            tie = {id(r): -int.from_bytes(hashlib.blake2b(affinity + r.url.encode(), digest_size=8).digest(), "big")
+                   for r in self.replicas}
+        else:
+            tie = {id(r): (i - turn) % n for i, r in enumerate(self.replicas)}
+        return sorted(self.replicas, key=lambda r: (r.ready is False, r.outstanding, tie[id(r)]))
 
     def mark_down(self, replica: Replica) -> None:
         replica.ready = False

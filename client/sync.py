@@ -5,6 +5,7 @@ One implementation serves both APIs, so the sync and async clients cannot drift 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from typing import Iterator, Sequence
@@ -25,12 +26,13 @@ class Blip2Client:
     """Blocking twin of AsyncBlip2Client: same methods, same arguments, same exceptions."""
 
     def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = api.PIPELINE,
-                 timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL):
+                 timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL,
+                 image_affinity: bool = False):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="blip2-client", daemon=True)
         self._thread.start()
         try:
-            self._async = self._run(_make_async(url, model, timeout, health_interval))
+            self._async = self._run(_make_async(url, model, timeout, health_interval, image_affinity))
         except BaseException:
             self._stop_loop()
             raise
@@ -90,6 +92,9 @@ class Blip2Client:
     def ask(self, image: ImageLike, question: str, **controls) -> Result:
         return self._run(self._async.ask(image, question, **controls))
 
+    def ask_many(self, image: ImageLike, questions: Sequence[str], **controls) -> list[Result]:
+        return self._run(self._async.ask_many(image, questions, **controls))
+
     def chat(self, image: ImageLike, history: Sequence[tuple[str, str]], question: str, **controls) -> Result:
         return self._run(self._async.chat(image, history, question, **controls))
 
@@ -135,8 +140,10 @@ class Blip2Client:
 
         async def pump():
             try:
-                async for piece in iterator:
-                    pieces.put(piece)
+                # aclosing: a cancelled pump closes the iterator at once (ending its call), not when collected
+                async with contextlib.aclosing(iterator):
+                    async for piece in iterator:
+                        pieces.put(piece)
             except Exception as e:  # handed to the consuming thread; cancellation is not
                 pieces.put(e)
             finally:
@@ -153,15 +160,18 @@ class Blip2Client:
 
 
 async def _close_and_drain(client: AsyncBlip2Client) -> None:
-    """Close the channel, then finish what gRPC still has scheduled on the loop (a call's status
-    handler can outlive the call briefly): a loop stopped under a pending task makes asyncio print
-    "Task was destroyed but it is pending!" when the task is collected."""
-    await client.close()
-    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    """Let calls still unwinding finish (an iterator closed just before: its call may owe a stop,
+    which close() then waits for), close the channel, then finish what gRPC still has scheduled
+    on the loop (a call's status handler can outlive the call briefly): a loop stopped under a
+    pending task makes asyncio print "Task was destroyed but it is pending!" when it is collected."""
+    for closing in (False, True):
+        if closing:
+            await client.close()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not client.is_stopping(t)]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _make_async(url, model, timeout, health_interval) -> AsyncBlip2Client:
-    return AsyncBlip2Client(url, model, timeout, health_interval)
+async def _make_async(url, model, timeout, health_interval, image_affinity=False) -> AsyncBlip2Client:
+    return AsyncBlip2Client(url, model, timeout, health_interval, image_affinity)

@@ -62,8 +62,11 @@ def export_checkpoint(
     quantize: str | None = None,
     sizing=None,
     stateless_backend: str = "python",
+    image_cache_bytes: int | None = repository.DEFAULT_IMAGE_CACHE_BYTES,
 ) -> ExportReport:
     """Export all graphs of `model` (hub id or directory) into the Triton repository `output`.
+
+    image_cache_bytes: the bound of `blip2`'s image cache (its config.pbtxt); None turns it off.
 
     quantize="int8" / "int4": each graph is exported and validated in full precision first, then its
     MatMul weights are quantized (int4: the decoder only, the others int8; quantize.INT4_GRAPHS)
@@ -126,7 +129,7 @@ def export_checkpoint(
             raise ValidationError(checks, output=output, kept=kept)
         say("writing config.pbtxt files, model.py files and the checkpoint's processor, tokenizer and configs")
         write_repository(staging, config, float_dtype, checkpoint_files=_save_assets(config, generation_config, processor),
-                         sizing=sizing, stateless_backend=stateless_backend)
+                         sizing=sizing, stateless_backend=stateless_backend, image_cache_bytes=image_cache_bytes)
         (repository.checkpoint_dir(staging, config) / REPORT).write_text(json.dumps(asdict(report), indent=2))
         _install(staging, output, keep=set(repository.other_models(config)))
     finally:

@@ -66,8 +66,9 @@ def gemms_to_matmuls(graph) -> int:
     """Rewrite each Gemm with a constant weight as MatMul (+ Add of its bias), in place; -> how many.
 
     MatMulNBits replaces MatMuls only, and torch's export writes the linear layers it sees with
-    2-D inputs (OPT's feed-forward) as Gemm. A transposed weight (transB, torch's [out, in]) is
-    stored transposed, [in, out], as MatMul takes it.
+    2-D inputs (OPT's feed-forward, its LM head) as Gemm. A transposed weight (transB, torch's
+    [out, in]) is stored transposed, [in, out], as MatMul takes it: in place, or as a new
+    initializer when other nodes read it too (OPT's LM head shares the token embedding's).
     """
     import numpy as np
     from onnx import helper, numpy_helper
@@ -81,13 +82,22 @@ def gemms_to_matmuls(graph) -> int:
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in weights or attrs.get("transA", 0)
-                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or users[node.input[1]] != 1):
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             nodes.append(node)
             continue
         weight = weights[node.input[1]]
+        shared = users[weight.name] > 1
+        if shared and not attrs.get("transB", 0):
+            nodes.append(node)  # left as Gemm: quantizing a weight other nodes read needs a copy of it
+            continue
         if attrs.get("transB", 0):
-            transposed = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), weight.name)
-            weight.CopyFrom(transposed)
+            name = weight.name + "/transposed" if shared else weight.name
+            transposed = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), name)
+            if shared:
+                graph.initializer.append(transposed)
+                weight = graph.initializer[-1]
+            else:
+                weight.CopyFrom(transposed)
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         product = node.output[0] + "/matmul" if bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], weight.name], [product], name=node.name + "/MatMul"))

@@ -11,7 +11,8 @@ from blip2_triton import api
 from blip2_triton import specs
 from blip2_triton.model_repository import SOURCE_DIR
 from blip2_triton.pbtxt import render
-from blip2_triton.repository import RETRIEVAL_GRAPHS, assets_dir, checkpoint_dir, model_configs, other_models
+from blip2_triton.repository import (DEFAULT_IMAGE_CACHE_BYTES, IMAGE_CACHE, IMAGE_CACHE_BYTES, RETRIEVAL_GRAPHS,
+                                     assets_dir, checkpoint_dir, model_configs, other_models)
 from blip2_triton.sizing import Sizing
 
 log = logging.getLogger("blip2_triton.export")
@@ -35,11 +36,12 @@ def write_repository(
     checkpoint_files: Callable[[Path], None] | None = None,
     stateless_backend: str = "python",
     sizing: Sizing | None = None,
+    image_cache_bytes: int | None = DEFAULT_IMAGE_CACHE_BYTES,
 ) -> Path:
     """Write every config.pbtxt and model.py into `repo` (the ONNX files are written by the exporter).
     The other kind of export's models (generation / retrieval) in `repo` stay."""
     repo = Path(repo)
-    configs = model_configs(config, float_dtype, stateless_backend, sizing)
+    configs = model_configs(config, float_dtype, stateless_backend, sizing, image_cache_bytes)
     remove_stale_models(repo, {cfg.name for cfg in configs} | set(other_models(config)))
     for cfg in configs:
         model_dir = repo / cfg.name
@@ -64,10 +66,15 @@ def remove_stale_models(repo: Path, keep: set[str]) -> None:
             shutil.rmtree(config.parent)
 
 
-def resize_repository(repo: Path | str, sizing: Sizing, stateless_backend: str | None = None) -> Path:
+_KEEP = object()
+
+
+def resize_repository(repo: Path | str, sizing: Sizing, stateless_backend: str | None = None,
+                      image_cache_bytes: int | None = _KEEP) -> Path:
     """Render an exported repository's config.pbtxt files (and model.py files) again for `sizing`,
     without touching its graphs: the checkpoint's config and the export's dtype are read from the
-    repository itself (blip2/1/checkpoint), the stateless backend (unless given) from its current configs."""
+    repository itself (blip2/1/checkpoint), the stateless backend and the image cache (unless given)
+    from its current configs."""
     import json
 
     from transformers import AutoConfig
@@ -83,4 +90,23 @@ def resize_repository(repo: Path | str, sizing: Sizing, stateless_backend: str |
     current = repo / specs.VISION_ENCODER / "config.pbtxt"
     backend = stateless_backend or (
         "onnxruntime" if current.is_file() and "onnxruntime_onnx" in current.read_text() else "python")
-    return write_repository(repo, config, float_dtype, stateless_backend=backend, sizing=sizing)
+    if image_cache_bytes is _KEEP:
+        image_cache_bytes = _current_image_cache(repo / api.PIPELINE / "config.pbtxt")
+    return write_repository(repo, config, float_dtype, stateless_backend=backend, sizing=sizing,
+                            image_cache_bytes=image_cache_bytes)
+
+
+def _current_image_cache(config: Path) -> int | None:
+    """The image-cache bound a rendered `blip2` config.pbtxt holds (None: off; the default if it has none)."""
+    import re
+
+    text = config.read_text() if config.is_file() else ""
+
+    def parameter(key: str) -> str | None:
+        m = re.search(r'key: "%s" value: \{ string_value: "([^"]*)" \}' % re.escape(key), text)
+        return m.group(1) if m else None
+
+    if parameter(IMAGE_CACHE) == "false":
+        return None
+    size = parameter(IMAGE_CACHE_BYTES)
+    return int(size) if size and size.isdigit() and int(size) > 0 else DEFAULT_IMAGE_CACHE_BYTES

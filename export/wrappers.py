@@ -204,11 +204,23 @@ class OPTDecoderWithCache(nn.Module):
         finally:
             config._attn_implementation = saved
 
-        hidden = hidden[:, -1:, :]
+        hidden = hidden[:, -1, :]  # [B, E]: the last position
         if dec.final_layer_norm is not None:
             hidden = dec.final_layer_norm(hidden)
         if dec.project_out is not None:
             hidden = dec.project_out(hidden)
-        logits = self.lm.lm_head(hidden).float()
+        logits = _tied_linear(self.lm.lm_head, hidden).float().unsqueeze(1)
         present = [t for i in range(self.num_layers) for t in cache.present[i]]
         return (logits, *present)
+
+
+def _tied_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) for a 2-D x, exported as one Gemm(transB=1) that reads the weight as stored.
+
+    nn.Linear without a bias exports as MatMul with a transposed, constant-folded copy of the
+    weight; OPT's LM head is tied to the token embedding, so the graph would store that
+    [vocab, E] matrix twice. addmm with a (zero) bias is Gemm, into which the exporter folds the
+    transpose: the Gather of the embedding and the Gemm of the head then share one initializer.
+    """
+    bias = linear.bias if linear.bias is not None else x.new_zeros(linear.out_features)
+    return torch.addmm(bias, x, linear.weight.t())

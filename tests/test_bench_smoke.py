@@ -208,3 +208,21 @@ def test_every_record_field_is_documented_and_the_readme_shows_the_schema():
         assert documented == [f.name for f in fields(cls)], cls.__name__
     readme = (ROOT / "benchmarks" / "README.md").read_text()
     assert records.schema_markdown() in readme, "benchmarks/README.md: rerun python -m blip2_triton.benchmarks.records"
+
+
+def test_quantized_agreement_runs_and_counts(tmp_path):
+    """`python -m blip2_triton.benchmarks.quantized` on the tiny OPT model, one pass: fp32, int8 and
+    int4 answer every request, agreement is counted against fp32, and the JSON and table are written."""
+    from blip2_triton.benchmarks import quantized
+
+    assert quantized.agreement([[1, 2, 3], [1, 5, 3]], [[1, 2, 3], [1, 2, 3]]) == {
+        "compared": 2, "identical": 1, "mean_agreeing_prefix": 0.6667}
+    out = tmp_path / "q.json"
+    assert quantized.main(["--model", "tiny-opt", "--images", "2", "--reps", "1", "--workdir", str(tmp_path / "work"),
+                           "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for w in result["workloads"].values():
+        assert set(w["latency_ms_p50"]) == {"fp32", "int8", "int4"}
+        assert all(len(t) == 2 and all(len(r) == w["max_new_tokens"] for r in t) for t in w["tokens"].values())
+        assert {q: a["compared"] for q, a in w["agreement_with_fp32"].items()} == {"int8": 2, "int4": 2}
+    assert result["decoder_bytes"]["int4"] < result["decoder_bytes"]["int8"] < result["decoder_bytes"]["fp32"]

@@ -116,6 +116,16 @@ def test_ask_json_and_stream(images, url, client):
     assert ok("ask", path, "what is it?", "--stream", "--max-new-tokens", MAX_NEW, *url) == expected.text.strip() + "\n"
 
 
+def test_ask_several_questions_labels_each_answer(images, url, client):
+    path = images[0][1]
+    questions = ["what is it?", "what color is it?"]
+    expected = [client.ask(path, q, max_new_tokens=int(MAX_NEW)).text.strip() for q in questions]
+    out = ok("ask", path, *questions, "--max-new-tokens", MAX_NEW, *url)
+    assert out.splitlines() == [f"{q}: {e}" for q, e in zip(questions, expected)]
+    records = json_lines(ok("ask", path, *questions, "--json", "--max-new-tokens", MAX_NEW, *url))
+    assert [r["prompt"] for r in records] == [vqa_prompt(q) for q in questions]
+
+
 def test_caption_stream_prints_the_whole_answer(images, url, client):
     path = images[0][2]
     expected = client.caption(path, max_new_tokens=int(MAX_NEW)).text.strip()
@@ -246,8 +256,11 @@ def test_ctrl_c_mid_generation_exits_at_once_and_frees_the_sequence(served, gate
     assert command, "the blip2-triton console script is not installed beside this Python"
     before = metric(server, "blip2_generated_tokens_total")
     argv = [command, "caption", images[0][0], *url, "--max-new-tokens", str(LONG), "--min-new-tokens", str(LONG)]
+    # SIGINT as a terminal leaves it: a test run started in the background (`cmd &` in a script)
+    # inherits it ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen(argv + (["--stream"] if stream else []), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         gate.allow(3)  # the prefill and two steps
         gate.wait_blocked()

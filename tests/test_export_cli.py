@@ -88,7 +88,8 @@ def test_export_cli_shows_each_step_and_replaces_an_old_layout(tiny_checkpoints,
     assert any("PyTorch model released" in line for line in lines)
     assert "\r" not in result.stderr
 
-    assert sorted(c.parent.name for c in out.glob("*/config.pbtxt")) == ["blip2", "preprocess", "qformer", "vision_encoder"]
+    assert sorted(c.parent.name for c in out.glob("*/config.pbtxt")) == [
+        "blip2", "blip2_ensemble", "preprocess", "qformer", "vision_encoder"]
     assert (out / "NOTES.txt").read_text() == "mine"
     version = out / "blip2" / "1"
     assert (version / "llm_decoder.onnx").exists() and (version / "model.py").exists()
@@ -108,7 +109,7 @@ def test_no_validate_exports_unchecked_graphs_and_says_so(tiny_checkpoints, tmp_
     for graph in graph_names():
         session = ort.InferenceSession(str(repository.graph_path(out, graph)), providers=["CPUExecutionProvider"])
         assert [o.name for o in session.get_outputs()][0] in (specs.IMAGE_EMBEDS, specs.QUERY_EMBEDS, specs.LOGITS)
-    assert len(list(out.glob("*/config.pbtxt"))) == 4
+    assert len(list(out.glob("*/config.pbtxt"))) == 5
 
 
 def test_failing_gate_leaves_the_repository_alone(exported, monkeypatch, tmp_path):

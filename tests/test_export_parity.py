@@ -195,6 +195,19 @@ def test_external_data_is_consolidated(exported, tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_tied_lm_head_is_stored_once(exported, preset):
+    """OPT ties its LM head to the token embedding: the decoder stores that [vocab, E] matrix once,
+    read by the embedding's Gather and the head's Gemm."""
+    ckpt, repo, _ = exported(preset)
+    vocab = AutoConfig.from_pretrained(ckpt).text_config.vocab_size
+    decoder = onnx.load(str(repository.graph_path(repo, specs.LLM_DECODER)))
+    tables = [t.name for t in decoder.graph.initializer if len(t.dims) == 2 and vocab in t.dims]
+    assert len(tables) == 1, tables
+    readers = sorted(n.op_type for n in decoder.graph.node if tables[0] in n.input)
+    assert readers == ["Gather", "Gemm"]
+
+
 def test_fp16_export_keeps_the_qformer_in_fp32(tiny_checkpoints, tmp_path):
     """--dtype fp16: vision encoder and decoder weights are fp16, the Q-Former's stay fp32 (as
     transformers keeps them; only the language projection inside that graph is fp16), every graph's
@@ -336,4 +349,29 @@ def test_gemms_to_matmuls_computes_the_same(tmp_path):
     before = run(model)
     assert gemms_to_matmuls(model.graph) == 2
     assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "MatMul"]
+    np.testing.assert_allclose(run(model), before, rtol=1e-6, atol=1e-6)
+
+
+def test_gemms_to_matmuls_copies_a_weight_other_nodes_read(tmp_path):
+    """A tied LM head (Gemm, transB) reads the embedding a Gather reads too: its MatMul gets a
+    transposed copy and the Gather keeps the original."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from blip2_triton.export.quantize import gemms_to_matmuls
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(7, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+         helper.make_node("Gemm", ["h", "table"], ["y"], name="head", transB=1)],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 7])], [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ids = np.array([1, 4, 6], np.int64)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]  # noqa: E731
+    before = run(model)
+    assert gemms_to_matmuls(model.graph) == 1
+    assert [n.op_type for n in model.graph.node] == ["Gather", "MatMul"]
+    assert {t.name: list(t.dims) for t in model.graph.initializer} == {"table": [7, 4], "table/transposed": [4, 7]}
     np.testing.assert_allclose(run(model), before, rtol=1e-6, atol=1e-6)

@@ -41,6 +41,17 @@ def test_turns_become_blip2s_chat_prompt_and_controls_map_to_generate():
     assert caption.prompt == "" and caption.controls == {"do_sample": False}
 
 
+def test_the_command_line_hands_its_options_to_the_app(monkeypatch):
+    from blip2_triton.cli import build_parser
+    from blip2_triton.frontend import app
+
+    seen = {}
+    monkeypatch.setattr(app, "serve", lambda urls, **options: seen.update(options, urls=urls))
+    args = build_parser().parse_args(["openai", "--triton-url", "a:1", "--triton-url", "b:2", "--image-affinity"])
+    assert args.func(args) == 0
+    assert seen["urls"] == ["a:1", "b:2"] and seen["image_affinity"] is True and seen["allow_remote_images"] is False
+
+
 # ---- the real front door ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def front_door(served):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import time
@@ -22,7 +23,7 @@ from blip2_triton.client.errors import Blip2Error
 from blip2_triton.client.replicas import Replica, Replicas, parse_urls
 from blip2_triton.server.launcher import TritonServer, free_port
 
-from .conftest import BackgroundLoad, random_image
+from .conftest import BackgroundLoad, metric, random_image
 
 
 # ---- the choice, without a server ---------------------------------------------------------------------
@@ -52,6 +53,20 @@ def test_fewest_outstanding_first_ties_in_turn_down_ones_last():
         replicas.mark_down(c)
         assert replicas.order() == [b, a, c]  # down: tried last, in case its readiness is stale
     assert (a.outstanding, b.outstanding, a.requests) == (0, 0, 2)
+
+
+def test_image_affinity_breaks_ties_by_image_the_same_in_every_client():
+    first, second = _replicas(3), _replicas(3)
+    keys = [bytes([k]) * 16 for k in range(32)]
+    chosen = [first.order(k)[0].url for k in keys]
+    assert chosen == [first.order(k)[0].url for k in keys]  # not in turn: the same replica each time
+    assert chosen == [second.order(k)[0].url for k in keys]  # and the same in another client
+    assert len(set(chosen)) == 3  # images spread over the replicas
+    a = next(r for r in first.replicas if r.url == chosen[0])
+    with a.attempt():  # busier than the others: least outstanding still comes first
+        assert first.order(keys[0])[0] is not a
+    first.mark_down(a)
+    assert first.order(keys[0])[-1] is a
 
 
 def test_attempts_are_counted_even_when_they_fail():
@@ -201,6 +216,36 @@ def two_servers(embedded_repository, tmp_path_factory):
             TritonServer(embedded_repository, grpc_port=None, http_port=None, metrics_port=None,
                          log_file=logs / "b.log") as b:
         yield a, b, logs
+
+
+@pytest.mark.server
+def test_image_cache_is_per_replica_and_image_affinity_keeps_follow_ups_on_one(two_servers):
+    """Each server caches the images it saw. Taken in turn (the default), a client's follow-up
+    question lands on the other replica, which runs the image stages again; with image_affinity
+    every question on an image goes to one replica, and the other replica never sees it."""
+    a, b, _ = two_servers
+    servers = (a, b)
+
+    def count(server, name: str) -> float:
+        value = metric(server, name)
+        return 0.0 if math.isnan(value) else value  # not published before its first update
+
+    def cache_counts():
+        return [(count(s, "blip2_image_cache_misses_total"), count(s, "blip2_image_cache_hits_total"))
+                for s in servers]
+
+    def ask_twice(affinity: bool, seeds: range) -> tuple[int, int]:
+        before = cache_counts()
+        with Blip2Client([a.grpc_url, b.grpc_url], timeout=120, image_affinity=affinity) as client:
+            for seed in seeds:
+                for question in ("what is it?", "what color is it?"):
+                    assert client.ask(random_image(seed), question, max_new_tokens=2).token_ids
+        after = cache_counts()
+        return (int(sum(x[0] - y[0] for x, y in zip(after, before))),
+                int(sum(x[1] - y[1] for x, y in zip(after, before))))
+
+    assert ask_twice(False, range(9100, 9104)) == (8, 0)  # in turn: every image computed on both
+    assert ask_twice(True, range(9200, 9206)) == (6, 6)  # affinity: once, then answered from the cache
 
 
 @pytest.mark.server

@@ -12,6 +12,7 @@ from blip2_triton import repository, specs
 from blip2_triton.api import Reason
 from blip2_triton.pbtxt import ConfigError, ModelConfig, ModelTensor, render
 from blip2_triton.errors import InvalidInput
+from blip2_triton.serving.preprocess import decode_prompt
 
 from .conftest import random_image, run_together
 
@@ -94,6 +95,66 @@ def test_onnxruntime_backend_variant(exported):
     assert configs[api.PIPELINE].backend == "python" and configs[api.PIPELINE].decoupled
 
 
+def test_the_ensemble_steps_connect_the_models_tensors(exported):
+    """Each step maps only tensors its model has, every required input of a step's model is fed,
+    and each step's inputs are the ensemble's inputs or an earlier step's outputs."""
+    from transformers import AutoConfig
+
+    from blip2_triton.pbtxt import ENSEMBLE, EnsembleStep
+
+    _, repo, _ = exported("tiny-opt")
+    configs = {c.name: c for c in repository.model_configs(AutoConfig.from_pretrained(repository.assets_dir(repo)))}
+    ensemble = configs[api.ENSEMBLE]
+    assert ensemble.platform == ENSEMBLE
+    assert ensemble.inputs == api.PUBLIC_INPUTS and ensemble.outputs == api.PUBLIC_OUTPUTS
+    available = {t.name for t in ensemble.inputs}
+    for step in ensemble.steps:
+        model = configs[step.model]
+        assert set(step.inputs) <= {t.name for t in model.inputs}, step.model
+        assert set(step.outputs) <= {t.name for t in model.outputs}, step.model
+        assert {t.name for t in model.inputs if not t.optional} <= set(step.inputs), step.model
+        assert set(step.inputs.values()) <= available, step.model
+        available |= set(step.outputs.values())
+    assert {t.name for t in ensemble.outputs} <= set(ensemble.steps[-1].outputs.values())
+    assert ensemble.steps[-1].model == api.PIPELINE  # the generator step shares blip2's process
+    text = render(ensemble)
+    assert "ensemble_scheduling" in text and "instance_group" not in text
+
+
+def test_ensemble_configs_that_cannot_be_rendered():
+    import dataclasses
+
+    from blip2_triton.pbtxt import EnsembleStep
+
+    tensor = ModelTensor("x", "float32", (3,))
+    step = EnsembleStep("m", {"x": "x"}, {"y": "x"})
+    good = ModelConfig("e", 1, (tensor,), (tensor,), backend=None, platform="ensemble", steps=(step,))
+    assert 'model_name: "m"' in render(good)
+    for overrides, message in ((dict(steps=()), "steps go with platform"),
+                               (dict(platform=None, backend="python"), "steps go with platform"),
+                               (dict(parameters={"k": "v"}), "no dynamic_batching, decoupled, parameters or instances"),
+                               (dict(instance_count=2), "no dynamic_batching, decoupled, parameters or instances"),
+                               (dict(steps=(EnsembleStep("m", {}, {"y": "x"}),)), "needs a model, inputs and outputs"),
+                               (dict(steps=(EnsembleStep("m", {"x": ""}, {"y": "x"}),)), "both must be tensor names")):
+        with pytest.raises(ConfigError, match=message):
+            render(dataclasses.replace(good, **overrides))
+
+
+def test_a_stop_is_remembered_for_its_ttl(monkeypatch):
+    from blip2_triton.serving import service
+
+    stops = service.Stops()
+    clock = [100.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
+    stops.add("a")
+    assert "a" in stops and "b" not in stops and "" not in stops
+    clock[0] += stops.TTL_S + 1
+    stops.add("b")  # adding prunes what expired
+    assert "a" not in stops and "b" in stops
+    with pytest.raises(InvalidInput, match="stop: the request needs the id"):
+        stops.add("")
+
+
 # ---- preprocessing ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def preprocessor(exported):
@@ -160,6 +221,55 @@ def test_preprocess_does_not_import_torch(exported, tmp_path):
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_generation_does_not_import_torch(exported, tmp_path):
+    """The `blip2` model's process (tokenizer, configs, decoder, engine) runs without transformers,
+    and so without torch: LocalPipeline runs that same service with in-process stages."""
+    import subprocess
+    import sys
+
+    _, repo, _ = exported("tiny-opt")
+    image = tmp_path / "image.png"
+    image.write_bytes(random_image(1))
+    code = ("import sys; from blip2_triton.serving.pipeline import LocalPipeline; "
+            f"p = LocalPipeline({str(repo)!r}); assert p(open({str(image)!r}, 'rb').read(), 'a photo of', "
+            "max_new_tokens=3).token_ids; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("preset", ["tiny-opt", "tiny-t5", "embedded"])
+def test_checkpoint_files_read_as_transformers_reads_them(preset, exported):
+    """The server's torch-free readers give transformers' config values, resolved generation
+    parameters, tokenization, decoding (special tokens skipped or not) and length limit."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from blip2_triton.generation.params import GenerationParams
+    from blip2_triton.serving.checkpoint_files import Tokenizer, load_config, load_generation_config
+    from blip2_triton.toy.embedded import TRAINED_MODEL
+
+    ckpt = str(TRAINED_MODEL) if preset == "embedded" else str(exported(preset)[0])
+    ours, ref = load_config(ckpt), AutoConfig.from_pretrained(ckpt)
+    for name in ("num_query_tokens", "image_token_index"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    for name in ("model_type", "num_decoder_layers", "num_heads", "d_model", "decoder_start_token_id",
+                 "max_position_embeddings"):
+        assert getattr(ours.text_config, name, None) == getattr(ref.text_config, name, None), name
+    assert specs.lm_head_dim(ours) == specs.lm_head_dim(ref)
+    for controls in ({}, {"max_new_tokens": 5}, {"num_beams": 3}, {"do_sample": True, "temperature": 0.7, "top_k": 4}):
+        assert (GenerationParams.from_generation_config(load_generation_config(ckpt), prompt_length=40, **controls)
+                == GenerationParams.from_generation_config(GenerationConfig.from_pretrained(ckpt), prompt_length=40,
+                                                           **controls)), controls
+    ours, ref = Tokenizer(ckpt), AutoTokenizer.from_pretrained(ckpt)
+    assert ours.model_max_length == ref.model_max_length
+    for prompt in PROMPTS:
+        assert ours(prompt, add_special_tokens=False) == {"input_ids": ref(prompt, add_special_tokens=False)["input_ids"]}
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = rng.integers(0, len(ref), rng.integers(1, 12)).tolist()
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), (ids, skip)
 
 
 def test_preprocess_batch_isolates_bad_items(preprocessor):
@@ -447,9 +557,9 @@ REFUSALS = [
      r"cannot decode \(OSError"),
     ("image of zero size", _zero_size_image, Reason.IMAGE, "degenerate size 0x3"),
     ("prompt over the byte limit",
-     lambda p, mp: p.stages.preprocessor.decode_prompt(b"a" * (_preprocess_limits()[1] + 1)),
+     lambda p, mp: decode_prompt(b"a" * (_preprocess_limits()[1] + 1)),
      Reason.CONTEXT_EXCEEDED, "prompt: .* bytes, more than"),
-    ("prompt not UTF-8", lambda p, mp: p.stages.preprocessor.decode_prompt(b"\xff\xfe"), Reason.PROMPT, "UTF-8"),
+    ("prompt not UTF-8", lambda p, mp: decode_prompt(b"\xff\xfe"), Reason.PROMPT, "UTF-8"),
     ("control unknown", lambda p, mp: p.generator.params({"bogus": 1}, 10), Reason.CONTROL, "unknown generation"),
     ("control out of range", lambda p, mp: p.generator.params({"top_p": 2.0}, 10), Reason.CONTROL, "top_p"),
     ("num_beams over the server's bound",

@@ -41,8 +41,11 @@ def test_every_option_renders(tiny_checkpoints):
                for m in (specs.VISION_ENCODER, specs.QFORMER, api.PIPELINE))
     # the default is what export always wrote: one instance each, on the CPU, taking turns
     default = {c.name: render(c) for c in model_configs(_config(tiny_checkpoints))}
-    assert all("count: 1 kind: KIND_CPU }" in t for t in default.values())
-    assert "ort_threads" not in "".join(default.values()) and default[api.PIPELINE].count('"true"') == 1
+    assert all("count: 1 kind: KIND_CPU }" in t for name, t in default.items() if name != api.ENSEMBLE)
+    assert "ort_threads" not in "".join(default.values())
+    assert 'key: "exclusive_compute" value: { string_value: "true" }' in default[api.PIPELINE]
+    # the ensemble runs no instances of its own, whatever the sizing: its steps are placed
+    assert "instance_group" not in text[api.ENSEMBLE] and "instance_group" not in default[api.ENSEMBLE]
 
 
 def test_defaults_follow_the_machine():

@@ -5,13 +5,15 @@ stateless stages as BLS calls (batched in their own models) and enqueues the req
 generation engine; the engine thread runs every active sequence in one batched decoder call per
 step and answers through each request's response sender. Because the request that Triton
 cancels is the one this model holds, a client's cancellation frees its sequence at the next step.
+As `blip2_ensemble`'s generator step it receives query embeddings and prompt ids instead of an
+image and a prompt; a `stop` request ends the generation of the request with its id.
 """
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from blip2_triton import api
 from blip2_triton.serving import triton_io as io
-from blip2_triton.serving.service import Blip2Service
+from blip2_triton.serving.service import Blip2Service, Piece
 
 
 class TritonPythonModel:
@@ -22,6 +24,7 @@ class TritonPythonModel:
             self.args.repository, stages=io.BlsStages(), stats=io.EngineMetrics(self.args.name),
             threads=self.args.ort_threads(), compute_lock=self.args.compute_lock(),
             kv_budget=self.args.kv_budget(), max_waiting=self.args.max_queue_size(),
+            image_cache=self.args.image_cache(),
         )
         self.service.engine.start()
         # BLS calls block: enough workers for a full batch of requests to wait in the stages together.
@@ -34,6 +37,10 @@ class TritonPythonModel:
             place = None
             try:
                 inputs = io.pipeline_inputs(request)
+                if "stop" in inputs:  # api.STOP: end the generation of the request with this id
+                    self.service.stops.add(inputs["stop"])
+                    io.piece_sender(sender)(Piece("", [], final=True))
+                    continue
                 place = self.service.engine.enter()  # refused when too many wait (max_queue_size)
                 self.workers.submit(self._start, request, sender, inputs, received, place)
             except Exception as e:
@@ -46,7 +53,7 @@ class TritonPythonModel:
         try:
             generation = self.service.prepare(
                 **inputs, emit=io.piece_sender(sender), on_error=io.error_sender(sender),
-                is_cancelled=lambda: io.is_cancelled(request),
+                is_cancelled=lambda: io.is_cancelled(request), request_id=io.request_id(request),
             )
             generation.received, generation.place = received, place
             self.service.engine.submit(generation)

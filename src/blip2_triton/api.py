@@ -17,6 +17,9 @@ from .pbtxt import ModelTensor
 # detokenizer itself (see model_repository/blip2/model.py).
 PIPELINE = "blip2"
 PREPROCESS = "preprocess"
+# The same API as a Triton ensemble: preprocess -> vision_encoder -> qformer -> `blip2` as its
+# generator step, fed the Q-Former's output and the prompt ids instead of an image and a prompt.
+ENSEMBLE = "blip2_ensemble"
 
 # ---- public inputs (per request; the model has a batch dimension, so clients send [1, ...]) ----
 IMAGE = ModelTensor("image", "bytes", (1,))
@@ -51,6 +54,12 @@ FINAL = ModelTensor("final", "bool", (1,))  # true on the last response of a req
 PROMPT_TOKENS = ModelTensor("prompt_tokens", "int32", (1,))
 
 PUBLIC_INPUTS: tuple[ModelTensor, ...] = (IMAGE, PROMPT, STREAM, *CONTROLS)
+
+# `blip2` only: a request with `stop` true and no other input ends the generation `blip2` runs for
+# the request of the same request id, and gets one empty final response. Through the ensemble the
+# generator step carries the client's request id, and Triton 2.51 does not pass a client's
+# cancellation on to a step that has started: the client sends this instead.
+STOP = ModelTensor("stop", "bool", (1,), optional=True)
 PUBLIC_OUTPUTS: tuple[ModelTensor, ...] = (TEXT, TOKEN_IDS, FINAL, PROMPT_TOKENS)
 
 # ---- the retrieval models (a Blip2ForImageTextRetrieval checkpoint): one Triton model per call ----
@@ -121,12 +130,14 @@ UNAVAILABLE_PREFIX = "unavailable: "
 # Triton's own words (not ours) for a model that cannot serve now: its process died ("Stub process
 # 'blip2_0_0' is not healthy.", or "Failed to obtain the health mutex." when it died holding that
 # lock, from the Python backend), or it is unloaded or loading again ("Model 'qformer' is not
-# ready.", "Request for unknown model: 'blip2' has no available versions"). A stage's failure
+# ready.", "Request for unknown model: 'blip2' has no available versions"), or the whole server is
+# being stopped (the supervisor restarting it: "Server is stopping, ..."). A stage's failure
 # reaches the served code in these words, mostly as INTERNAL, and a request to the `blip2` model
 # itself reaches the client in them.
 TRITON_UNAVAILABLE = re.compile(
     r"Stub process '[^']*' is not healthy|Failed to obtain the health mutex|Model '[^']*' is not ready"
-    r"|unknown model: '[^']*' has no available versions")
+    r"|unknown model: '[^']*' has no available versions"
+    r"|Server is stopping, scheduler for model has stopped accepting new inference requests")
 
 
 def unavailable_message(text: str) -> str:

@@ -26,6 +26,7 @@ def _export(args) -> int:
         report = export_checkpoint(
             args.model, args.output, dtype=args.dtype, validate=not args.no_validate,
             providers=args.providers.split(",") if args.providers else None, quantize=args.quantize,
+            image_cache_bytes=None if args.no_image_cache else args.image_cache_mib * 2**20,
             sizing=sizing, stateless_backend=args.stateless_backend,
         )
     except ValidationError as e:
@@ -75,16 +76,33 @@ def _bench(args) -> int:
     return run_from_args(args)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _soak(args) -> int:
     from blip2_triton.benchmarks.soak import run_from_args
 
     return run_from_args(args)
 
 
+def _bench_retrieval(args) -> int:
+    from blip2_triton.benchmarks.retrieval import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blip2_triton.export.exporter import DTYPES
     from blip2_triton.sizing import add_arguments as add_sizing_arguments
     from blip2_triton.export.quantize import QUANTIZATIONS
+    from blip2_triton.repository import DEFAULT_IMAGE_CACHE_BYTES
     from blip2_triton.toy.presets import ALL_PRESETS, DEFAULT_PRESET
 
     parser = argparse.ArgumentParser(prog="blip2-triton", description=__doc__)
@@ -102,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who runs the vision encoder and Q-Former: onnxruntime in the Python backend (everywhere), "
                         "or Triton's onnxruntime backend (NVIDIA's containers only)")
     add_sizing_arguments(p)
+    p.add_argument("--image-cache-mib", type=_positive_int, default=DEFAULT_IMAGE_CACHE_BYTES // 2**20,
+                   help="bound of blip2's cache of recent images' query embeddings (default %(default)s)")
+    p.add_argument("--no-image-cache", action="store_true", help="every request runs the image stages")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("configure", help="size an exported repository again (config.pbtxt only, no re-export)")
@@ -117,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
-    p = sub.add_parser("demo", help="export the embedded OPT and Flan-T5 models, serve each with tritonserver, ask, stop")
+    p = sub.add_parser("demo", help="export the embedded OPT and Flan-T5 models (then the retrieval one), serve each with tritonserver, ask, stop")
     p.add_argument("--workdir", default="artifacts/demo", help="where the exported repositories go")
     p.add_argument("--model", help="one checkpoint to use instead of the embedded ones")
     p.set_defaults(func=_demo)
@@ -150,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "server memory over time")
     add_soak_arguments(p)
     p.set_defaults(func=_soak)
+
+    from blip2_triton.benchmarks.retrieval import add_arguments as add_retrieval_bench_arguments
+
+    p = sub.add_parser("bench-retrieval", help="embed_image, ITM, index and search benchmarks, side by side with transformers")
+    add_retrieval_bench_arguments(p)
+    p.set_defaults(func=_bench_retrieval)
     return parser
 
 

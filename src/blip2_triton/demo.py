@@ -1,8 +1,9 @@
 """`blip2-triton demo`: export the embedded models, start the real Triton server, answer requests, stop.
 
-Both embedded trained models run, the OPT one and its Flan-T5 sibling, each with its own model
+Both embedded trained generation models run, the OPT one and its Flan-T5 sibling, each with its own model
 repository and server, one after the other: every repository names its models `blip2`,
-`preprocess`, `vision_encoder` and `qformer`, so one server cannot hold both.
+`preprocess`, `vision_encoder` and `qformer`, so one server cannot hold both. Then the retrieval sibling: the samples indexed, searched by
+their captions, and matched with a right and a wrong caption.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def run_demo(workdir: str | Path = "artifacts/demo", model: str | None = None) -
         title = f"BLIP-2 {FAMILY_NAMES.get(family, family)}: {checkpoint.name}"
         print(("\n" if i else "") + f"=== {title} " + "=" * max(3, 76 - len(title)), flush=True)
         _demo_one(checkpoint, workdir / f"model_repository-{family}")
+    if not model and (embedded.RETRIEVAL_MODEL / "model.safetensors").exists():
+        title = f"BLIP-2 image-text retrieval: {embedded.RETRIEVAL_MODEL.name}"
+        print(f"\n=== {title} " + "=" * max(3, 76 - len(title)), flush=True)
+        _demo_retrieval(embedded.RETRIEVAL_MODEL, workdir / "model_repository-retrieval")
     return 0
 
 
@@ -62,4 +67,36 @@ def _demo_one(checkpoint: Path, repo: Path) -> None:
             first = embedded.samples()[0].path
             pieces = list(client.stream(first))
             print(f"  streamed caption of {first.name}: {pieces}")
+    print("server stopped", flush=True)
+
+
+def _demo_retrieval(checkpoint: Path, repo: Path) -> None:
+    """Export the retrieval checkpoint, serve it, index the samples into a throwaway local Qdrant
+    collection, find each sample by its caption, and match one with a right and a wrong caption."""
+    import tempfile
+
+    from blip2_triton.client import Blip2Client
+    from blip2_triton.client.index import ImageIndex
+    from blip2_triton.export.exporter import export_checkpoint
+    from blip2_triton.server.launcher import TritonServer
+
+    print(f"[1/3] exporting {checkpoint} -> {repo}", flush=True)
+    report = export_checkpoint(checkpoint, repo)
+    print(f"      validated in {report.seconds:.1f}s", flush=True)
+    print("[2/3] starting tritonserver", flush=True)
+    samples = embedded.samples()
+    with TritonServer(repo, grpc_port=None, http_port=None, metrics_port=None) as server, \
+            Blip2Client(server.grpc_url) as client, tempfile.TemporaryDirectory() as db, \
+            ImageIndex("samples", db=db) as index:
+        print(f"[3/3] indexing {len(samples)} sample images, then searching them by caption", flush=True)
+        client.index(index, embedded.SAMPLES)
+        for sample in samples:
+            top = client.search_text(index, sample.caption, top_k=1, rerank=len(samples))[0]
+            print(f"  {sample.caption!r:50} -> {Path(top.path).name} (ITM {top.itm_probability:.3f}; "
+                  f"{'right' if Path(top.path) == sample.path else 'WRONG'} scene)")
+        sample = samples[-1]
+        wrong = sample.caption.replace(sample.caption.split()[1], "purple" if "purple" not in sample.caption else "red", 1)
+        for text in (sample.caption, wrong):
+            m = client.match(sample.path, text)
+            print(f"  match {sample.path.name} {text!r}: ITM {m.itm_probability:.3f}, ITC {m.itc_similarity:.3f}")
     print("server stopped", flush=True)

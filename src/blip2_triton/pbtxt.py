@@ -55,6 +55,16 @@ class ModelTensor:
 
 
 @dataclass(frozen=True)
+class EnsembleStep:
+    """One step of an ensemble: the model it runs and how its tensors map to the ensemble's
+    (model tensor name -> ensemble tensor name, as Triton's input_map / output_map)."""
+
+    model: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     max_batch_size: int
@@ -71,6 +81,8 @@ class ModelConfig:
     gpus: tuple[int, ...] = ()  # device ids, with KIND_GPU
     parameters: dict[str, str] = field(default_factory=dict)
     default_model_filename: str | None = None
+    # platform "ensemble" only: its steps, in the order Triton may start them.
+    steps: tuple[EnsembleStep, ...] = ()
 
 
 
@@ -95,6 +107,16 @@ def _tensor(t: ModelTensor, indent: str) -> str:
         lines.append("optional: true")
     inner = indent + "  "
     return indent + "{\n" + "".join(f"{inner}{line}\n" for line in lines) + indent + "}"
+
+
+ENSEMBLE = "ensemble"
+
+
+def _step(step: EnsembleStep) -> str:
+    lines = [f"model_name: {_q(step.model)}", "model_version: -1"]
+    lines += [f"input_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in step.inputs.items()]
+    lines += [f"output_map {{ key: {_q(k)} value: {_q(v)} }}" for k, v in step.outputs.items()]
+    return "    {\n" + "".join(f"      {line}\n" for line in lines) + "    }"
 
 
 # The only fields that may be None: a model has a backend or a platform, and maybe a file name.
@@ -125,6 +147,19 @@ def _check(cfg: ModelConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"{label}: {key} must be a non-empty string or None, got {value!r}")
+    ensemble = cfg.platform == ENSEMBLE
+    if ensemble != bool(cfg.steps):
+        raise ConfigError(f"{label}: steps go with platform {ENSEMBLE!r} and it needs them, got {len(cfg.steps)} steps"
+                          f" for platform {cfg.platform!r}")
+    if ensemble and (cfg.dynamic_batching or cfg.decoupled or cfg.parameters or cfg.gpus
+                     or cfg.instance_kind != "KIND_CPU" or cfg.instance_count != 1):
+        raise ConfigError(f"{label}: an ensemble has no dynamic_batching, decoupled, parameters or instances of its own")
+    for step in cfg.steps:
+        if not isinstance(step, EnsembleStep) or not step.model or not step.inputs or not step.outputs:
+            raise ConfigError(f"{label}: a step needs a model, inputs and outputs, got {step!r}")
+        for key, value in (*step.inputs.items(), *step.outputs.items()):
+            if not (isinstance(key, str) and key and isinstance(value, str) and value):
+                raise ConfigError(f"{label}: step {step.model!r} maps {key!r} to {value!r}: both must be tensor names")
     if not isinstance(cfg.parameters, dict):
         raise ConfigError(f"{label}: parameters must be a dict, got {cfg.parameters!r}")
     for key, value in cfg.parameters.items():
@@ -157,7 +192,10 @@ def render(cfg: ModelConfig) -> str:
             or bool(cfg.gpus) != (cfg.instance_kind == "KIND_GPU"):
         raise ConfigError(f"model config {cfg.name!r}: gpus must list device ids exactly with KIND_GPU, got {cfg.gpus!r}")
     gpus = f" gpus: [ {', '.join(map(str, cfg.gpus))} ]" if cfg.gpus else ""
-    parts.append(f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.instance_kind}{gpus} }} ]")
+    if cfg.steps:
+        parts.append("ensemble_scheduling {\n  step [\n" + ",\n".join(_step(s) for s in cfg.steps) + "\n  ]\n}")
+    else:  # an ensemble runs no instances of its own
+        parts.append(f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.instance_kind}{gpus} }} ]")
     for key, value in cfg.parameters.items():
         parts.append(f"parameters {{ key: {_q(key)} value: {{ string_value: {_q(str(value))} }} }}")
     return "\n".join(parts) + "\n"

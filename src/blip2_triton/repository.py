@@ -8,6 +8,8 @@
     <repo>/preprocess/{config.pbtxt,1/model.py}                   dynamic batching
     <repo>/vision_encoder/{config.pbtxt,1/model.py,1/model.onnx}  dynamic batching
     <repo>/qformer/{config.pbtxt,1/model.py,1/model.onnx}         dynamic batching
+    <repo>/blip2_ensemble/{config.pbtxt,1/}  the same API as an ensemble: preprocess -> vision_encoder
+                                         -> qformer -> blip2 (fed query embeddings and prompt ids)
 
 A retrieval checkpoint (Blip2ForImageTextRetrieval) has models of other names, so that one
 repository can hold a generation checkpoint and a retrieval one side by side:
@@ -23,13 +25,18 @@ files copied from the `model_repository/` sources.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from . import api
 from . import specs
 from .families import graph_specs, is_retrieval
-from .pbtxt import ModelConfig, ModelTensor
+from .pbtxt import ENSEMBLE, EnsembleStep, ModelConfig, ModelTensor
 from .sizing import EXCLUSIVE_COMPUTE, MAX_BATCH_SIZE, QUEUE_DELAY_US, Sizing  # noqa: F401 (re-exported)
+
+# The image cache's default bound: ~680 images of a ViT-g/OPT-125m-class checkpoint's queries
+# (32 x 768 fp32), ~200 of OPT-2.7b's (32 x 2560 fp32); small next to the decoder's weights.
+DEFAULT_IMAGE_CACHE_BYTES = 64 * 2**20
 
 # The image stages are Triton models of their own (batched across requests); every other graph is
 # a language-model graph, held by the `blip2` model that owns the KV caches.
@@ -37,7 +44,7 @@ STAGE_GRAPHS = (specs.VISION_ENCODER, specs.QFORMER)
 # Every retrieval graph is a stateless stage of its own.
 RETRIEVAL_GRAPHS = (specs.RETRIEVAL_VISION_ENCODER, specs.IMAGE_FEATURES, specs.TEXT_FEATURES, specs.ITM)
 # The models each kind of export writes; an export replaces its own kind's models only.
-GENERATION_MODELS = (api.PREPROCESS, *STAGE_GRAPHS, api.PIPELINE)
+GENERATION_MODELS = (api.PREPROCESS, *STAGE_GRAPHS, api.PIPELINE, api.ENSEMBLE)
 RETRIEVAL_MODELS = (api.RETRIEVAL_PREPROCESS, *RETRIEVAL_GRAPHS, *api.RETRIEVAL_CALLS)
 # Model parameter EXCLUSIVE_COMPUTE: "true" makes the model's onnxruntime runs take turns with the
 # other models' (serving/compute_lock.py). Right for a CPU server, where every run uses all cores;
@@ -47,6 +54,11 @@ RETRIEVAL_MODELS = (api.RETRIEVAL_PREPROCESS, *RETRIEVAL_GRAPHS, *api.RETRIEVAL_
 CHECKPOINT_DIR = "checkpoint_dir"
 # Model parameter of a retrieval call's model: which call it serves (one of api.RETRIEVAL_CALLS).
 CALL = "call"
+# `blip2` parameters: "true" keeps the query embeddings of recent images (serving/image_cache.py),
+# so follow-up questions on an image skip the image stages; "false" turns that off. The cache
+# holds at most IMAGE_CACHE_BYTES bytes of embeddings, least recently used out first.
+IMAGE_CACHE = "image_cache"
+IMAGE_CACHE_BYTES = "image_cache_bytes"
 # `blip2` parameters bounding its memory (serving/engine.py): the bytes the KV cache of the active
 # sequences may reach ("auto": a share of the machine's memory; or a size such as "512MiB"), and
 # how many requests may wait for room (more are refused with RESOURCE_EXHAUSTED).
@@ -91,14 +103,18 @@ def other_models(config) -> tuple[str, ...]:
 
 
 def model_configs(config, float_dtype: str = "float32", stateless_backend: str = "python",
-                  sizing: Sizing | None = None) -> list[ModelConfig]:
+                  sizing: Sizing | None = None,
+                  image_cache_bytes: int | None = DEFAULT_IMAGE_CACHE_BYTES) -> list[ModelConfig]:
     """All model configs of the repository for a Blip2Config, from its family's graphs (blip2_triton.families).
 
     stateless_backend: "python" serves the vision encoder and Q-Former with onnxruntime inside the
     Python backend (works everywhere); "onnxruntime" uses Triton's onnxruntime backend (NVIDIA's
     containers only). sizing: instances, threads, batching and devices per model (default: one
-    instance of each on the CPU, sizing.Sizing()).
+    instance of each on the CPU, sizing.Sizing()). image_cache_bytes: the bound of `blip2`'s image
+    cache; None turns it off.
     """
+    if image_cache_bytes is not None and (not isinstance(image_cache_bytes, int) or image_cache_bytes <= 0):
+        raise ValueError(f"image_cache_bytes must be a positive int or None (off), got {image_cache_bytes!r}")
     sizing = sizing or Sizing()
     graphs = graph_specs(config, float_dtype)
     if is_retrieval(config):
@@ -112,18 +128,28 @@ def model_configs(config, float_dtype: str = "float32", stateless_backend: str =
         parameters={CHECKPOINT_DIR: _relative(assets_dir(""))},
         **_sized(sizing, api.PREPROCESS),
     )
+    # As the ensemble's generator step, `blip2` takes the Q-Former's output and the prompt ids in
+    # place of the image and the prompt: each request sends one pair or the other.
+    query_embeds = ModelTensor.from_spec(graphs[specs.QFORMER].output(specs.QUERY_EMBEDS), optional=True)
+    generator_inputs = (query_embeds, dataclasses.replace(api.PROMPT_IDS, optional=True))
     pipeline = ModelConfig(
         name=api.PIPELINE,
         max_batch_size=MAX_BATCH_SIZE,
-        inputs=api.PUBLIC_INPUTS,
+        inputs=(dataclasses.replace(api.IMAGE, optional=True), *api.PUBLIC_INPUTS[1:], *generator_inputs, api.STOP),
         outputs=api.PUBLIC_OUTPUTS,
         decoupled=True,
         # The language model's graphs are found by name (graph_path), its family from the checkpoint's config.
-        parameters={**sizing.parameters(api.PIPELINE), KV_CACHE_BUDGET: DEFAULT_KV_CACHE_BUDGET,
-                    MAX_QUEUE_SIZE: str(DEFAULT_MAX_QUEUE_SIZE)},
+        parameters={
+            **sizing.parameters(api.PIPELINE),
+            IMAGE_CACHE: "false" if image_cache_bytes is None else "true",
+            IMAGE_CACHE_BYTES: str(image_cache_bytes or DEFAULT_IMAGE_CACHE_BYTES),
+            KV_CACHE_BUDGET: DEFAULT_KV_CACHE_BUDGET,
+            MAX_QUEUE_SIZE: str(DEFAULT_MAX_QUEUE_SIZE),
+        },
         **_sized(sizing, api.PIPELINE, batching=False),
     )
-    return [preprocess, *(_stateless(graphs[name], stateless_backend, sizing) for name in STAGE_GRAPHS), pipeline]
+    return [preprocess, *(_stateless(graphs[name], stateless_backend, sizing) for name in STAGE_GRAPHS), pipeline,
+            ensemble_config()]
 
 
 def _sized(sizing: Sizing, name: str, batching: bool = True) -> dict:
@@ -184,3 +210,25 @@ def _retrieval_configs(graphs: dict[str, specs.GraphSpec], stateless_backend: st
         for name, (inputs, outputs) in calls.items()
     ]
     return [preprocess, *(_stateless(graphs[name], stateless_backend) for name in RETRIEVAL_GRAPHS), *public]
+
+
+def ensemble_config() -> ModelConfig:
+    """`blip2_ensemble`: the `blip2` API as Triton steps. Every tensor keeps its name along the way."""
+    same = lambda *names: {n: n for n in names}  # noqa: E731
+    controls = (api.STREAM.name, *api.CONTROL_NAMES)
+    return ModelConfig(
+        name=api.ENSEMBLE,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=api.PUBLIC_INPUTS,
+        outputs=api.PUBLIC_OUTPUTS,
+        backend=None,
+        platform=ENSEMBLE,
+        steps=(
+            EnsembleStep(api.PREPROCESS, same(api.IMAGE.name, api.PROMPT.name),
+                         same(specs.PIXEL_VALUES, api.PROMPT_IDS.name)),
+            EnsembleStep(specs.VISION_ENCODER, same(specs.PIXEL_VALUES), same(specs.IMAGE_EMBEDS)),
+            EnsembleStep(specs.QFORMER, same(specs.IMAGE_EMBEDS), same(specs.QUERY_EMBEDS)),
+            EnsembleStep(api.PIPELINE, same(specs.QUERY_EMBEDS, api.PROMPT_IDS.name, *controls),
+                         same(*(t.name for t in api.PUBLIC_OUTPUTS))),
+        ),
+    )

@@ -32,10 +32,11 @@ REMOTE_IMAGE_TIMEOUT = 20.0
 
 
 def create_app(triton_urls: str | Sequence[str], served_model: str = PIPELINE, triton_model: str = PIPELINE,
-               allow_remote_images: bool = False, timeout: float | None = 600.0):
+               allow_remote_images: bool = False, timeout: float | None = 600.0, image_affinity: bool = False):
     """The ASGI app; its client to Triton opens with the app's lifespan and closes with it.
 
-    served_model: the name clients ask for in `model`; triton_model: the Triton model it runs."""
+    served_model: the name clients ask for in `model`; triton_model: the Triton model it runs;
+    image_affinity: AsyncBlip2Client's (replicas' image caches answer a chat's later turns)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
@@ -46,7 +47,7 @@ def create_app(triton_urls: str | Sequence[str], served_model: str = PIPELINE, t
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        async with AsyncBlip2Client(triton_urls, triton_model, timeout=timeout) as client:
+        async with AsyncBlip2Client(triton_urls, triton_model, timeout=timeout, image_affinity=image_affinity) as client:
             state["client"] = client
             yield
 

@@ -20,11 +20,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (refused by default: the front door would fetch any URL it is sent)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per completion (default %(default)g)")
+    p.add_argument("--image-affinity", action="store_true",
+                   help="with replicas: send the turns of a chat on one image to the same replica while it is no "
+                        "busier than the others, so its image cache answers them (default: ties in turn)")
 
 
 def command(args) -> int:
     from .app import serve
 
     serve(args.triton_urls or [DEFAULT_URL], host=args.host, port=args.port, served_model=args.served_model_name,
-          triton_model=args.triton_model, allow_remote_images=args.allow_remote_images, timeout=args.timeout)
+          triton_model=args.triton_model, allow_remote_images=args.allow_remote_images, timeout=args.timeout,
+          image_affinity=args.image_affinity)
     return 0

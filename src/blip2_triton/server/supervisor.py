@@ -119,7 +119,9 @@ class Supervisor:
             return list(self._recoveries)
 
     def start(self) -> "Supervisor":
-        self._decoupled = {m: self._is_decoupled(m) for m in self._models()}
+        # An ensemble has no process of its own: its steps' processes are watched.
+        self._decoupled = {m: self._is_decoupled(m) for m in self._models()
+                           if self.server.model_config(m).get("platform") != "ensemble"}
         self._thread = threading.Thread(target=self._run, name="tritonserver-supervisor", daemon=True)
         self._thread.start()
         return self

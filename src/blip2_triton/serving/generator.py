@@ -15,6 +15,7 @@ from blip2_triton import generation, repository
 from blip2_triton.errors import InvalidInput
 from blip2_triton.api import CONTROL_NAMES, Reason
 
+from .checkpoint_files import load_config, load_generation_config
 from .engine import EngineStats, Engine, Request
 from .language_model import LanguageModel, load_language_model
 from .step_gate import StepGate
@@ -28,11 +29,9 @@ class Generator:
     def __init__(self, repo: str | Path, tokenizer, threads: int | None = None, max_rows: int = 64,
                  stats: EngineStats | None = None, compute_lock=None, kv_budget: int | None = None,
                  max_waiting: int | None = None):
-        from transformers import AutoConfig, GenerationConfig
-
         assets = repository.assets_dir(repo)
-        self.config = AutoConfig.from_pretrained(assets)
-        self.generation_config = GenerationConfig.from_pretrained(assets)
+        self.config = load_config(assets)
+        self.generation_config = load_generation_config(assets)
         self.language_model: LanguageModel = load_language_model(
             repo, self.config, self.generation_config, tokenizer, threads=threads, compute_lock=compute_lock)
         self.engine = Engine(self.language_model, max_rows=max_rows, stats=stats, gate=StepGate.from_environment(),

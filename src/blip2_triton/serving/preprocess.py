@@ -39,15 +39,42 @@ def _base64_payload(data: bytes) -> bytes | None:
         return None
 
 
+def decode_prompt(data: bytes | None) -> str:
+    if data is None:
+        return ""
+    if len(data) > MAX_PROMPT_BYTES:
+        # Far beyond any context (64 KiB is ~16k tokens), and refused before it is tokenized.
+        raise InvalidInput(f"prompt: {len(data)} bytes, more than the {MAX_PROMPT_BYTES} allowed",
+                           Reason.CONTEXT_EXCEEDED)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"prompt: not valid UTF-8 ({e})", Reason.PROMPT) from None
+
+
+def load_tokenizer(assets: str | Path):
+    """The checkpoint's tokenizer as the `tokenizers` library reads it: tokenizer.json holds the
+    special tokens the checkpoint's tokenizer adds (its post-processor)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(assets) / "tokenizer.json"))
+
+
+def encode_prompt(tokenizer, prompt: bytes | None) -> np.ndarray:
+    """A request's prompt bytes -> its token ids as the checkpoint's tokenizer adds special tokens
+    (OPT: BOS first; T5: </s> last, so "" is [</s>], what the processor gives for text=""); int64
+    [S], without the image placeholders; InvalidInput for bytes that are no prompt. Its length is
+    checked against the context by the language model. The `preprocess` model runs it, and
+    `blip2` itself for an image whose query embeddings it has cached."""
+    return np.asarray(tokenizer.encode(decode_prompt(prompt), add_special_tokens=True).ids, dtype=np.int64)
+
+
 class Preprocessor:
     def __init__(self, assets: str | Path):
-        from tokenizers import Tokenizer
-
         from .image_processing import ImageProcessor
 
         self.image_processor = ImageProcessor.from_pretrained(assets)
-        # tokenizer.json holds the special tokens the checkpoint's tokenizer adds (its post-processor).
-        self.tokenizer = Tokenizer.from_file(str(Path(assets) / "tokenizer.json"))
+        self.tokenizer = load_tokenizer(assets)
 
     def decode_image(self, data: bytes):
         """Encoded image file -> RGB PIL image; InvalidInput for anything Pillow cannot read safely.
@@ -105,23 +132,10 @@ class Preprocessor:
         return self.image_processor(images)
 
     def prompt_ids(self, prompt: str) -> np.ndarray:
-        """Prompt -> its token ids as the checkpoint's tokenizer adds special tokens (OPT: BOS first;
-        T5: </s> last, so "" is [</s>], what the processor gives for text=""); int64 [S], without the
-        image placeholders. Its length is checked against the context by the language model."""
+        """Prompt -> its token ids (encode_prompt without the bytes checks)."""
         return np.asarray(self.tokenizer.encode(prompt, add_special_tokens=True).ids, dtype=np.int64)
 
-    @staticmethod
-    def decode_prompt(data: bytes | None) -> str:
-        if data is None:
-            return ""
-        if len(data) > MAX_PROMPT_BYTES:
-            # Far beyond any context (64 KiB is ~16k tokens), and refused before it is tokenized.
-            raise InvalidInput(f"prompt: {len(data)} bytes, more than the {MAX_PROMPT_BYTES} allowed",
-                               Reason.CONTEXT_EXCEEDED)
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InvalidInput(f"prompt: not valid UTF-8 ({e})", Reason.PROMPT) from None
+    decode_prompt = staticmethod(decode_prompt)
 
     def __call__(self, image: bytes, prompt: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One request -> (pixel_values [3, H, W], prompt_ids [S])."""
@@ -139,7 +153,7 @@ class Preprocessor:
         images = []
         for image, prompt in items:
             try:
-                ids = self.prompt_ids(self.decode_prompt(prompt))
+                ids = encode_prompt(self.tokenizer, prompt)
                 images.append(self.decode_image(image))
                 results.append(ids)
             except InvalidInput as e:

@@ -30,7 +30,7 @@ class T5LanguageModel:
         self.embed_dim = text.d_model
         self.num_query_tokens = config.num_query_tokens
         self.layers, self.heads, self.head_dim = text.num_decoder_layers, text.num_heads, specs.lm_head_dim(config)
-        start = getattr(generation_config, "decoder_start_token_id", None)
+        start = generation_config.get("decoder_start_token_id")
         self.start_token = text.decoder_start_token_id if start is None else start
         # T5 has no position table; the tokenizer's limit (512 for Flan-T5) bounds prompts and answers.
         self.max_tokens = int(tokenizer.model_max_length)

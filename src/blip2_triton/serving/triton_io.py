@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Iterable
@@ -17,11 +18,13 @@ import numpy as np
 from blip2_triton import api
 from blip2_triton import specs
 from blip2_triton.errors import Cancelled, InvalidInput, ResourceExhausted, Unavailable
-from blip2_triton.repository import DEFAULT_KV_CACHE_BUDGET, DEFAULT_MAX_QUEUE_SIZE, KV_CACHE_BUDGET, MAX_QUEUE_SIZE
+from blip2_triton.repository import (DEFAULT_KV_CACHE_BUDGET, DEFAULT_MAX_QUEUE_SIZE, IMAGE_CACHE, IMAGE_CACHE_BYTES,
+                                     KV_CACHE_BUDGET, MAX_QUEUE_SIZE)
 from blip2_triton.sizing import EXCLUSIVE_COMPUTE, ORT_PROVIDERS, ORT_THREADS
 
 from .compute_lock import ComputeLock
 from .engine import TIMED_STAGES, EngineStats, kv_budget
+from .image_cache import ImageCache, ImageCacheStats
 
 log = logging.getLogger("blip2_triton.serving")
 
@@ -53,12 +56,29 @@ class ModelArgs:
             raise ValueError(f"model {self.name!r}: config.pbtxt lacks parameter {key!r}")
         return default
 
+    def switch(self, key: str, default: str = "false") -> bool:
+        value = self.parameter(key, default).lower()
+        if value not in ("true", "false"):
+            raise ValueError(f"model {self.name!r}: parameter {key!r} must be \"true\" or \"false\", got {value!r}")
+        return value == "true"
+
     def compute_lock(self):
         """The repository's ComputeLock if config.pbtxt asks for exclusive compute, else None."""
-        value = self.parameter(EXCLUSIVE_COMPUTE, "false").lower()
-        if value not in ("true", "false"):
-            raise ValueError(f"model {self.name!r}: parameter {EXCLUSIVE_COMPUTE!r} must be \"true\" or \"false\", got {value!r}")
-        return ComputeLock.for_repository(self.repository) if value == "true" else None
+        return ComputeLock.for_repository(self.repository) if self.switch(EXCLUSIVE_COMPUTE) else None
+
+    def image_cache(self) -> ImageCache | None:
+        """The image cache config.pbtxt asks for, reporting to Triton's metrics; None when off."""
+        if not self.switch(IMAGE_CACHE):
+            return None
+        text = self.parameter(IMAGE_CACHE_BYTES)
+        try:
+            size = int(text)
+        except ValueError:
+            size = 0
+        if size <= 0:
+            raise ValueError(f"model {self.name!r}: parameter {IMAGE_CACHE_BYTES!r} must be a positive "
+                             f"number of bytes, got {text!r}")
+        return ImageCache(size, ImageCacheMetrics(self.name))
 
     def ort_threads(self) -> int | None:
         """onnxruntime intra-op threads config.pbtxt asks for (sizing.ORT_THREADS), or None."""
@@ -123,13 +143,26 @@ def single(request, name: str, required: bool = False):
 
 
 def pipeline_inputs(request) -> dict:
-    """The public `blip2` inputs of one request, as Blip2Service.prepare's keyword arguments."""
-    return {
-        "image": single(request, api.IMAGE.name, required=True),
-        "prompt": single(request, api.PROMPT.name),
+    """The inputs of one `blip2` request, as Blip2Service.prepare's keyword arguments: a client's
+    image and prompt, or, from the ensemble's generator step, the Q-Former's output and the prompt ids."""
+    if single(request, api.STOP.name):
+        return {"stop": request_id(request)}
+    inputs = {
         "stream": bool(single(request, api.STREAM.name) or False),
         "controls": {name: single(request, name) for name in api.CONTROL_NAMES},
     }
+    if tensor(request, specs.QUERY_EMBEDS) is None:
+        return inputs | {"image": single(request, api.IMAGE.name, required=True),
+                         "prompt": single(request, api.PROMPT.name)}
+    if tensor(request, api.IMAGE.name) is not None or tensor(request, api.PROMPT.name) is not None:
+        raise InvalidInput(f"send {api.IMAGE.name} (and {api.PROMPT.name}) or {specs.QUERY_EMBEDS} and "
+                           f"{api.PROMPT_IDS.name} (what {api.ENSEMBLE!r} sends), not both", api.Reason.INPUT)
+    return inputs | {"query_embeds": row(request, specs.QUERY_EMBEDS), "prompt_ids": row(request, api.PROMPT_IDS.name)}
+
+
+def request_id(request) -> str:
+    """The request's id as the client set it ("" if none); an ensemble's steps carry the client's."""
+    return request.request_id() or ""
 
 
 def row(request, name: str) -> np.ndarray:
@@ -267,13 +300,33 @@ def _call(model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict
 # ---- metrics ------------------------------------------------------------------------------------
 # A Metric dies with its MetricFamily, so families live as long as the process.
 _FAMILIES: dict[str, object] = {}
+# Metric updates from two threads of one stub at once crash tritonserver 2.51 (SIGSEGV in
+# libtriton_python.so, seen with the image cache's updates from request threads beside the
+# engine's): every update of the process goes through this lock.
+_UPDATES = threading.Lock()
+
+
+class _Metric:
+    """A pb_utils Metric whose updates never overlap (see _UPDATES)."""
+
+    def __init__(self, metric):
+        self._metric = metric
+
+    def increment(self, amount: float) -> None:
+        with _UPDATES:
+            self._metric.increment(amount)
+
+    def set(self, value: float) -> None:
+        with _UPDATES:
+            self._metric.set(value)
 
 
 def _metric(name: str, description: str, kind: str, labels: dict[str, str]):
     p = pb()
-    if name not in _FAMILIES:
-        _FAMILIES[name] = p.MetricFamily(name=name, description=description, kind=getattr(p.MetricFamily, kind))
-    return _FAMILIES[name].Metric(labels=labels)
+    with _UPDATES:
+        if name not in _FAMILIES:
+            _FAMILIES[name] = p.MetricFamily(name=name, description=description, kind=getattr(p.MetricFamily, kind))
+        return _Metric(_FAMILIES[name].Metric(labels=labels))
 
 
 def counter(name: str, description: str, labels: dict[str, str]):
@@ -361,6 +414,37 @@ class EngineMetrics(EngineStats):
                 metric.increment(amount)
         self._pending.clear()
         self._published = time.monotonic()
+
+
+class ImageCacheMetrics(ImageCacheStats):
+    """The image cache's hits, misses, evictions and size on Triton's metrics endpoint. Updates
+    are a few per image-stage run, far fewer than the engine's, so they go out at once."""
+
+    def __init__(self, model: str):
+        super().__init__()
+        labels = {"model": model}
+        self._hits = counter("blip2_image_cache_hits_total", "Requests whose image's query embeddings were cached", labels)
+        self._misses = counter("blip2_image_cache_misses_total", "Requests that ran the image stages", labels)
+        self._evictions = counter("blip2_image_cache_evictions_total", "Images dropped to keep the byte bound", labels)
+        self._bytes = gauge("blip2_image_cache_bytes", "Bytes of query embeddings held", labels)
+        self._entries = gauge("blip2_image_cache_entries", "Images held", labels)
+
+    def on_hit(self) -> None:
+        super().on_hit()
+        self._hits.increment(1)
+
+    def on_miss(self) -> None:
+        super().on_miss()
+        self._misses.increment(1)
+
+    def on_evict(self, count: int) -> None:
+        super().on_evict(count)
+        self._evictions.increment(count)
+
+    def on_size(self, nbytes: int, entries: int) -> None:
+        super().on_size(nbytes, entries)
+        self._bytes.set(nbytes)
+        self._entries.set(entries)
 
 
 def piece_sender(sender):

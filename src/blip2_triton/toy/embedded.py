@@ -9,6 +9,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # One trained scene model per language-model family; the OPT one is the default.
 TRAINED_MODELS = {"opt": ASSETS / "blip2-tiny-scenes", "t5": ASSETS / "blip2-tiny-scenes-t5"}
 TRAINED_MODEL = TRAINED_MODELS["opt"]
+# The image-text retrieval sibling of the OPT model (Blip2ForImageTextRetrieval: ITC + ITM).
+RETRIEVAL_MODEL = ASSETS / "blip2-tiny-scenes-itm"
 SAMPLES = ASSETS / "samples"
 
 

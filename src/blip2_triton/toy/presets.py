@@ -127,6 +127,13 @@ BENCH_PRESETS: dict[str, TinyPreset] = {
         family="t5", text_hidden=768, text_layers=12, text_heads=12, d_kv=64, ffn_dim=2048,
         init_std=0.02, vocab_size=32128,
     ),
+    # The retrieval benchmark model: base-opt's image stages (ViT-B/14 at 224 px, the full-size
+    # Q-Former with 32 queries) with BLIP-2's ITC width (256) and ITM head, random weights.
+    "base-itm": TinyPreset(
+        task="retrieval", image_size=224, patch_size=14, vision_hidden=768, vision_layers=12, vision_heads=12,
+        qformer_hidden=768, qformer_layers=12, qformer_heads=12, num_query_tokens=32, init_std=0.02,
+        image_text_hidden_size=256, qformer_max_positions=64, image_token=False,
+    ),
 }
 # Blip2ForImageTextRetrieval presets (ITC + ITM): the retrieval parity tests run every entry.
 RETRIEVAL_PRESETS: dict[str, TinyPreset] = {
