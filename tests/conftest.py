@@ -128,6 +128,37 @@ def wait_for_active(server, count: int, timeout: float = 30) -> float:
     return time.monotonic() - start
 
 
+def http_generate(server, model: str, endpoint: str, body: dict) -> tuple[int, str]:
+    """POST `body` to Triton's HTTP generate extension (`endpoint`: generate or generate_stream)
+    of `model`; -> (status, body text), error statuses included."""
+    import json
+    import urllib.error
+
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/{model}/{endpoint}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def popen_interruptible(argv: list[str], **kwargs):
+    """subprocess.Popen with SIGINT at its default in the child, as a terminal leaves it: a test run
+    started in the background (`cmd &` in a script) inherits SIGINT ignored, and a Python child
+    then never raises KeyboardInterrupt. A handled signal is reset to its default at exec, so it is
+    handled here around the fork (a preexec_fn would run Python in a forked threaded process)."""
+    import signal
+    import subprocess
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(argv, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class BackgroundLoad:
     """`clients` asyncio clients (`_client(index)`, a subclass's) running on a thread of their own
     until the `with` block ends; leaving it fails if one has not returned within `join_timeout` s."""

@@ -249,18 +249,15 @@ def test_ctrl_c_mid_generation_exits_at_once_and_frees_the_sequence(served, gate
     import time
     from pathlib import Path
 
-    from .conftest import metric, wait_for_active
+    from .conftest import metric, popen_interruptible, wait_for_active
 
     server = served.server
     command = shutil.which("blip2-triton", path=str(Path(sys.executable).parent))
     assert command, "the blip2-triton console script is not installed beside this Python"
     before = metric(server, "blip2_generated_tokens_total")
     argv = [command, "caption", images[0][0], *url, "--max-new-tokens", str(LONG), "--min-new-tokens", str(LONG)]
-    # SIGINT as a terminal leaves it: a test run started in the background (`cmd &` in a script)
-    # inherits it ignored, and Python then never raises KeyboardInterrupt.
-    proc = subprocess.Popen(argv + (["--stream"] if stream else []), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = popen_interruptible(argv + (["--stream"] if stream else []), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     try:
         gate.allow(3)  # the prefill and two steps
         gate.wait_blocked()

@@ -8,7 +8,6 @@ import base64
 import contextlib
 import json
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from blip2_triton.client import Blip2Client, InvalidArgumentError
 from blip2_triton.server.launcher import TritonServer
 from blip2_triton.serving.step_gate import STEP_GATE_ENV
 
-from .conftest import Served, metric, random_image, reference, wait_for_active, wait_for_idle
+from .conftest import Served, http_generate, metric, random_image, reference, wait_for_active, wait_for_idle
 
 pytestmark = pytest.mark.server
 MAX_NEW = 10
@@ -65,25 +64,14 @@ def test_grpc_stream_pieces_concatenate_to_the_transformers_text(served):
     assert "".join(pieces) == expected(ckpt, 1611, "a photo of")
 
 
-def _http_generate(server, endpoint: str, body: dict) -> tuple[int, str]:
-    request = urllib.request.Request(
-        f"http://{server.http_url}/v2/models/{api.ENSEMBLE}/{endpoint}", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 def test_http_generate_and_generate_stream_equal_transformers(served):
     ckpt, server, _ = served
     seed, prompt = 1621, "Question: how many shapes are there? Answer:"
     body = {"image": base64.b64encode(random_image(seed)).decode(), "prompt": prompt, "max_new_tokens": MAX_NEW}
-    status, text = _http_generate(server, "generate", body)
+    status, text = http_generate(server, api.ENSEMBLE, "generate", body)
     assert status == 200, text
     assert json.loads(text)["text"] == expected(ckpt, seed, prompt)
-    status, text = _http_generate(server, "generate_stream", {**body, "stream": True})
+    status, text = http_generate(server, api.ENSEMBLE, "generate_stream", {**body, "stream": True})
     assert status == 200, text
     events = [json.loads(line[len("data:"):]) for line in text.splitlines() if line.startswith("data:")]
     assert len(events) > 1 and "".join(e["text"] for e in events) == expected(ckpt, seed, prompt)

@@ -171,7 +171,7 @@ def _in_process(pipeline, values: dict):
         return "refused", e.reason
     tokens = [int(t) for t in pipeline.generator.engine.generate(request)]
     # Sampling without a seed draws a fresh one per request: only that it answers can be compared.
-    sampled = scalar("do_sample") if "do_sample" in values else pipeline.generator.generation_config.do_sample
+    sampled = scalar("do_sample") if "do_sample" in values else pipeline.generator.generation_config.get("do_sample", False)
     return "answer", (None if sampled and scalar("seed") is None else tokens)
 
 

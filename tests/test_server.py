@@ -16,7 +16,7 @@ from blip2_triton.client import Blip2Client, InvalidArgumentError
 from blip2_triton.server.launcher import TritonServer
 from blip2_triton.serving.step_gate import STEP_GATE_ENV
 
-from .conftest import Served, metric, random_image, reference, wait_for_active
+from .conftest import Served, http_generate, metric, random_image, reference, wait_for_active
 
 pytestmark = pytest.mark.server
 MAX_NEW = 10
@@ -421,30 +421,19 @@ def test_health_and_metrics(served):
     assert metric(server, "blip2_active_sequences") == 0
 
 
-def _http_generate(server, endpoint: str, body: dict) -> tuple[int, str]:
-    request = urllib.request.Request(
-        f"http://{server.http_url}/v2/models/blip2/{endpoint}", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 def test_http_generate_and_generate_stream(served):
     _, server, client = served
     image = random_image(6)
     expected = client.generate(image, "a photo of", max_new_tokens=MAX_NEW).text
     body = {"image": base64.b64encode(image).decode(), "prompt": "a photo of", "max_new_tokens": MAX_NEW}
-    status, text = _http_generate(server, "generate", body)
+    status, text = http_generate(server, "blip2", "generate", body)
     assert status == 200, text
     assert json.loads(text)["text"] == expected
-    status, text = _http_generate(server, "generate_stream", {**body, "stream": True})
+    status, text = http_generate(server, "blip2", "generate_stream", {**body, "stream": True})
     assert status == 200, text
     events = [json.loads(line[len("data:"):]) for line in text.splitlines() if line.startswith("data:")]
     assert len(events) > 1 and "".join(e["text"] for e in events) == expected
-    status, text = _http_generate(server, "generate", {**body, "image": base64.b64encode(b"junk").decode()})
+    status, text = http_generate(server, "blip2", "generate", {**body, "image": base64.b64encode(b"junk").decode()})
     assert status == 400 and "image" in text
     # The generate endpoints carry the refusal's message, so its reason too.
     from blip2_triton.api import Reason, parse_refusal

@@ -131,12 +131,12 @@ def test_serve_entry_point_serves_a_caption_and_stops_cleanly(exported, tmp_path
     from blip2_triton.client import Blip2Client
     from blip2_triton.server import free_ports
 
-    from .conftest import random_image
+    from .conftest import popen_interruptible, random_image
 
     _, repo, _ = exported("tiny-opt")
     grpc, http, metrics = free_ports(3)
     log = tmp_path / "serve.log"
-    proc = subprocess.Popen(
+    proc = popen_interruptible(
         [str(Path(sys.executable).with_name("blip2-triton")), "serve", "--model-repository", str(repo),
          "--log-file", str(log), "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
