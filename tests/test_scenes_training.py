@@ -281,6 +281,46 @@ def test_order_and_answer_losses_train_with_the_lm_loss_and_stay_out_of_the_chec
         train(dataclasses.replace(cfg, preset=MICRO["opt"]), progress=False)
 
 
+def test_pointer_loss_reads_the_first_steps_attention_on_the_named_objects():
+    """The pointer loss: head heads[0] of the decoder's first cross-attention layer at its first
+    step on the first-named object's shape word, heads[1] on the second's; attention all there
+    gives 0, and the loop trains it with the LM loss (eager attention: sdpa returns no weights)."""
+    from blip2_triton.toy.losses import first_step_cross_attention, pointer_loss
+
+    order = torch.tensor([[0, 5, 1], [0, 9, 0], [2, 4, 2], [2, 7, 1]])
+    uniform = torch.full((3, 4, 12), 1 / 12).log()
+    assert pointer_loss(uniform, order, (2, 3)).item() == pytest.approx(np.log(12))
+    attn = torch.full((3, 4, 12), 1e-6)
+    attn[0, 2, 5] = attn[0, 3, 9] = attn[2, 2, 4] = attn[2, 3, 7] = 1.0
+    assert pointer_loss(attn.log(), order, (2, 3)).item() == pytest.approx(0.0)
+    attn[0, 2, 5], attn[0, 2, 9] = 1e-6, 1.0  # head 2 on the second-named object instead
+    assert pointer_loss(attn.log(), order, (2, 3)).item() > 3
+
+    # Its log-weights are the model's own first-step cross-attention weights, padding masked.
+    preset, model, _ = micro("t5")
+    model.language_model.set_attn_implementation("eager")
+    emb = torch.randn(3, 10, preset.text_hidden)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    labels = torch.tensor([[5, 1], [6, 1], [7, 1]])
+    lm, log_attention = first_step_cross_attention(model, emb, mask, labels)
+    ref = model.language_model(inputs_embeds=emb, attention_mask=mask, labels=labels, output_attentions=True)
+    torch.testing.assert_close(log_attention.exp(), ref.cross_attentions[0][:, :, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(lm.loss, ref.loss)
+
+    preset, _, processor = micro("t5")
+    cfg = TrainConfig(steps=3, stage1_steps=0, batch_size=8, warmup_steps=1, train_scenes=16, preset=preset, threads=1,
+                      aux_weight=1.0, slot_aux=False, shape_count_aux=False, pointer_aux=True,
+                      qa_weights={"position": 4.0})
+    model, _ = build_model_and_processor(preset, seed=0)
+    dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+    _, _, losses, aux_losses, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+    torch.use_deterministic_algorithms(False)
+    assert len(losses) == 3 and 1 <= len(aux_losses) <= 3 and all(0 < a < 10 for a in aux_losses)
+    with pytest.raises(ValueError, match="family t5"):
+        train(dataclasses.replace(cfg, preset=MICRO["opt"]), progress=False)
+
+
 def test_a_continued_run_records_both_stages(tmp_path):
     """`--init-from` (the bundled model's stage 3): new weights, and a card and log that say how
     both runs were made, so the chain stays reproducible."""
@@ -469,7 +509,8 @@ def test_cli_flags_of_the_t5_position_options():
     cfg = config_from_args(build_parser().parse_args(["--family", "t5", "--text-layers", "4", "--answer-aux",
                                                       "--position-lm-weight", "3"]))
     assert cfg.preset == dataclasses.replace(SCENES_PRESETS["t5"], text_layers=4)
-    assert cfg.answer_aux and cfg.position_lm_weight == 3.0
+    assert cfg.answer_aux and cfg.position_lm_weight == 3.0 and not cfg.pointer_aux
+    assert config_from_args(build_parser().parse_args(["--family", "t5", "--pointer-aux"])).pointer_aux
     assert config_from_args(build_parser().parse_args(["--family", "t5"])).preset == SCENES_PRESETS["t5"]
     with pytest.raises(SystemExit, match="position-lm-weight"):
         config_from_args(build_parser().parse_args(["--position-lm-weight", "2"]))

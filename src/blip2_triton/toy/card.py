@@ -118,6 +118,9 @@ def finetune_text(cfg: TrainConfig, seconds: float, machine: dict) -> str:
     if cfg.aux_weight > 0 and cfg.answer_aux:
         aux += (" (the answer loss: a linear head on the T5 encoder's output at a position question's last"
                 " prompt token classifies its answer)")
+    if cfg.aux_weight > 0 and cfg.pointer_aux:
+        aux += (" (the pointer loss: two heads of the T5 decoder's first cross-attention layer are pointed, at the"
+                " first decoding step, at the shape words of the two objects a position question names)")
     if cfg.position_lm_weight != 1.0:
         aux += f", the position questions' LM loss weighted {cfg.position_lm_weight:g}x"
     if cfg.qa_weights:

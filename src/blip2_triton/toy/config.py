@@ -84,6 +84,10 @@ class TrainConfig:
     # T5 only: the answer loss (`losses.answer_loss`), a position question's answer read from the
     # encoder's output at the prompt's last token (weight: aux_weight).
     answer_aux: bool = False
+    # T5 only: the pointer loss (`losses.pointer_loss`), the decoder's first-step cross-attention
+    # of its first layer's last two heads pointed at the two objects a position question names
+    # (weight: aux_weight).
+    pointer_aux: bool = False
     # T5 only: the LM loss of position questions' tokens counts this many times (`losses.losses_for`).
     position_lm_weight: float = 1.0
     # initializer_range of the vision tower (the rest keeps the preset's init_std).

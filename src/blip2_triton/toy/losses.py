@@ -98,11 +98,59 @@ def answer_loss(head, encoder_states, attention_mask, answer):
     return F.cross_entropy(head(encoder_states[rows, last[rows]]), answer[:, 1])
 
 
-def losses_for(model, batch, heads=None, position_lm_weight: float = 1.0):
+def first_step_cross_attention(model, inputs_embeds, attention_mask, labels):
+    """T5's LM output for a batch, and the log-weights [B, heads, source] of the first decoder
+    layer's cross-attention at the first decoding step, computed from that layer's own inputs
+    (its logits, not the softmax's output: a saturated softmax rounds weights to 0, whose log
+    has no gradient)."""
+    import torch
+
+    cross = model.language_model.decoder.block[0].layer[1]
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["hidden"] = kwargs.get("hidden_states", args[0] if args else None)
+        seen["source"] = kwargs.get("key_value_states", args[1] if len(args) > 1 else None)
+
+    handle = cross.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        lm = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+    finally:
+        handle.remove()
+    attn = cross.EncDecAttention
+    n, d = attn.n_heads, attn.key_value_proj_dim
+    q = attn.q(cross.layer_norm(seen["hidden"][:, :1])).view(-1, n, d)  # [B, heads, d]
+    k = attn.k(seen["source"]).view(q.size(0), -1, n, d)  # [B, source, heads, d]
+    scores = torch.einsum("bhd,bshd->bhs", q, k)  # T5 does not scale its attention scores
+    scores = scores.masked_fill(attention_mask[:, None, :] == 0, torch.finfo(scores.dtype).min)
+    return lm, scores.log_softmax(-1)
+
+
+def pointer_loss(log_attention, order, heads: tuple[int, int]):
+    """Mean negative log of the decoder's first-step cross-attention on the two objects a position
+    question names: head `heads[0]` of its first layer on the first-named object's shape word,
+    `heads[1]` on the second's; log_attention [B, heads, source] (`first_step_cross_attention`),
+    order [N, 3] as in `order_loss` (two rows per question, in prompt order). That first step's
+    query is the decoder start token, the same for every prompt, so it finds encoder tokens by
+    their content alone and the LM loss never made it tell the two named objects apart (it split
+    one head evenly between both); this loss points one head at each, and the LM loss then learns
+    the comparison from what they read."""
+    import torch
+
+    rows, pos = order[:, 0], order[:, 1]
+    named_first = torch.ones(len(order), dtype=torch.bool)
+    named_first[1:] = rows[1:] != rows[:-1]
+    head = torch.where(named_first, heads[0], heads[1])
+    return -log_attention[rows, head, pos].mean()
+
+
+def losses_for(model, batch, heads=None, position_lm_weight: float = 1.0, pointer_heads=None):
     """(LM loss, auxiliary loss) for a batch; each image row is encoded once.
 
     The LM loss is None for an image-only batch (`SceneDataset.image_batch`); the auxiliary loss
     (the sum of the `heads`' losses, see `aux_heads`) is None without heads.
+
+    T5: `pointer_heads` (two head indices) adds `pointer_loss` to the auxiliary loss.
 
     T5: `position_lm_weight` scales the LM loss of the position questions' tokens (the batch's
     `answer` rows); the loss stays the sum over target tokens divided by their count.
@@ -136,7 +184,12 @@ def losses_for(model, batch, heads=None, position_lm_weight: float = 1.0):
     labels = batch["labels"]
     if not model.config.use_decoder_only_language_model:
         # T5 makes its decoder's inputs from the labels and returns their loss, as in the model's forward.
-        lm = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], labels=labels)
+        pointer = pointer_heads is not None and len(batch["order"]) > 0
+        if pointer:
+            lm, log_attention = first_step_cross_attention(model, inputs_embeds, batch["attention_mask"], labels)
+        else:
+            lm = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"],
+                                      labels=labels)
         loss = lm.loss
         if position_lm_weight != 1.0 and len(batch["answer"]):
             import torch
@@ -153,6 +206,9 @@ def losses_for(model, batch, heads=None, position_lm_weight: float = 1.0):
             answer = answer_loss(heads["answer"], lm.encoder_last_hidden_state, batch["attention_mask"],
                                  batch["answer"])
             aux = answer if aux is None else aux + answer
+        if pointer:
+            point = pointer_loss(log_attention, batch["order"], pointer_heads)
+            aux = point if aux is None else aux + point
         return loss, aux
     logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"]).logits
     lm = model.loss_function(logits=logits[:, -labels.size(1):, :], labels=labels,

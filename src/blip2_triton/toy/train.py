@@ -75,6 +75,10 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
     aux_head = aux_heads(cfg.preset, cfg.aux_weight > 0 and cfg.slot_aux, cfg.aux_weight > 0 and cfg.shape_count_aux,
                          cfg.slot_per_query, cfg.aux_weight > 0 and cfg.order_aux,
                          cfg.aux_weight > 0 and cfg.answer_aux)
+    # the first decoder layer's last two heads (`losses.pointer_loss`)
+    pointer_heads = (cfg.preset.text_heads - 2, cfg.preset.text_heads - 1) if cfg.pointer_aux and cfg.aux_weight > 0 else None
+    if cfg.pointer_aux and cfg.preset.family != "t5":
+        raise ValueError("the pointer loss reads the T5 decoder's cross-attention: it needs family t5")
     if cfg.stage1_steps and (aux_head is None or set(aux_head) <= {"order", "answer"}):
         raise ValueError("stage1_steps > 0 trains the auxiliary heads alone: it needs aux_weight > 0 and a head")
     model.train()
@@ -98,7 +102,7 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
         else:
             batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator, cfg.shared_images,
                                   cfg.prefix_fraction, cfg.qa_weights)
-            loss, aux = losses_for(model, batch, aux_head, cfg.position_lm_weight)
+            loss, aux = losses_for(model, batch, aux_head, cfg.position_lm_weight, pointer_heads)
             total = loss if aux is None else loss + cfg.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -148,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T5: auxiliary loss on each object a position question names: its rank left to right")
     p.add_argument("--answer-aux", action=argparse.BooleanOptionalAction, default=d.answer_aux,
                    help="T5: auxiliary loss on a position question's answer, read at the prompt's last encoder token")
+    p.add_argument("--pointer-aux", action=argparse.BooleanOptionalAction, default=d.pointer_aux,
+                   help="T5: auxiliary loss pointing two heads of the decoder's first cross-attention at the "
+                        "two objects a position question names")
     p.add_argument("--position-lm-weight", type=float, default=d.position_lm_weight,
                    help="T5: weight of the LM loss of position questions' tokens")
     p.add_argument("--vision-init-std", type=float, default=d.vision_init_std)
@@ -229,7 +236,7 @@ def config_from_args(args) -> TrainConfig:
         qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
         aux_weight=args.aux_weight, vision_init_std=args.vision_init_std, slot_aux=args.slot_aux,
         shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps, slot_per_query=args.slot_per_query,
-        order_aux=args.order_aux, answer_aux=args.answer_aux, position_lm_weight=args.position_lm_weight,
+        order_aux=args.order_aux, answer_aux=args.answer_aux, pointer_aux=args.pointer_aux, position_lm_weight=args.position_lm_weight,
         init_from=args.init_from, image_stages_from=args.image_stages_from, preset=preset,
         prefix_fraction=args.prefix_fraction, qa_weights=parse_qa_weights(args.qa_weight),
     )
