@@ -88,6 +88,10 @@ class TrainConfig:
     # of its first layer's last two heads pointed at the two objects a position question names
     # (weight: aux_weight).
     pointer_aux: bool = False
+    # T5 only: the relative-position bias tables' learning rate is this multiple of `lr`. At 1x
+    # they hardly moved from their init (std d_model**-0.5) while the unscaled content logits grew
+    # large, so the encoder read its prompt almost as a bag of words (see the T5 model card).
+    position_bias_lr_scale: float = 1.0
     # T5 only: the LM loss of position questions' tokens counts this many times (`losses.losses_for`).
     position_lm_weight: float = 1.0
     # initializer_range of the vision tower (the rest keeps the preset's init_std).

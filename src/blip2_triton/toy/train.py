@@ -83,12 +83,15 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
         raise ValueError("stage1_steps > 0 trains the auxiliary heads alone: it needs aux_weight > 0 and a head")
     model.train()
     named = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
-    decay = [p for n, p in named if p.ndim >= 2 and "query_tokens" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "query_tokens" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
-    )
+    # T5's relative-position bias tables get their own learning rate (`position_bias_lr_scale`).
+    bias = [p for n, p in named if "relative_attention_bias" in n]
+    rest = [(n, p) for n, p in named if "relative_attention_bias" not in n]
+    decay = [p for n, p in rest if p.ndim >= 2 and "query_tokens" not in n]
+    no_decay = [p for n, p in rest if not (p.ndim >= 2 and "query_tokens" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if bias:
+        groups.append({"params": bias, "weight_decay": 0.0, "lr": cfg.lr * cfg.position_bias_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     generator = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
@@ -155,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pointer-aux", action=argparse.BooleanOptionalAction, default=d.pointer_aux,
                    help="T5: auxiliary loss pointing two heads of the decoder's first cross-attention at the "
                         "two objects a position question names")
+    p.add_argument("--position-bias-lr-scale", type=float, default=d.position_bias_lr_scale,
+                   help="T5: learning rate of the relative-position bias tables, as a multiple of --lr")
     p.add_argument("--position-lm-weight", type=float, default=d.position_lm_weight,
                    help="T5: weight of the LM loss of position questions' tokens")
     p.add_argument("--vision-init-std", type=float, default=d.vision_init_std)
@@ -236,7 +241,8 @@ def config_from_args(args) -> TrainConfig:
         qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
         aux_weight=args.aux_weight, vision_init_std=args.vision_init_std, slot_aux=args.slot_aux,
         shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps, slot_per_query=args.slot_per_query,
-        order_aux=args.order_aux, answer_aux=args.answer_aux, pointer_aux=args.pointer_aux, position_lm_weight=args.position_lm_weight,
+        order_aux=args.order_aux, answer_aux=args.answer_aux, pointer_aux=args.pointer_aux,
+        position_bias_lr_scale=args.position_bias_lr_scale, position_lm_weight=args.position_lm_weight,
         init_from=args.init_from, image_stages_from=args.image_stages_from, preset=preset,
         prefix_fraction=args.prefix_fraction, qa_weights=parse_qa_weights(args.qa_weight),
     )
@@ -246,6 +252,10 @@ def config_from_args(args) -> TrainConfig:
         raise SystemExit("--prefix-fraction is for encoder-decoder LMs (--family t5)")
     if cfg.position_lm_weight != 1.0 and preset.family != "t5":
         raise SystemExit("--position-lm-weight is for encoder-decoder LMs (--family t5)")
+    if cfg.position_bias_lr_scale != 1.0 and preset.family != "t5":
+        raise SystemExit("--position-bias-lr-scale is for T5's relative-position bias (--family t5)")
+    if cfg.position_bias_lr_scale <= 0:
+        raise SystemExit("--position-bias-lr-scale must be positive")
     if cfg.qa_weights and not cfg.shared_images:
         raise SystemExit("--qa-weight draws each scene's question by weight: it needs --shared-images")
     if cfg.init_from and cfg.image_stages_from:
