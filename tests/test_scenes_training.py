@@ -321,6 +321,29 @@ def test_pointer_loss_reads_the_first_steps_attention_on_the_named_objects():
         train(dataclasses.replace(cfg, preset=MICRO["opt"]), progress=False)
 
 
+def test_position_bias_lr_scale_moves_only_the_relative_position_tables_faster():
+    """--position-bias-lr-scale: T5's relative-position bias tables (encoder and decoder) take
+    steps that many times larger (Adam's step is about lr), every other weight the same."""
+    preset, _, processor = micro("t5")
+    dataset = SceneDataset(16, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+
+    def moved(scale):
+        cfg = TrainConfig(steps=3, stage1_steps=0, batch_size=8, warmup_steps=1, train_scenes=16, preset=preset,
+                          threads=1, aux_weight=0.0, lr=1e-4, position_bias_lr_scale=scale)
+        model, _ = build_model_and_processor(preset, seed=0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+        torch.use_deterministic_algorithms(False)
+        return {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+
+    base, fast = moved(1.0), moved(30.0)
+    tables = [n for n in base if "relative_attention_bias" in n]
+    assert len(tables) == 2  # the encoder's and the decoder's
+    for n in tables:
+        assert fast[n] > 10 * base[n]
+    assert fast["language_model.lm_head.weight"] == pytest.approx(base["language_model.lm_head.weight"], rel=0.5)
+
+
 def test_a_continued_run_records_both_stages(tmp_path):
     """`--init-from` (the bundled model's stage 3): new weights, and a card and log that say how
     both runs were made, so the chain stays reproducible."""
@@ -511,6 +534,10 @@ def test_cli_flags_of_the_t5_position_options():
     assert cfg.preset == dataclasses.replace(SCENES_PRESETS["t5"], text_layers=4)
     assert cfg.answer_aux and cfg.position_lm_weight == 3.0 and not cfg.pointer_aux
     assert config_from_args(build_parser().parse_args(["--family", "t5", "--pointer-aux"])).pointer_aux
+    assert config_from_args(build_parser().parse_args(["--family", "t5", "--position-bias-lr-scale", "50"])
+                            ).position_bias_lr_scale == 50.0
+    with pytest.raises(SystemExit, match="position-bias-lr-scale"):
+        config_from_args(build_parser().parse_args(["--position-bias-lr-scale", "50"]))
     assert config_from_args(build_parser().parse_args(["--family", "t5"])).preset == SCENES_PRESETS["t5"]
     with pytest.raises(SystemExit, match="position-lm-weight"):
         config_from_args(build_parser().parse_args(["--position-lm-weight", "2"]))
