@@ -121,6 +121,8 @@ def finetune_text(cfg: TrainConfig, seconds: float, machine: dict) -> str:
     if cfg.aux_weight > 0 and cfg.pointer_aux:
         aux += (" (the pointer loss: two heads of the T5 decoder's first cross-attention layer are pointed, at the"
                 " first decoding step, at the shape words of the two objects a position question names)")
+    if cfg.position_bias_lr_scale != 1.0:
+        aux += f", the relative-position bias tables' learning rate {cfg.position_bias_lr_scale:g}x the peak lr"
     if cfg.position_lm_weight != 1.0:
         aux += f", the position questions' LM loss weighted {cfg.position_lm_weight:g}x"
     if cfg.qa_weights:
@@ -151,7 +153,7 @@ def write_model_card(output: Path, cfg: TrainConfig, command: str, seconds: floa
         commands = f"{_with_flag(previous['command'], '--output', 'STAGE2_DIR')}\n{_with_flag(command, '--init-from', 'STAGE2_DIR')}"
         recipe = recipe_text(base, previous["seconds"], previous["machine"]) + finetune_text(cfg, seconds, machine)
     card = "".join([
-        _intro(output, cfg), _usage(output, cfg.preset.family), EXAMPLES,
+        _intro(output, cfg if base is None else base), _usage(output, cfg.preset.family), EXAMPLES,
         f"## How it was made\n\n```\n{commands}\n```\n\n{recipe}- final loss (mean of the last 50 steps): "
         f"{final_loss:.4f}; curve: `loss_curve.png`, raw numbers: `training_log.json`\n\n",
         _architecture(cfg.preset, params), _tokenizer(cfg.preset, params), _accuracy(report),
