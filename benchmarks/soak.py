@@ -106,7 +106,7 @@ async def _client(index: int, url: str, settings: Settings, images: list[bytes],
                         result = "failed: answered"
                     except InvalidArgumentError:
                         pass
-                else:  # cancelled: stop reading after the first piece (closing the stream cancels it)
+                else:  # cancelled: stop reading after the first piece (closing the iterator stops it)
                     async for _ in client.stream(image, max_new_tokens=settings.max_new_tokens,
                                                  min_new_tokens=settings.max_new_tokens):
                         tokens += 1

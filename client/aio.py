@@ -5,9 +5,11 @@ serves decoupled models only through the streaming RPC. A non-streaming call rec
 exactly one response.
 
 Timeouts bound a whole call (DeadlineExceededError), retries included. Cancelling the task
-awaiting a call, or closing a `stream()` iterator, cancels its gRPC call. A call to another model than `blip2` (the
-ensemble) that ends early also asks `blip2` on the same replica to stop its generation
-(api.STOP): Triton 2.51 does not pass a cancellation on to an ensemble step that has started.
+awaiting a call, closing a `stream()` iterator, or a deadline ends the call for its caller at once;
+the client then stops the request on the server without cancelling its gRPC stream (_wind_down:
+a `stop` for its request id on the same stream, read on to the final responses), since
+cancelling a stream can crash tritonserver 2.51. A stop also reaches a generation that an
+ensemble step runs, which a cancellation does not.
 
 Several URLs make a client of replicas (replicas.py): each request goes to the ready one with the
 fewest of this client's requests outstanding. A request that fails with UnavailableError (nothing
@@ -17,10 +19,9 @@ text) raises UnavailableError saying how much it had received, since that text w
 
 Streams are reused: a call that ends with its final answer leaves its gRPC stream open for the
 next call (one call at a time per stream), and so does one the server refused (its error
-response is the request's final one); a call that ends otherwise (cancelled, timed out, the
-transport failed) cancels its stream, which is how the server learns to stop (Triton 2.51 cancels
-only whole streams). tritonserver 2.51 keeps a few KiB for every stream ever opened (measured:
-benchmarks/README.md, "Soak"), so a stream per call made its memory grow without bound.
+response is the request's final one) and one wound down after its caller left; only a failed
+transport ends a stream. tritonserver 2.51 keeps a few KiB for every stream ever opened
+(measured: benchmarks/README.md, "Soak"), so a stream per call made its memory grow without bound.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ log = logging.getLogger("blip2_triton.client")
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_TIMEOUT = 120.0
-STOP_TIMEOUT = 5.0  # seconds for a stop (api.STOP) to be delivered
+STOP_TIMEOUT = 5.0  # seconds close() waits for calls left early to be wound down
+WIND_DOWN_TIMEOUT = 30.0  # seconds for a stopped call's last responses before its stream is cancelled
 MAX_IDLE_STREAMS = 16  # open streams kept for reuse; more, after a burst of concurrent calls, are closed
 # gRPC waits ever longer between attempts to reconnect to a server that went away (1 s, then 1.6x
 # each time, up to 120 s), and the clients of one process share that wait. A server restarted
@@ -120,21 +122,17 @@ class AsyncBlip2Client(RetrievalCalls):
         self.model, self.timeout, self.image_affinity = model, timeout, image_affinity
         self._replicas = Replicas(self.urls, model, lambda u: InferenceServerClient(u, channel_args=_channel_args()),
                                   health_interval)
-        self._stopping: set[asyncio.Task] = set()
+        self._stopping: set[asyncio.Task] = set()  # calls left early being wound down (_wind_down)
         self._idle: dict[str, list[_Stream]] = {}  # per replica URL
         self.streams_opened = 0  # gRPC streams this client has opened (the soak relates server memory to it)
 
     async def close(self) -> None:
-        if self._stopping:  # stops of calls that ended early go out before the streams close
+        if self._stopping:  # calls left early are wound down before the streams close
             await asyncio.wait(self._stopping, timeout=STOP_TIMEOUT)
         for idle in self._idle.values():
             while idle:
                 idle.pop().cancel()
         await self._replicas.close()
-
-    def is_stopping(self, task: asyncio.Task) -> bool:
-        """Is `task` a stop that close() waits for (the blocking client's shutdown leaves it be)?"""
-        return task in self._stopping
 
     async def __aenter__(self) -> "AsyncBlip2Client":
         return self
@@ -355,40 +353,44 @@ class AsyncBlip2Client(RetrievalCalls):
             raise
         except Exception as e:  # transport errors (grpc.aio.AioRpcError, InferenceServerException)
             raise self._typed(e, replica) from e
-        finally:  # done: the stream serves the next call; else (cancelled, closed early, failed) end it
+        finally:  # done: the stream serves the next call; left early (cancelled, closed, timed out): wind it down
             if done and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
                 idle.append(stream)
+            elif not done and stream.is_open():
+                task = asyncio.get_running_loop().create_task(self._wind_down(replica, stream, request["request_id"]))
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
             else:
                 stream.cancel()
-                if not done and self.model != api.PIPELINE:
-                    task = asyncio.get_running_loop().create_task(self._stop(replica, request["request_id"]))
-                    self._stopping.add(task)
-                    task.add_done_callback(self._stopping.discard)
 
-    async def _stop(self, replica: Replica, request_id: str) -> None:
-        """Ask `blip2` to stop generating for `request_id` (api.STOP), on an idle stream of the
-        replica that ran it; a failure is only logged (the call it would stop has ended for the
-        caller already)."""
+    async def _wind_down(self, replica: Replica, stream: "_Stream", request_id: str) -> None:
+        """End a call its caller left early without cancelling its gRPC stream: ask `blip2` to stop
+        generating for `request_id` (api.STOP) on that stream, read on to the final responses of
+        both requests, and keep the stream for the next call.
+
+        Cancelling the stream instead crashes tritonserver 2.51 at times (a SIGSEGV in its gRPC
+        front end when a cancellation meets a request's last response; fixed upstream after 2.51).
+        A stop also reaches a generation an ensemble step runs, which a cancellation does not.
+        When the two final responses do not come within WIND_DOWN_TIMEOUT, the stream is cancelled
+        after all."""
         from tritonclient.grpc import InferInput
 
         stop = InferInput(api.STOP.name, [1, 1], _TRITON[api.STOP.dtype])
         stop.set_data_from_numpy(np.asarray([[True]]))
-        idle = self._idle.setdefault(replica.url, [])
-        stream, fresh = _take_stream(idle, replica.client)
-        self.streams_opened += fresh
-        answered = False
+        finals = 0
         try:
             stream.send({"model_name": api.PIPELINE, "inputs": [stop], "request_id": request_id})
-            async with asyncio.timeout(STOP_TIMEOUT):
-                async for _, error in stream:
-                    answered = True  # its one (final) response, an error included: the stream stays usable
-                    if error is not None:
-                        log.warning("could not stop request %s: %s", request_id, error)
-                    break
+            async with asyncio.timeout(WIND_DOWN_TIMEOUT):
+                async for result, error in stream:
+                    if error is not None or _piece(result).final:
+                        finals += 1
+                        if finals == 2:  # the stopped request's last response, and the stop's
+                            break
         except Exception as e:  # noqa: BLE001  (transport errors of every kind: logged, see above)
             log.warning("could not stop request %s: %s", request_id, e)
         finally:
-            if answered and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
+            idle = self._idle.setdefault(replica.url, [])
+            if finals == 2 and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
                 idle.append(stream)
             else:
                 stream.cancel()
@@ -432,9 +434,17 @@ class _StreamEnded(UnavailableError):
     """The server ended a stream without the call's final answer (it stopped or restarted)."""
 
 
+_END = object()  # the stream's responses have ended
+
+
 class _Stream:
     """One gRPC bidirectional stream (ModelStreamInfer) carrying one call at a time: requests go in
-    through a queue, responses come out as (result, error) pairs."""
+    through a queue, responses come out as (result, error) pairs.
+
+    A task of its own reads the gRPC call into a queue, and callers read the queue: a caller
+    cancelled while it waits for a response then leaves the call open, where a cancelled gRPC read
+    would cancel the call itself (grpc.aio does), which is what the client avoids (see
+    AsyncBlip2Client._wind_down)."""
 
     def __init__(self, client):
         self._requests: asyncio.Queue = asyncio.Queue()
@@ -443,21 +453,41 @@ class _Stream:
             while (request := await self._requests.get()) is not None:
                 yield request
 
-        self._responses = client.stream_infer(requests())
+        self._call = client.stream_infer(requests())
+        self._responses: asyncio.Queue = asyncio.Queue()
+        self.reader = asyncio.get_running_loop().create_task(self._read(), name="blip2-stream-reader")
+
+    async def _read(self) -> None:
+        try:
+            async for item in self._call:
+                self._responses.put_nowait(item)
+        except Exception as e:  # noqa: BLE001  (the transport's error, raised to the caller reading next)
+            self._responses.put_nowait(e)
+        finally:
+            self._responses.put_nowait(_END)
 
     def send(self, request: dict) -> None:
         self._requests.put_nowait(request)
 
     def __aiter__(self):
-        return self._responses
+        return self
+
+    async def __anext__(self):
+        item = await self._responses.get()
+        if item is _END:
+            self._responses.put_nowait(_END)  # ended for every later read too
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     def is_open(self) -> bool:
-        call = getattr(self._responses, "_grpc_call", None)
+        call = getattr(self._call, "_grpc_call", None)
         return call is None or not call.done()
 
     def cancel(self) -> None:
         self._requests.put_nowait(None)
-        self._responses.cancel()
+        self._call.cancel()
 
 
 def _take_stream(idle: list[_Stream], client) -> tuple[_Stream, bool]:

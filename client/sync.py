@@ -29,6 +29,7 @@ class Blip2Client:
                  timeout: float | None = DEFAULT_TIMEOUT, health_interval: float = DEFAULT_HEALTH_INTERVAL,
                  image_affinity: bool = False):
         self._loop = asyncio.new_event_loop()
+        self._calls: set[asyncio.Task] = set()  # calls running on the loop (touched on the loop only)
         self._thread = threading.Thread(target=self._loop.run_forever, name="blip2-client", daemon=True)
         self._thread.start()
         try:
@@ -58,13 +59,22 @@ class Blip2Client:
         return self._async.timeout
 
     def _run(self, coroutine):
-        """Run `coroutine` on the client's loop; an interrupt (Ctrl-C) here cancels it."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        """Run `coroutine` on the client's loop as a call (close() ends the calls still running);
+        an interrupt (Ctrl-C) here cancels it."""
+        future = asyncio.run_coroutine_threadsafe(self._call(coroutine), self._loop)
         try:
             return future.result()
         except BaseException:
             future.cancel()
             raise
+
+    async def _call(self, coroutine):
+        task = asyncio.current_task()
+        self._calls.add(task)
+        try:
+            return await coroutine
+        finally:
+            self._calls.discard(task)
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -74,7 +84,7 @@ class Blip2Client:
 
     def close(self) -> None:
         if self._loop.is_running():
-            self._run(_close_and_drain(self._async))
+            asyncio.run_coroutine_threadsafe(_close_and_drain(self._async, self._calls), self._loop).result()
             self._stop_loop()
 
     def __enter__(self) -> "Blip2Client":
@@ -149,28 +159,32 @@ class Blip2Client:
             finally:
                 pieces.put(_DONE)
 
-        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._call(pump()), self._loop)
         try:
             while (item := pieces.get()) is not _DONE:
                 if isinstance(item, Exception):
                     raise item
                 yield item
-        finally:  # closed early, or interrupted: cancels the async stream, which ends the gRPC call
+        finally:  # closed early, or interrupted: ends the call (which the client stops on the server)
             future.cancel()
 
 
-async def _close_and_drain(client: AsyncBlip2Client) -> None:
-    """Let calls still unwinding finish (an iterator closed just before: its call may owe a stop,
-    which close() then waits for), close the channel, then finish what gRPC still has scheduled
-    on the loop (a call's status handler can outlive the call briefly): a loop stopped under a
-    pending task makes asyncio print "Task was destroyed but it is pending!" when it is collected."""
-    for closing in (False, True):
-        if closing:
-            await client.close()
-        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not client.is_stopping(t)]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+async def _close_and_drain(client: AsyncBlip2Client, calls: set[asyncio.Task]) -> None:
+    """End the calls still running (an iterator closed just before may still be unwinding) and let
+    them start their wind-downs, close the client (which waits for those), then finish what gRPC
+    still has scheduled on the loop (a call's status handler can outlive the call briefly): a
+    loop stopped under a pending task makes asyncio print "Task was destroyed but it is pending!"
+    when it is collected. Only the calls are cancelled first: cancelling the tasks gRPC runs for
+    a stream would keep a wind-down's stop from being sent."""
+    running = list(calls)
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    await client.close()
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _make_async(url, model, timeout, health_interval, image_affinity=False) -> AsyncBlip2Client:

@@ -24,7 +24,7 @@ from blip2_triton.client import Blip2Client, UnavailableError
 from blip2_triton.client.aio import AsyncBlip2Client
 from blip2_triton.client.errors import Blip2Error, from_status
 from blip2_triton.server import supervisor
-from blip2_triton.server.supervisor import RELOAD, RESTART, SHM_DIR, Supervisor, stub_region
+from blip2_triton.server.supervisor import RELOAD, RESTART, SERVER, SHM_DIR, Supervisor, stub_region
 
 from .conftest import BackgroundLoad, metric, random_image, wait_for_active
 
@@ -69,6 +69,12 @@ class _StandIn:
     def _process() -> subprocess.Popen:
         return subprocess.Popen(["sleep", "600"])
 
+    serving = True  # tritonserver itself (is_serving)
+    pid = 4242
+
+    def is_serving(self) -> bool:
+        return self.serving
+
     def kill(self, model: str) -> None:
         self.procs[model].kill()
         self.procs[model].wait()
@@ -104,6 +110,7 @@ class _StandIn:
         self._attempt("restart")
         self.close()
         self.procs = {m: self._process() for m in self.decoupled}
+        self.serving = True
 
     def stop_server_processes(self):
         self.calls.append(("stop",))
@@ -150,6 +157,18 @@ def test_a_dead_decoupled_model_restarts_the_server(stand_in):
     _wait_for(lambda: _recovered(watcher, 1), "recovery")
     assert server.calls == [("restart",)] and watcher.recoveries[0].action == RESTART
     server.kill("qformer")  # every process is new after the restart, and watched
+    _wait_for(lambda: _recovered(watcher, 2), "second recovery")
+    assert server.calls[-1] == ("load", "qformer")
+
+
+def test_a_server_gone_while_its_model_processes_live_on_is_restarted(stand_in):
+    """tritonserver's SIGSEGV handler closes the endpoints and may then hang: no stub dies."""
+    server, watcher = stand_in
+    server.serving = False
+    _wait_for(lambda: _recovered(watcher, 1), "recovery")
+    assert server.calls == [("restart",)]
+    assert (watcher.recoveries[0].models, watcher.recoveries[0].action) == ((SERVER,), RESTART)
+    server.kill("qformer")  # watched again after the restart
     _wait_for(lambda: _recovered(watcher, 2), "second recovery")
     assert server.calls[-1] == ("load", "qformer")
 
@@ -359,3 +378,38 @@ def test_each_dead_model_process_is_noticed_answered_and_brought_back(supervised
     served = sum(c.error is None for c in load.calls)
     print(json.dumps({"measured": measured, "calls": len(load.calls), "served": served, "errors": dict(errors)},
                      indent=1))
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_crashed_tritonserver_is_restarted(supervised):
+    """tritonserver 2.51 itself crashes at times: a SIGSEGV in its gRPC front end when a client
+    cancels a stream as a response completes. Its signal handler closes the endpoints and shuts
+    down, slowly or never, while the model processes live on. Under streaming load, SIGSEGV to
+    tritonserver: readiness drops, the calls in flight end (served, or UnavailableError), the
+    supervisor restarts it, captions are served again within BACK_WITHIN s, and no request hangs."""
+    server = supervised
+    with _Load(server.grpc_url) as load, _Readiness(server) as readiness:
+        since = time.monotonic()
+        _wait_for(lambda: load.served_since(since), "load served before the crash", BACK_WITHIN)
+        recoveries = len(server.recoveries)
+        crashed = time.monotonic()
+        os.kill(server.pid, signal.SIGSEGV)
+        back = _seconds_until_served(server, crashed)
+        _wait_for(lambda: _recovered(server, recoveries + 1), "recovery recorded", BACK_WITHIN)
+        recovery = server.recoveries[recoveries]
+        # tritonserver seen gone, or, when its process exits at once, its model processes seen dead
+        assert recovery.action == RESTART, recovery
+        dropped = readiness.first_not_ready(crashed, recovery.back)
+        assert dropped is not None and dropped - crashed < DETECT_WITHIN, dropped
+        since = time.monotonic()
+        _wait_for(lambda: load.served_since(since), "load served after the restart", BACK_WITHIN)
+
+    errors = collections.Counter(type(c.error).__name__ for c in load.calls if c.error is not None)
+    assert set(errors) <= {"UnavailableError"}, errors
+    assert all(c.ended - c.began < REQUEST_TIMEOUT for c in load.calls)
+    wait_for_active(server, 0, timeout=30)
+    print(json.dumps({"recovered_by": recovery.models, "not_ready_after_s": round(dropped - crashed, 2),
+                      "recovery_s": round(recovery.seconds, 2), "served_after_s": round(back, 2),
+                      "calls": len(load.calls), "errors": dict(errors)}))

@@ -5,9 +5,9 @@ refused, no sequence is left active, and memory does not grow.
 The soak command's pass criterion, the whole server's RSS slope over the second half (2 %/h), needs
 minutes: over 30 s it is noise, as the preprocess process's heap moves by tens of MiB either way.
 tritonserver's own RSS is steady, but 2.51 keeps a few KiB for every gRPC stream ever opened, and
-a cancelled call must end its stream (client/aio.py). So its growth is bounded per stream the
-clients opened, which scales with the request rate, plus a fixed allowance: a per-request leak
-would show as many times the per-stream figure, since most calls reuse a stream."""
+the client reuses its streams (client/aio.py), a cancelled call's too once it is stopped. So its
+growth is bounded per stream the clients opened plus a fixed allowance: a per-request leak would
+show as many times the per-stream figure, since most calls reuse a stream."""
 from __future__ import annotations
 
 import pytest
@@ -29,7 +29,7 @@ def test_a_minute_of_mixed_load(exported):
     assert summary["failures"] == 0, summary["failure_examples"]
     assert all(summary["by_kind"].get(kind, {}).get("ok", 0) > 0 for kind in settings.kinds), summary["by_kind"]
     assert summary["active_sequences_at_end"] == 0
-    # every cancelled call opens a stream for the next; nothing else does once every client has one
+    # a call started while a cancelled one is still being stopped opens a stream; nothing else does once every client has one
     cancelled = summary["by_kind"]["cancelled"]["ok"]
     assert summary["streams_opened"] <= cancelled + settings.clients, (summary["streams_opened"], cancelled)
     growth = summary["rss_by_process"]["tritonserver"]["second_half_growth_mib"]

@@ -255,6 +255,23 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._restarting or (self._process is not None and self._process.poll() is None)
 
+    def is_serving(self) -> bool:
+        """False once tritonserver has exited, or has closed its endpoints while its process lives
+        on (its SIGSEGV handler shuts the server down, which can take long or hang); True while
+        restart() replaces it. A busy server that is slow to accept still counts as serving."""
+        if self._restarting or self._process is None:
+            return True
+        if self._process.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host,
+                                           self.ports["http"]), timeout=5.0):
+                return True
+        except ConnectionRefusedError:
+            return self._restarting  # refused during a restart that began meanwhile: not a crash
+        except OSError:
+            return True
+
     def model_pids(self) -> dict[str, int]:
         """Loaded model name -> pid of its Python-backend stub (a model without one is absent)."""
         return model_stub_pids(self.pgid) if self.pgid else {}

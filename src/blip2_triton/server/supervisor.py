@@ -16,6 +16,10 @@ loaded model's stub and, when one is gone:
 - a decoupled model (`blip2`, which streams) makes tritonserver restart: Triton never answers the
   requests the dead process held (their streams stay open until the client's deadline, through an
   unload and a load), and closing every connection is the one way to end them, with UNAVAILABLE.
+- tritonserver itself gone (exited, or its endpoints closed while the process lives on: its
+  SIGSEGV handler shuts the server down, slowly or never) is restarted too. Triton 2.51 crashes
+  so at times when a client cancels a gRPC stream as a response completes (the Python client
+  never cancels: client/aio.py).
 
 A dead process leaves its shared-memory region (/dev/shm/triton_python_backend_shm_region_*, named
 on its command line) behind, as its instance is never destroyed; once the model is back, the
@@ -41,6 +45,8 @@ POLL_SECONDS = 0.5
 RETRY_PAUSES = (1.0, 2.0, 4.0)  # before the 2nd, 3rd and 4th attempt; then escalate
 UNLOAD_TIMEOUT = 30.0
 RELOAD, RESTART = "reload", "restart"
+SERVER = "tritonserver"  # Recovery.models when tritonserver itself went away
+SERVER_GONE_POLLS = 2  # polls in a row that must find tritonserver gone before it is restarted
 SHM_DIR = Path("/dev/shm")
 SHM_REGION_PREFIX = "triton_python_backend_shm_region_"  # the Python backend's name for a stub's region
 
@@ -148,12 +154,18 @@ class Supervisor:
 
     def _run(self) -> None:
         watched = self._watch()
+        gone = 0  # polls in a row that found tritonserver itself not serving
         while not self._stop.wait(self.poll_seconds):
-            dead = sorted(m for m, process in watched.items() if not process.alive())
+            gone = 0 if self.server.is_serving() else gone + 1
+            if gone >= SERVER_GONE_POLLS:
+                dead = [SERVER]
+            else:
+                dead = sorted(m for m, process in watched.items() if not process.alive())
             if not dead:
                 continue
+            gone = 0
             try:
-                action = self._recover(dead, {m: watched[m].pid for m in dead})
+                action = self._recover(dead, {m: watched[m].pid if m in watched else self.server.pid for m in dead})
                 for model, process in watched.items():
                     if process.region and (model in dead or action == RESTART):
                         (SHM_DIR / process.region).unlink(missing_ok=True)  # no process uses it now
@@ -166,18 +178,23 @@ class Supervisor:
     # ---- recovering -----------------------------------------------------------------------------
     def _recover(self, dead: list[str], pids: dict[str, int | None]) -> str:
         """Bring the models back (see the module docstring) -> the action that did (RELOAD, RESTART)."""
-        action = RESTART if any(self._decoupled[m] for m in dead) else RELOAD
+        action = RESTART if any(m == SERVER or self._decoupled[m] for m in dead) else RELOAD
         recovery = Recovery(tuple(dead), action, time.monotonic())
         with self._lock:
             self._recoveries.append(recovery)
         gone = ", ".join(f"{m!r} (pid {pids[m]})" if pids[m] else repr(m) for m in dead)
-        LOGGER.warning("model process of %s died; %s", gone,
-                       "restarting tritonserver" if action == RESTART else "reloading the model")
+        if dead == [SERVER]:
+            LOGGER.warning("tritonserver (pid %s) exited or stopped accepting connections; restarting it", pids[SERVER])
+        else:
+            LOGGER.warning("model process of %s died; %s", gone,
+                           "restarting tritonserver" if action == RESTART else "reloading the model")
         if action == RELOAD and not self._retry(recovery, lambda: self._reload(dead)):
             LOGGER.error("could not reload %s; restarting tritonserver", ", ".join(dead))
             recovery.action = RESTART
         if recovery.action == RESTART and not self._retry(
-                recovery, lambda: self.server.restart(f"the process of model(s) {', '.join(dead)} died")):
+                recovery, lambda: self.server.restart(
+                    "it exited or closed its endpoints" if dead == [SERVER] else
+                    f"the process of model(s) {', '.join(dead)} died")):
             LOGGER.error("tritonserver did not come back after %d attempts; stopping it", recovery.attempts)
             self.server.stop_server_processes()
             raise _Stopping()
