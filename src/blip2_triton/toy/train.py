@@ -83,9 +83,11 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
         raise ValueError("stage1_steps > 0 trains the auxiliary heads alone: it needs aux_weight > 0 and a head")
     model.train()
     named = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
-    # T5's relative-position bias tables get their own learning rate (`position_bias_lr_scale`).
-    bias = [p for n, p in named if "relative_attention_bias" in n]
-    rest = [(n, p) for n, p in named if "relative_attention_bias" not in n]
+    # T5's relative-position bias tables get their own learning rate (`position_bias_lr_scale`);
+    # at 1x they stay in the decay group, so the recipes written before the option reproduce.
+    scaled = cfg.position_bias_lr_scale != 1.0
+    bias = [p for n, p in named if scaled and "relative_attention_bias" in n]
+    rest = [(n, p) for n, p in named if not (scaled and "relative_attention_bias" in n)]
     decay = [p for n, p in rest if p.ndim >= 2 and "query_tokens" not in n]
     no_decay = [p for n, p in rest if not (p.ndim >= 2 and "query_tokens" not in n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
