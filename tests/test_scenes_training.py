@@ -166,10 +166,68 @@ def test_shared_image_batch_loss_equals_the_model_forward(family):
     image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert (index[:6] == torch.arange(6)).all() and (index[6:] == torch.arange(6)).all()
     assert dataset.captions[0][1][0] == image_token
-    full = {k: v for k, v in batch.items() if k not in ("image_index", "slots")} | {"pixel_values": batch["pixel_values"][index]}
+    full = {k: v for k, v in batch.items() if k not in ("image_index", "slots", "order", "answer")} | {"pixel_values": batch["pixel_values"][index]}
     model.eval()
     with torch.no_grad():
         assert lm_loss(model, batch).item() == pytest.approx(model(**full).loss.item(), rel=1e-5)
+
+
+def test_order_targets_name_each_objects_shape_word_and_rank():
+    """The order loss's targets: for a position question, each named object's shape word and its
+    rank left to right; no targets for the other kinds."""
+    preset, _, processor = micro("t5")
+    tok = processor.tokenizer
+    dataset = SceneDataset(24, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+    scenes = generate_scenes(24, 0)
+    qas = [(scene, qa) for scene in scenes for qa in scene.qa]
+    assert any(qa.kind == "position" for _, qa in qas)
+    for (scene, qa), (_, ids, _), order in zip(qas, dataset.vqa, dataset.vqa_order):
+        if qa.kind != "position":
+            assert order == []
+            continue
+        words = [tok.decode(ids[: pos + 1]).split()[-2:] for pos, _ in order]
+        named = [" ".join(w) for w in words]
+        ranks = {o.name: k for k, o in enumerate(scene.objects)}
+        assert sorted(named) == sorted(re.findall(r"the (\w+ \w+)", qa.question))
+        assert [ranks[n] for n in named] == [rank for _, rank in order]
+    batch = dataset.batch(12, 0.5, torch.Generator().manual_seed(0), shared_images=True)
+    for row, pos, rank in batch["order"].tolist():
+        assert row >= 6 and batch["input_ids"][row, pos].item() in {tok(s).input_ids[0] for s in SHAPES}
+
+
+def test_answer_targets_are_the_position_answers_at_the_prompts_last_token():
+    """The answer loss's targets: every position question of a batch, and only those, with its
+    answer; the token it is read at (the last attended one) is the prompt's </s>."""
+    preset, _, processor = micro("t5")
+    tok = processor.tokenizer
+    dataset = SceneDataset(24, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = dataset.batch(16, 0.5, g, shared_images=True, qa_weights={"position": 4.0})
+        rows = {row: answer for row, answer in batch["answer"].tolist()}
+        assert rows
+        for row in range(8, 16):
+            prompt = tok.decode(batch["input_ids"][row], skip_special_tokens=True)
+            target = tok.decode(batch["labels"][row][batch["labels"][row] >= 0], skip_special_tokens=True)
+            assert ("left or right of" in prompt) == (row in rows)
+            if row in rows:
+                assert target == ("left", "right")[rows[row]]
+        last = batch["attention_mask"].sum(1) - 1
+        assert (batch["input_ids"][torch.arange(16), last] == tok.eos_token_id).all()
+
+
+def test_qa_weights_draw_the_weighted_kind_more_often():
+    preset, _, processor = micro("t5")
+    dataset = SceneDataset(64, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+
+    def position_share(weights):
+        g = torch.Generator().manual_seed(0)
+        rows = [dataset.batch(32, 0.5, g, shared_images=True, qa_weights=weights)["order"] for _ in range(20)]
+        return sum(len(set(r[:, 0].tolist())) for r in rows) / (20 * 16)
+
+    assert position_share({"position": 8.0}) > position_share(None) + 0.2
+    with pytest.raises(ValueError, match="shared_images"):
+        dataset.batch(8, 0.5, torch.Generator(), qa_weights={"position": 2.0})
 
 
 def test_slot_targets_list_objects_left_to_right():
@@ -206,6 +264,84 @@ def test_training_loop_reduces_loss(family):
     torch.use_deterministic_algorithms(False)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
+
+def test_order_and_answer_losses_train_with_the_lm_loss_and_stay_out_of_the_checkpoint():
+    preset, _, processor = micro("t5")
+    cfg = TrainConfig(steps=3, stage1_steps=0, batch_size=8, warmup_steps=1, train_scenes=16, preset=preset, threads=1,
+                      aux_weight=1.0, slot_aux=False, shape_count_aux=False, order_aux=True, answer_aux=True,
+                      qa_weights={"position": 4.0})
+    model, _ = build_model_and_processor(preset, seed=0)
+    keys = set(model.state_dict())
+    dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+    _, _, losses, aux_losses, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+    torch.use_deterministic_algorithms(False)
+    assert len(losses) == 3 and 1 <= len(aux_losses) <= 3 and all(0 < a < 5 for a in aux_losses)
+    assert set(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="family t5"):
+        train(dataclasses.replace(cfg, preset=MICRO["opt"]), progress=False)
+
+
+def test_pointer_loss_reads_the_first_steps_attention_on_the_named_objects():
+    """The pointer loss: head heads[0] of the decoder's first cross-attention layer at its first
+    step on the first-named object's shape word, heads[1] on the second's; attention all there
+    gives 0, and the loop trains it with the LM loss (eager attention: sdpa returns no weights)."""
+    from blip2_triton.toy.losses import first_step_cross_attention, pointer_loss
+
+    order = torch.tensor([[0, 5, 1], [0, 9, 0], [2, 4, 2], [2, 7, 1]])
+    uniform = torch.full((3, 4, 12), 1 / 12).log()
+    assert pointer_loss(uniform, order, (2, 3)).item() == pytest.approx(np.log(12))
+    attn = torch.full((3, 4, 12), 1e-6)
+    attn[0, 2, 5] = attn[0, 3, 9] = attn[2, 2, 4] = attn[2, 3, 7] = 1.0
+    assert pointer_loss(attn.log(), order, (2, 3)).item() == pytest.approx(0.0)
+    attn[0, 2, 5], attn[0, 2, 9] = 1e-6, 1.0  # head 2 on the second-named object instead
+    assert pointer_loss(attn.log(), order, (2, 3)).item() > 3
+
+    # Its log-weights are the model's own first-step cross-attention weights, padding masked.
+    preset, model, _ = micro("t5")
+    model.language_model.set_attn_implementation("eager")
+    emb = torch.randn(3, 10, preset.text_hidden)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    labels = torch.tensor([[5, 1], [6, 1], [7, 1]])
+    lm, log_attention = first_step_cross_attention(model, emb, mask, labels)
+    ref = model.language_model(inputs_embeds=emb, attention_mask=mask, labels=labels, output_attentions=True)
+    torch.testing.assert_close(log_attention.exp(), ref.cross_attentions[0][:, :, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(lm.loss, ref.loss)
+
+    preset, _, processor = micro("t5")
+    cfg = TrainConfig(steps=3, stage1_steps=0, batch_size=8, warmup_steps=1, train_scenes=16, preset=preset, threads=1,
+                      aux_weight=1.0, slot_aux=False, shape_count_aux=False, pointer_aux=True,
+                      qa_weights={"position": 4.0})
+    model, _ = build_model_and_processor(preset, seed=0)
+    dataset = SceneDataset(cfg.train_scenes, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+    _, _, losses, aux_losses, _ = train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+    torch.use_deterministic_algorithms(False)
+    assert len(losses) == 3 and 1 <= len(aux_losses) <= 3 and all(0 < a < 10 for a in aux_losses)
+    with pytest.raises(ValueError, match="family t5"):
+        train(dataclasses.replace(cfg, preset=MICRO["opt"]), progress=False)
+
+
+def test_position_bias_lr_scale_moves_only_the_relative_position_tables_faster():
+    """--position-bias-lr-scale: T5's relative-position bias tables (encoder and decoder) take
+    steps that many times larger (Adam's step is about lr), every other weight the same."""
+    preset, _, processor = micro("t5")
+    dataset = SceneDataset(16, 0, processor, preset.num_query_tokens, encoder_decoder=True)
+
+    def moved(scale):
+        cfg = TrainConfig(steps=3, stage1_steps=0, batch_size=8, warmup_steps=1, train_scenes=16, preset=preset,
+                          threads=1, aux_weight=0.0, lr=1e-4, position_bias_lr_scale=scale)
+        model, _ = build_model_and_processor(preset, seed=0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train(cfg, progress=False, model=model, processor=processor, dataset=dataset)
+        torch.use_deterministic_algorithms(False)
+        return {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+
+    base, fast = moved(1.0), moved(30.0)
+    tables = [n for n in base if "relative_attention_bias" in n]
+    assert len(tables) == 2  # the encoder's and the decoder's
+    for n in tables:
+        assert fast[n] > 10 * base[n]
+    assert fast["language_model.lm_head.weight"] == pytest.approx(base["language_model.lm_head.weight"], rel=0.5)
 
 
 def test_a_continued_run_records_both_stages(tmp_path):
@@ -385,3 +521,23 @@ def test_precision_section_is_replaced_not_appended(tmp_path):
     assert card.count(SECTION) == 1 and "old numbers" not in card
     assert "## Accuracy\n\ntable" in card and "## Later\n\nkept" in card
     assert "| VQA color | 50.0% | 50.0% |" in card
+
+
+def test_cli_flags_of_the_t5_position_options():
+    """--text-layers sets the language model's depth (T5: its encoder's) and nothing else;
+    --position-lm-weight is T5-only."""
+    from blip2_triton.toy.model import SCENES_PRESETS
+    from blip2_triton.toy.train import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--family", "t5", "--text-layers", "4", "--answer-aux",
+                                                      "--position-lm-weight", "3"]))
+    assert cfg.preset == dataclasses.replace(SCENES_PRESETS["t5"], text_layers=4)
+    assert cfg.answer_aux and cfg.position_lm_weight == 3.0 and not cfg.pointer_aux
+    assert config_from_args(build_parser().parse_args(["--family", "t5", "--pointer-aux"])).pointer_aux
+    assert config_from_args(build_parser().parse_args(["--family", "t5", "--position-bias-lr-scale", "50"])
+                            ).position_bias_lr_scale == 50.0
+    with pytest.raises(SystemExit, match="position-bias-lr-scale"):
+        config_from_args(build_parser().parse_args(["--position-bias-lr-scale", "50"]))
+    assert config_from_args(build_parser().parse_args(["--family", "t5"])).preset == SCENES_PRESETS["t5"]
+    with pytest.raises(SystemExit, match="position-lm-weight"):
+        config_from_args(build_parser().parse_args(["--position-lm-weight", "2"]))

@@ -112,6 +112,21 @@ def finetune_text(cfg: TrainConfig, seconds: float, machine: dict) -> str:
     """The model-card bullet of a run that continued from a checkpoint (`--init-from`)."""
     shared = ", each image encoded once per step" if cfg.shared_images else ""
     aux = "" if cfg.aux_weight == 0 else f" + auxiliary loss (weight {cfg.aux_weight:g}, fresh heads)"
+    if cfg.aux_weight > 0 and cfg.order_aux:
+        aux += (" (the order loss: a linear head on the T5 encoder's output at each object a position question names"
+                " classifies the object's rank left to right)")
+    if cfg.aux_weight > 0 and cfg.answer_aux:
+        aux += (" (the answer loss: a linear head on the T5 encoder's output at a position question's last"
+                " prompt token classifies its answer)")
+    if cfg.aux_weight > 0 and cfg.pointer_aux:
+        aux += (" (the pointer loss: two heads of the T5 decoder's first cross-attention layer are pointed, at the"
+                " first decoding step, at the shape words of the two objects a position question names)")
+    if cfg.position_bias_lr_scale != 1.0:
+        aux += f", the relative-position bias tables' learning rate {cfg.position_bias_lr_scale:g}x the peak lr"
+    if cfg.position_lm_weight != 1.0:
+        aux += f", the position questions' LM loss weighted {cfg.position_lm_weight:g}x"
+    if cfg.qa_weights:
+        shared += "; questions drawn by kind weight " + ", ".join(f"{k} x{w:g}" for k, w in cfg.qa_weights.items())
     return f"""- stage 3, continued from those weights: {cfg.steps} steps of the LM loss{aux}, batch {cfg.batch_size}
   ({int(round(cfg.caption_fraction * 100))}% captions, the rest VQA{shared}), fresh AdamW state, a new lr cycle:
   peak {cfg.lr} after {cfg.warmup_steps} warm-up steps, cosine decay to {cfg.min_lr_ratio:g}x; seed {cfg.seed},
@@ -138,7 +153,7 @@ def write_model_card(output: Path, cfg: TrainConfig, command: str, seconds: floa
         commands = f"{_with_flag(previous['command'], '--output', 'STAGE2_DIR')}\n{_with_flag(command, '--init-from', 'STAGE2_DIR')}"
         recipe = recipe_text(base, previous["seconds"], previous["machine"]) + finetune_text(cfg, seconds, machine)
     card = "".join([
-        _intro(output, cfg), _usage(output, cfg.preset.family), EXAMPLES,
+        _intro(output, cfg if base is None else base), _usage(output, cfg.preset.family), EXAMPLES,
         f"## How it was made\n\n```\n{commands}\n```\n\n{recipe}- final loss (mean of the last 50 steps): "
         f"{final_loss:.4f}; curve: `loss_curve.png`, raw numbers: `training_log.json`\n\n",
         _architecture(cfg.preset, params), _tokenizer(cfg.preset, params), _accuracy(report),

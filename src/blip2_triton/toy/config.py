@@ -78,6 +78,22 @@ class TrainConfig:
     slot_aux: bool = True
     shape_count_aux: bool = True
     slot_per_query: bool = False
+    # T5 only: the order loss (`losses.order_loss`), each object a position question names -> its
+    # rank left to right, read from the encoder's output at its shape word (weight: aux_weight).
+    order_aux: bool = False
+    # T5 only: the answer loss (`losses.answer_loss`), a position question's answer read from the
+    # encoder's output at the prompt's last token (weight: aux_weight).
+    answer_aux: bool = False
+    # T5 only: the pointer loss (`losses.pointer_loss`), the decoder's first-step cross-attention
+    # of its first layer's last two heads pointed at the two objects a position question names
+    # (weight: aux_weight).
+    pointer_aux: bool = False
+    # T5 only: the relative-position bias tables' learning rate is this multiple of `lr`. At 1x
+    # they hardly moved from their init (std d_model**-0.5) while the unscaled content logits grew
+    # large, so the encoder read its prompt almost as a bag of words (see the T5 model card).
+    position_bias_lr_scale: float = 1.0
+    # T5 only: the LM loss of position questions' tokens counts this many times (`losses.losses_for`).
+    position_lm_weight: float = 1.0
     # initializer_range of the vision tower (the rest keeps the preset's init_std).
     vision_init_std: float = 0.1
     preset: TinyPreset = SCENES_PRESET
@@ -91,3 +107,6 @@ class TrainConfig:
     # the T5 sibling starts from the OPT model's, as BLIP-2's OPT and Flan-T5 models share their
     # first stage.
     image_stages_from: str | None = None
+    # Question kind -> sampling weight of that kind among each scene's questions (1 for a kind
+    # not named); None: uniform. The Flan-T5 sibling's position stage draws position questions more often.
+    qa_weights: dict[str, float] | None = None

@@ -51,6 +51,18 @@ def encode_encoder_decoder_example(tokenizer, num_query_tokens: int, image_token
     return ids, labels
 
 
+def order_targets(tokenizer, ids: list[int], objects) -> list[tuple[int, int]]:
+    """(position in `ids`, rank left to right) of the shape word of every object `ids` names by
+    "color shape": where the order loss reads each named object's rank."""
+    names = {tuple(tokenizer(o.name, add_special_tokens=False).input_ids): rank for rank, o in enumerate(objects)}
+    found = []
+    for name, rank in names.items():
+        for j in range(len(ids) - len(name) + 1):
+            if tuple(ids[j: j + len(name)]) == name:
+                found.append((j + len(name) - 1, rank))
+    return sorted(found)
+
+
 def prefix_split(scene) -> tuple[str, str]:
     """(prefix, suffix) of the scene's caption, split after a word drawn from the scene's seed:
     "a red circle and" / "a blue square". The encoder reads the prefix, the decoder learns the suffix."""
@@ -85,6 +97,16 @@ class SceneDataset:
         # (scene index, ids, labels)
         self.captions = [(i, *enc("", s.caption)) for i, s in enumerate(scenes)]
         self.vqa = [(i, *enc(qa.prompt, qa.answer)) for i, s in enumerate(scenes) for qa in s.qa]
+        self.vqa_kinds = [qa.kind for s in scenes for qa in s.qa]
+        # Targets of the order loss (`losses.order_loss`), per VQA example: (token position, rank
+        # left to right) of each object a position question names; empty for other kinds.
+        self.vqa_order = [order_targets(tokenizer, ids, s.objects) if qa.kind == "position" else []
+                          for s, (_, ids, _), qa in zip((s for s in scenes for _ in s.qa), self.vqa,
+                                                        (qa for s in scenes for qa in s.qa))]
+        # Targets of the answer loss (`losses.answer_loss`), per VQA example: 0 left / 1 right for a
+        # position question, -1 for other kinds.
+        self.vqa_answer = [("left", "right").index(qa.answer) if qa.kind == "position" else -1
+                           for s in scenes for qa in s.qa]
         # Encoder-decoder only: each caption also split into an encoder prefix and a decoder suffix
         # (`prefix_split`), BLIP-2's prefix language modelling for Flan-T5. Decoder-only LMs
         # continue a prompted caption by their very loss.
@@ -101,6 +123,16 @@ class SceneDataset:
         for k, (i, _, _) in enumerate(self.vqa):
             self.vqa_by_scene[i].append(k)
         self._check_pixels(processor, scenes[:4])
+
+    def _weighted_pick(self, candidates: list[int], qa_weights: dict[str, float], u: float) -> int:
+        """The VQA example of `candidates` that `u` in [0, 1) falls on, each weighted by its kind."""
+        weights = [qa_weights.get(self.vqa_kinds[k], 1.0) for k in candidates]
+        target, acc = u * sum(weights), 0.0
+        for k, w in zip(candidates, weights):
+            acc += w
+            if target < acc:
+                return k
+        return candidates[-1]
 
     def pixel_values(self, index):
         """Normalised float pixels [B, 3, H, W] for scene indices, as the image processor makes them."""
@@ -123,11 +155,16 @@ class SceneDataset:
         return {"pixel_values": self.pixel_values(index), "slots": self.slots[index]}
 
     def batch(self, batch_size: int, caption_fraction: float, generator, shared_images: bool = False,
-              prefix_fraction: float = 0.0):
+              prefix_fraction: float = 0.0, qa_weights: dict[str, float] | None = None):
         """A random batch: `pixel_values`, right-padded `input_ids`, `attention_mask`, `labels`,
-        and `slots` [rows of pixel_values, MAX_OBJECTS, 2], the auxiliary loss's targets (`slot_loss`).
+        `slots` [rows of pixel_values, MAX_OBJECTS, 2], the auxiliary loss's targets (`slot_loss`),
+        `order` [N, 3]: (example, token position, rank) targets of `order_loss`, and `answer` [N, 2]:
+        (example, 0 left / 1 right) targets of `answer_loss`.
 
         `prefix_fraction` of the captions (on average) are their prefix-LM examples (encoder-decoder only).
+
+        `qa_weights` (kind -> weight, 1 for a kind not named; `shared_images` only) draws each
+        scene's question with probability proportional to its kind's weight instead of uniformly.
 
         With `shared_images`, the batch draws `round(batch_size * caption_fraction)` scenes and
         takes each one's caption plus VQA examples of the same scenes (scene `j % n` for the j-th
@@ -141,14 +178,19 @@ class SceneDataset:
             if n_cap < 1:
                 raise ValueError("shared_images needs caption_fraction > 0")
             scenes = torch.randint(len(self.captions), (n_cap,), generator=generator).tolist()
-            picks = torch.randint(1 << 30, (batch_size - n_cap,), generator=generator).tolist()
-            examples = [self.captions[i] for i in scenes]
-            for j, r in enumerate(picks):
-                qa = self.vqa_by_scene[scenes[j % n_cap]]
-                examples.append(self.vqa[qa[r % len(qa)]])
+            if qa_weights:
+                us = torch.rand(batch_size - n_cap, generator=generator).tolist()
+                vqa = [self._weighted_pick(self.vqa_by_scene[scenes[j % n_cap]], qa_weights, u) for j, u in enumerate(us)]
+            else:
+                picks = torch.randint(1 << 30, (batch_size - n_cap,), generator=generator).tolist()
+                vqa = [self.vqa_by_scene[scenes[j % n_cap]][r % len(self.vqa_by_scene[scenes[j % n_cap]])]
+                       for j, r in enumerate(picks)]
+            examples = [self.captions[i] for i in scenes] + [self.vqa[k] for k in vqa]
             image_index = [j if j < n_cap else (j - n_cap) % n_cap for j in range(len(examples))]
             scene_index = torch.tensor(scenes)
         else:
+            if qa_weights:
+                raise ValueError("qa_weights needs shared_images")
             cap = torch.randint(len(self.captions), (n_cap,), generator=generator).tolist()
             vqa = torch.randint(len(self.vqa), (batch_size - n_cap,), generator=generator).tolist()
             examples = [self.captions[i] for i in cap] + [self.vqa[i] for i in vqa]
@@ -168,8 +210,12 @@ class SceneDataset:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(lab)] = torch.tensor(lab)
             attention_mask[row, : len(ids)] = 1
+        order = [(n_cap + j, pos, rank) for j, k in enumerate(vqa) for pos, rank in self.vqa_order[k]]
+        answer = [(n_cap + j, self.vqa_answer[k]) for j, k in enumerate(vqa) if self.vqa_answer[k] >= 0]
         out = {
             "pixel_values": self.pixel_values(scene_index),
+            "order": torch.tensor(order, dtype=torch.long).view(-1, 3),
+            "answer": torch.tensor(answer, dtype=torch.long).view(-1, 2),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,

@@ -24,7 +24,7 @@ from .losses import aux_heads, losses_for
 from .embedded import TRAINED_MODELS
 from .model import SCENES_PRESETS, build_model_and_processor, copy_image_stages, count_parameters
 from .presets import TinyPreset
-from .scenes import HELDOUT_SEED, TRAIN_SEED, generate_scenes
+from .scenes import HELDOUT_SEED, QA_KINDS, TRAIN_SEED, generate_scenes
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -53,10 +53,12 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, dataset=None):
+def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, dataset=None, on_step=None):
     """Run the training loop; returns (model, processor, LM losses, auxiliary losses, seconds).
 
     The loss lists have one value per step; the auxiliary one is empty when `cfg.aux_weight` is 0.
+    `on_step(step, model, losses, aux_losses)`, when given, runs after each step (for example a quick evaluation; it
+    must leave the model's weights, mode and the random streams as it found them).
     """
     import torch
     from tqdm.auto import tqdm
@@ -71,17 +73,27 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
                                encoder_decoder=cfg.preset.family == "t5")
     # Drawn after the model's weights, so the model's initialisation does not depend on it.
     aux_head = aux_heads(cfg.preset, cfg.aux_weight > 0 and cfg.slot_aux, cfg.aux_weight > 0 and cfg.shape_count_aux,
-                         cfg.slot_per_query)
-    if cfg.stage1_steps and aux_head is None:
+                         cfg.slot_per_query, cfg.aux_weight > 0 and cfg.order_aux,
+                         cfg.aux_weight > 0 and cfg.answer_aux)
+    # the first decoder layer's last two heads (`losses.pointer_loss`)
+    pointer_heads = (cfg.preset.text_heads - 2, cfg.preset.text_heads - 1) if cfg.pointer_aux and cfg.aux_weight > 0 else None
+    if cfg.pointer_aux and cfg.preset.family != "t5":
+        raise ValueError("the pointer loss reads the T5 decoder's cross-attention: it needs family t5")
+    if cfg.stage1_steps and (aux_head is None or set(aux_head) <= {"order", "answer"}):
         raise ValueError("stage1_steps > 0 trains the auxiliary heads alone: it needs aux_weight > 0 and a head")
     model.train()
     named = list(model.named_parameters()) + (list(aux_head.named_parameters()) if aux_head is not None else [])
-    decay = [p for n, p in named if p.ndim >= 2 and "query_tokens" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "query_tokens" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
-    )
+    # T5's relative-position bias tables get their own learning rate (`position_bias_lr_scale`);
+    # at 1x they stay in the decay group, so the recipes written before the option reproduce.
+    scaled = cfg.position_bias_lr_scale != 1.0
+    bias = [p for n, p in named if scaled and "relative_attention_bias" in n]
+    rest = [(n, p) for n, p in named if not (scaled and "relative_attention_bias" in n)]
+    decay = [p for n, p in rest if p.ndim >= 2 and "query_tokens" not in n]
+    no_decay = [p for n, p in rest if not (p.ndim >= 2 and "query_tokens" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if bias:
+        groups.append({"params": bias, "weight_decay": 0.0, "lr": cfg.lr * cfg.position_bias_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     generator = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
@@ -94,8 +106,8 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
             total = aux
         else:
             batch = dataset.batch(cfg.batch_size, cfg.caption_fraction, generator, cfg.shared_images,
-                                  cfg.prefix_fraction)
-            loss, aux = losses_for(model, batch, aux_head)
+                                  cfg.prefix_fraction, cfg.qa_weights)
+            loss, aux = losses_for(model, batch, aux_head, cfg.position_lm_weight, pointer_heads)
             total = loss if aux is None else loss + cfg.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -106,6 +118,8 @@ def train(cfg: TrainConfig, progress: bool = True, model=None, processor=None, d
             losses.append(loss.item())
         if aux is not None:
             aux_losses.append(aux.item())
+        if on_step is not None:
+            on_step(step, model, losses, aux_losses)
         if step % 10 == 0:
             shown = {"loss": f"{sum(losses[-50:]) / len(losses[-50:]):.4f}"} if losses else {}
             if aux_losses:
@@ -139,11 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slot-aux", action=argparse.BooleanOptionalAction, default=d.slot_aux)
     p.add_argument("--slot-per-query", action=argparse.BooleanOptionalAction, default=d.slot_per_query)
     p.add_argument("--shape-count-aux", action=argparse.BooleanOptionalAction, default=d.shape_count_aux)
+    p.add_argument("--order-aux", action=argparse.BooleanOptionalAction, default=d.order_aux,
+                   help="T5: auxiliary loss on each object a position question names: its rank left to right")
+    p.add_argument("--answer-aux", action=argparse.BooleanOptionalAction, default=d.answer_aux,
+                   help="T5: auxiliary loss on a position question's answer, read at the prompt's last encoder token")
+    p.add_argument("--pointer-aux", action=argparse.BooleanOptionalAction, default=d.pointer_aux,
+                   help="T5: auxiliary loss pointing two heads of the decoder's first cross-attention at the "
+                        "two objects a position question names")
+    p.add_argument("--position-bias-lr-scale", type=float, default=d.position_bias_lr_scale,
+                   help="T5: learning rate of the relative-position bias tables, as a multiple of --lr")
+    p.add_argument("--position-lm-weight", type=float, default=d.position_lm_weight,
+                   help="T5: weight of the LM loss of position questions' tokens")
     p.add_argument("--vision-init-std", type=float, default=d.vision_init_std)
     p.add_argument("--aux-weight", type=float, default=d.aux_weight, help="auxiliary slot loss weight; 0: LM loss only")
     p.add_argument("--patch-size", type=int, default=d.preset.patch_size)
     p.add_argument("--vision-hidden", type=int, default=d.preset.vision_hidden)
     p.add_argument("--vision-layers", type=int, default=d.preset.vision_layers)
+    p.add_argument("--text-layers", type=int, default=None,
+                   help="language-model layers (T5: encoder layers; default: the family's preset)")
     p.add_argument("--num-query-tokens", type=int, default=d.preset.num_query_tokens)
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
     p.add_argument("--eval-scenes", type=int, default=d.eval_scenes, help="held-out scenes to evaluate; 0 skips")
@@ -151,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint this script wrote (its architecture; fresh optimizer and lr cycle)")
     p.add_argument("--prefix-fraction", type=float, default=d.prefix_fraction,
                    help="T5: fraction of captions split into an encoder prefix and a decoder suffix (prefix LM)")
+    p.add_argument("--qa-weight", action="append", default=[], metavar="KIND=W",
+                   help="draw questions of this kind W times as often as the others (repeatable; needs --shared-images)")
     p.add_argument("--image-stages-from", default=None, metavar="DIR",
                    help="start the vision tower, Q-Former and queries from this checkpoint's (same image-stage sizes)")
     p.add_argument("--no-progress", action="store_true")
@@ -185,10 +214,27 @@ def config_from_log(log: dict) -> TrainConfig:
     return TrainConfig(**{**log["config"], "preset": TinyPreset(**log["config"]["preset"])})
 
 
+def parse_qa_weights(items: list[str]) -> dict[str, float] | None:
+    """`["position=4"]` -> {"position": 4.0}; None for no items."""
+    weights = {}
+    for item in items:
+        kind, sep, value = item.partition("=")
+        if not sep or kind not in QA_KINDS:
+            raise SystemExit(f"--qa-weight {item!r}: give KIND=W with KIND one of {', '.join(QA_KINDS)}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise SystemExit(f"--qa-weight {item!r}: W must be a number") from None
+        if weights[kind] <= 0:
+            raise SystemExit(f"--qa-weight {item!r}: W must be positive")
+    return weights or None
+
+
 def config_from_args(args) -> TrainConfig:
     preset = dataclasses.replace(
         SCENES_PRESETS[args.family], patch_size=args.patch_size, vision_hidden=args.vision_hidden,
         vision_layers=args.vision_layers, num_query_tokens=args.num_query_tokens,
+        text_layers=args.text_layers or SCENES_PRESETS[args.family].text_layers,
     )
     cfg = TrainConfig(
         output=args.output or str(TRAINED_MODELS[args.family]), steps=args.steps, batch_size=args.batch_size,
@@ -197,20 +243,32 @@ def config_from_args(args) -> TrainConfig:
         qformer_dropout=args.qformer_dropout, shared_images=args.shared_images, min_lr_ratio=args.min_lr_ratio,
         aux_weight=args.aux_weight, vision_init_std=args.vision_init_std, slot_aux=args.slot_aux,
         shape_count_aux=args.shape_count_aux, stage1_steps=args.stage1_steps, slot_per_query=args.slot_per_query,
+        order_aux=args.order_aux, answer_aux=args.answer_aux, pointer_aux=args.pointer_aux,
+        position_bias_lr_scale=args.position_bias_lr_scale, position_lm_weight=args.position_lm_weight,
         init_from=args.init_from, image_stages_from=args.image_stages_from, preset=preset,
-        prefix_fraction=args.prefix_fraction,
+        prefix_fraction=args.prefix_fraction, qa_weights=parse_qa_weights(args.qa_weight),
     )
     if not 0.0 <= cfg.caption_fraction <= 1.0:
         raise SystemExit("--caption-fraction must be between 0 and 1")
     if cfg.prefix_fraction and preset.family != "t5":
         raise SystemExit("--prefix-fraction is for encoder-decoder LMs (--family t5)")
+    if cfg.position_lm_weight != 1.0 and preset.family != "t5":
+        raise SystemExit("--position-lm-weight is for encoder-decoder LMs (--family t5)")
+    if cfg.position_bias_lr_scale != 1.0 and preset.family != "t5":
+        raise SystemExit("--position-bias-lr-scale is for T5's relative-position bias (--family t5)")
+    if cfg.position_bias_lr_scale <= 0:
+        raise SystemExit("--position-bias-lr-scale must be positive")
+    if cfg.qa_weights and not cfg.shared_images:
+        raise SystemExit("--qa-weight draws each scene's question by weight: it needs --shared-images")
     if cfg.init_from and cfg.image_stages_from:
         raise SystemExit("--init-from continues a whole checkpoint; --image-stages-from starts a fresh one: give one")
     return cfg
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """CLI entry point: train, save the checkpoint, loss curve, log and model card, evaluate."""
+def train_main(argv: list[str] | None = None, on_step=None) -> int:
+    """CLI entry point: train, save the checkpoint, loss curve, log and model card, evaluate.
+
+    `on_step`: passed to `train` (a probe script's progress check; the CLI has none)."""
     from .evaluation import GenerateAnswerer, evaluate
 
     args = build_parser().parse_args(argv)
@@ -223,7 +281,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if cfg.init_from:
         model, processor, previous = load_for_finetuning(cfg)
     model, processor, losses, aux_losses, seconds = train(cfg, progress=not args.no_progress, model=model,
-                                                          processor=processor)
+                                                          processor=processor, on_step=on_step)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     processor.save_pretrained(output)
