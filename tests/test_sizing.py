@@ -107,8 +107,11 @@ def test_two_instances_load_answer_as_transformers_and_both_run(exported, tmp_pa
     with TritonServer(sized, grpc_port=None, http_port=None, metrics_port=None, log_file=log, log_verbose=1) as server:
         assert server.model_config(specs.VISION_ENCODER)["instance_group"][0]["count"] == 2
         with Blip2Client(server.grpc_url, timeout=120) as client:
-            for _ in range(3):  # concurrent rounds, so that both instances of each stage take batches
-                results = client.batch([random_image(seed) for seed in range(12)], max_new_tokens=5)
+            # Concurrent rounds, so that both instances of each stage take batches; new pictures in
+            # each round, since blip2's image cache would answer a repeated one without the stages.
+            rounds = [client.batch([random_image(seed) for seed in range(12 * r, 12 * r + 12)], max_new_tokens=5)
+                      for r in range(3)]
+    results = rounds[0]
     for seed in (0, 1):
         ids, text = reference(ckpt, seed, "", checkpoint_config=True, max_new_tokens=5)
         assert (results[seed].token_ids, results[seed].text) == (ids, text)
