@@ -122,13 +122,13 @@ class AsyncBlip2Client(RetrievalCalls):
         self.model, self.timeout, self.image_affinity = model, timeout, image_affinity
         self._replicas = Replicas(self.urls, model, lambda u: InferenceServerClient(u, channel_args=_channel_args()),
                                   health_interval)
-        self._stopping: set[asyncio.Task] = set()  # calls left early being wound down (_wind_down)
+        self._winding_down: set[asyncio.Task] = set()  # calls left early being wound down (_wind_down)
         self._idle: dict[str, list[_Stream]] = {}  # per replica URL
         self.streams_opened = 0  # gRPC streams this client has opened (the soak relates server memory to it)
 
     async def close(self) -> None:
-        if self._stopping:  # calls left early are wound down before the streams close
-            await asyncio.wait(self._stopping, timeout=STOP_TIMEOUT)
+        if self._winding_down:  # calls left early are wound down before the streams close
+            await asyncio.wait(self._winding_down, timeout=STOP_TIMEOUT)
         for idle in self._idle.values():
             while idle:
                 idle.pop().cancel()
@@ -354,14 +354,12 @@ class AsyncBlip2Client(RetrievalCalls):
         except Exception as e:  # transport errors (grpc.aio.AioRpcError, InferenceServerException)
             raise self._typed(e, replica) from e
         finally:  # done: the stream serves the next call; left early (cancelled, closed, timed out): wind it down
-            if done and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
-                idle.append(stream)
-            elif not done and stream.is_open():
+            if not done and stream.is_open():
                 task = asyncio.get_running_loop().create_task(self._wind_down(replica, stream, request["request_id"]))
-                self._stopping.add(task)
-                task.add_done_callback(self._stopping.discard)
+                self._winding_down.add(task)
+                task.add_done_callback(self._winding_down.discard)
             else:
-                stream.cancel()
+                self._release(replica, stream, done)
 
     async def _wind_down(self, replica: Replica, stream: "_Stream", request_id: str) -> None:
         """End a call its caller left early without cancelling its gRPC stream: ask `blip2` to stop
@@ -386,14 +384,19 @@ class AsyncBlip2Client(RetrievalCalls):
                         finals += 1
                         if finals == 2:  # the stopped request's last response, and the stop's
                             break
-        except Exception as e:  # noqa: BLE001  (transport errors of every kind: logged, see above)
+        except Exception as e:  # noqa: BLE001  (transport errors of every kind: the caller has left, so logged)
             log.warning("could not stop request %s: %s", request_id, e)
         finally:
-            idle = self._idle.setdefault(replica.url, [])
-            if finals == 2 and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
-                idle.append(stream)
-            else:
-                stream.cancel()
+            self._release(replica, stream, finals == 2)
+
+    def _release(self, replica: Replica, stream: "_Stream", reusable: bool) -> None:
+        """Keep a stream whose requests have all ended for the next call (up to MAX_IDLE_STREAMS),
+        else end it."""
+        idle = self._idle.setdefault(replica.url, [])
+        if reusable and stream.is_open() and len(idle) < MAX_IDLE_STREAMS:
+            idle.append(stream)
+        else:
+            stream.cancel()
 
     def _typed(self, error: BaseException, replica: Replica, model: str | None = None) -> Blip2Error:
         """The typed error for what the transport or the server reported; timeouts and
@@ -455,7 +458,7 @@ class _Stream:
 
         self._call = client.stream_infer(requests())
         self._responses: asyncio.Queue = asyncio.Queue()
-        self.reader = asyncio.get_running_loop().create_task(self._read(), name="blip2-stream-reader")
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name="blip2-stream-reader")
 
     async def _read(self) -> None:
         try:

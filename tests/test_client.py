@@ -175,7 +175,7 @@ def test_every_call_shares_one_stream_a_cancelled_one_too(served):
                 async with contextlib.aclosing(c.stream(image, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW)) as it:
                     async for _ in it:
                         break  # the call ends early (closed now): its request is stopped on the server
-                while c._stopping:  # its wind-down (private: the test waits for it to reuse the stream)
+                while c._winding_down:  # its wind-down (private: the test waits for it to reuse the stream)
                     await asyncio.sleep(0.01)
             after_cancel = await c.caption(image, max_new_tokens=MAX_NEW)
             return first, again, shared, c.streams_opened, after_cancel
